@@ -1,0 +1,1 @@
+"""Linux appliers: they take what the renderers produce and talk to the kernel."""

@@ -1,0 +1,487 @@
+"""The policy model: TOML -> validated, immutable `Policy`.
+
+Every backend (nftables, routing, BPF, PF, Windows) is a pure function of a `Policy`.
+Validation refuses anything a backend could not render safely, so renderers never see
+quotes, newlines or shell metacharacters in names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ksbpf.errors import PolicyError
+from ksbpf.marks import DEFAULT_ENDPOINT_MARK, EXEMPT_MARK_BASE, EXEMPT_MARK_MASK, is_exempt_mark
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Proto = Literal["tcp", "udp"]
+PROTOS: tuple[Proto, ...] = ("tcp", "udp")
+
+DEFAULT_POLICY_PATH = Path("/etc/ksbpf/policy.toml")
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9477"
+
+# Linux dev_valid_name() allows more, but every renderer (nft, PF, PowerShell) must be able
+# to quote the name verbatim; a single trailing '*' is the only glob nft's oifname supports.
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+_IFGLOB_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,14}\*$")
+# systemd unit and slice names (escaped with \x2d and friends) fit this set.
+_CGROUP_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_.@:+\\-]{1,255}$")
+
+
+@dataclass(frozen=True, order=True)
+class PortSpec:
+    """A protocol and an inclusive port range: "tcp/22" or "udp/6000-6010"."""
+
+    proto: Proto
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+        return f"{self.proto}/{ports}"
+
+    def covers(self, proto: str, port: int) -> bool:
+        return proto == self.proto and self.first <= port <= self.last
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """A VPN server reachable outside the tunnel: address, port, protocol."""
+
+    address: IPAddress
+    port: int
+    proto: Proto
+
+    @property
+    def family(self) -> int:
+        return self.address.version
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}/{self.proto}"
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    interfaces: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+    endpoint_mark: int | None = None
+    endpoint_cgroups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dns:
+    servers: tuple[IPAddress, ...] = ()
+
+
+@dataclass(frozen=True)
+class Lan:
+    allow: bool = False
+    networks: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ipv6:
+    mode: Literal["tunnel", "block"] = "tunnel"
+
+
+@dataclass(frozen=True)
+class BpfSettings:
+    cgroup: str = "/"
+    # A kernel header tree for BCC when the running kernel's headers are not installed.
+    kernel_source: str | None = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    host: str = "127.0.0.1"
+    port: int = 9477
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Exemption:
+    """A cgroup (and its descendants) allowed outside the tunnel for exactly these ports."""
+
+    cgroup: str
+    allow: tuple[PortSpec, ...] = ()
+    listen: tuple[PortSpec, ...] = ()
+    to: tuple[IPNetwork, ...] = ()
+    from_: tuple[IPNetwork, ...] = ()
+
+    def to_networks(self, family: int) -> tuple[IPNetwork, ...]:
+        return _networks_or_any(self.to, family)
+
+    def from_networks(self, family: int) -> tuple[IPNetwork, ...]:
+        return _networks_or_any(self.from_, family)
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"cgroup": self.cgroup}
+        if self.allow:
+            d["allow"] = [str(p) for p in self.allow]
+        if self.listen:
+            d["listen"] = [str(p) for p in self.listen]
+        if self.to:
+            d["to"] = [str(n) for n in self.to]
+        if self.from_:
+            d["from"] = [str(n) for n in self.from_]
+        return d
+
+
+def _networks_or_any(nets: tuple[IPNetwork, ...], family: int) -> tuple[IPNetwork, ...]:
+    if not nets:
+        return (ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0"),)
+    return tuple(n for n in nets if n.version == family)
+
+
+@dataclass(frozen=True)
+class Policy:
+    tunnel: Tunnel
+    dns: Dns = field(default_factory=Dns)
+    lan: Lan = field(default_factory=Lan)
+    ipv6: Ipv6 = field(default_factory=Ipv6)
+    bpf: BpfSettings = field(default_factory=BpfSettings)
+    metrics: Metrics = field(default_factory=Metrics)
+    exemptions: tuple[Exemption, ...] = ()
+    source: str = "<policy>"
+
+    def with_exemptions(self, exemptions: tuple[Exemption, ...]) -> Policy:
+        return replace(self, exemptions=exemptions)
+
+    def lan_networks(self, family: int) -> tuple[IPNetwork, ...]:
+        if not self.lan.allow:
+            return ()
+        return tuple(n for n in self.lan.networks if n.version == family)
+
+    def dns_servers(self, family: int) -> tuple[IPAddress, ...]:
+        return tuple(s for s in self.dns.servers if s.version == family)
+
+    def endpoints(self, family: int) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.tunnel.endpoints if e.family == family)
+
+    @property
+    def endpoint_mark(self) -> int:
+        """The mark endpoint traffic must carry (the policy's, or the one ksbpf's
+        sock_create program gives the endpoint cgroups' sockets)."""
+        return self.tunnel.endpoint_mark if self.tunnel.endpoint_mark is not None else DEFAULT_ENDPOINT_MARK
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Walks one TOML table, remembering the key path for error messages."""
+
+    def __init__(self, data: Mapping[str, Any], source: str, prefix: str) -> None:
+        self.data = data
+        self.source = source
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, reason: str) -> PolicyError:
+        return PolicyError(reason, source=self.source, key=self.key(name))
+
+    def get(self, name: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        # bool is an int in Python; a port or mark given as `true` is still wrong.
+        if isinstance(value, bool) and typ is not bool and not (
+            isinstance(typ, tuple) and bool in typ
+        ):
+            raise self.fail(name, f"expected {_typename(typ)}, got a boolean")
+        if not isinstance(value, typ):
+            raise self.fail(name, f"expected {_typename(typ)}, got {type(value).__name__}")
+        return value
+
+    def get_list(self, name: str, item: type) -> list[Any]:
+        values = self.get(name, list, [])
+        for i, v in enumerate(values):
+            if not isinstance(v, item) or isinstance(v, bool):
+                raise self.fail(f"{name}[{i}]", f"expected {_typename(item)}, got {type(v).__name__}")
+        return list(values)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key")
+
+
+def _typename(typ: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "a table"}
+    if isinstance(typ, tuple):
+        return " or ".join(names.get(t, t.__name__) for t in typ)
+    return names.get(typ, typ.__name__)
+
+
+def parse_port_spec(text: str) -> PortSpec:
+    """'tcp/22' or 'udp/6000-6010' -> PortSpec; ValueError naming what is wrong."""
+    proto, sep, ports = text.partition("/")
+    if not sep:
+        raise ValueError(f"{text!r} is not PROTO/PORT (e.g. tcp/22)")
+    if proto not in PROTOS:
+        raise ValueError(f"unknown protocol {proto!r} in {text!r} (tcp or udp)")
+    first_s, dash, last_s = ports.partition("-")
+    first = _parse_port(first_s, text)
+    last = _parse_port(last_s, text) if dash else first
+    if last < first:
+        raise ValueError(f"port range {ports!r} is reversed")
+    return PortSpec(proto, first, last)  # type: ignore[arg-type]
+
+
+def _parse_port(text: str, whole: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad port {text!r} in {whole!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {whole!r} is outside 1-65535")
+    return port
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """'198.51.100.7:51820/udp' or '[2001:db8::7]:51820/udp' -> Endpoint."""
+    hostport, sep, proto = text.rpartition("/")
+    if not sep:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT/PROTO")
+    if proto not in PROTOS:
+        raise ValueError(f"unknown protocol {proto!r} in {text!r} (tcp or udp)")
+    if hostport.startswith("["):
+        host, bracket, rest = hostport[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{text!r}: IPv6 endpoints are written [ADDRESS]:PORT/PROTO")
+        port_s = rest[1:]
+    else:
+        host, colon, port_s = hostport.rpartition(":")
+        if not colon:
+            raise ValueError(f"{text!r} has no port")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
+    return Endpoint(address, _parse_port(port_s, text), proto)  # type: ignore[arg-type]
+
+
+def parse_network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"bad network {text!r}: {e}") from None
+
+
+def parse_address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
+def validate_interface(name: str) -> str:
+    if _IFNAME_RE.match(name) or _IFGLOB_RE.match(name):
+        if name in (".", ".."):
+            raise ValueError(f"{name!r} is not a valid interface name")
+        return name
+    raise ValueError(
+        f"{name!r} is not a valid interface name or glob "
+        "(1-15 of A-Z a-z 0-9 _ . @ -, optionally ending in a single '*')"
+    )
+
+
+def normalize_cgroup(path: str) -> str:
+    """Validate a cgroup path relative to the cgroup2 mount; '/' is the root.
+
+    Returns the canonical form: no leading or trailing '/', '' for the root.
+    """
+    if not isinstance(path, str) or "\x00" in path:
+        raise ValueError("cgroup path must be a string without NUL")
+    parts = [p for p in path.strip("/").split("/") if p]
+    if path.strip("/") and len(parts) != len(path.strip("/").split("/")):
+        raise ValueError(f"cgroup path {path!r} has an empty component")
+    for part in parts:
+        if part in (".", ".."):
+            raise ValueError(f"cgroup path {path!r} may not contain '.' or '..'")
+        if not _CGROUP_COMPONENT_RE.match(part):
+            raise ValueError(f"cgroup path {path!r}: component {part!r} has characters outside A-Z a-z 0-9 _ . @ : + \\ -")
+    return "/".join(parts)
+
+
+def parse_mark(value: int | str) -> int:
+    mark = int(value, 0) if isinstance(value, str) else value
+    if not 1 <= mark <= 0xFFFFFFFF:
+        raise ValueError(f"mark {value!r} is outside 1-0xffffffff")
+    return mark
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise ValueError(f"{text!r}: write IPv6 as [ADDRESS]:PORT")
+        port_s = rest[1:]
+    else:
+        host, colon, port_s = text.rpartition(":")
+        if not colon:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+    parse_address(host)
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"bad port {port_s!r} in {text!r}")
+    return host, int(port_s)
+
+
+def _convert(reader: _Reader, name: str, values: list[str], fn: Any) -> tuple[Any, ...]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(fn(v))
+        except ValueError as e:
+            raise reader.fail(f"{name}[{i}]", str(e)) from None
+    return tuple(out)
+
+
+def parse_exemption(data: Mapping[str, Any], source: str, prefix: str) -> Exemption:
+    r = _Reader(data, source, prefix)
+    cgroup = r.get("cgroup", str)
+    if cgroup is None:
+        raise r.fail("cgroup", "is required")
+    try:
+        cgroup = normalize_cgroup(cgroup)
+    except ValueError as e:
+        raise r.fail("cgroup", str(e)) from None
+    if not cgroup:
+        raise r.fail("cgroup", "the root cgroup cannot be exempted (that would exempt everything)")
+    allow = _convert(r, "allow", r.get_list("allow", str), parse_port_spec)
+    listen = _convert(r, "listen", r.get_list("listen", str), parse_port_spec)
+    to = _convert(r, "to", r.get_list("to", str), parse_network)
+    from_ = _convert(r, "from", r.get_list("from", str), parse_network)
+    r.finish()
+    if not allow and not listen:
+        raise r.fail("allow", "an exemption needs at least one 'allow' or 'listen' port")
+    if to and not allow:
+        raise r.fail("to", "'to' applies to 'allow' ports, and none are given")
+    if from_ and not listen:
+        raise r.fail("from", "'from' applies to 'listen' ports, and none are given")
+    return Exemption(cgroup, tuple(sorted(set(allow))), tuple(sorted(set(listen))), to, from_)
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
+    top = _Reader(data, source, "")
+    tunnel_t = top.get("tunnel", dict)
+    if tunnel_t is None:
+        raise top.fail("tunnel", "is required")
+    t = _Reader(tunnel_t, source, "tunnel")
+    interfaces = _convert(t, "interfaces", t.get_list("interfaces", str), validate_interface)
+    if not interfaces:
+        raise t.fail("interfaces", "at least one tunnel interface is required")
+    endpoints = _convert(t, "endpoints", t.get_list("endpoints", str), parse_endpoint)
+    mark_v = t.get("endpoint_mark", (int, str))
+    mark = None
+    if mark_v is not None:
+        try:
+            mark = parse_mark(mark_v)
+        except ValueError as e:
+            raise t.fail("endpoint_mark", str(e)) from None
+    ep_cgroups = _convert(t, "endpoint_cgroups", t.get_list("endpoint_cgroups", str), normalize_cgroup)
+    t.finish()
+    if mark is not None and is_exempt_mark(mark):
+        raise t.fail("endpoint_mark", f"{mark:#x} lies in the range ksbpf reserves for exemptions ({EXEMPT_MARK_BASE:#x}/{EXEMPT_MARK_MASK:#x})")
+    if endpoints and mark is None and not ep_cgroups:
+        raise t.fail("endpoints", "endpoints need endpoint_mark, endpoint_cgroups, or both")
+    tunnel = Tunnel(interfaces, endpoints, mark, ep_cgroups)
+
+    dns_r = _Reader(top.get("dns", dict, {}), source, "dns")
+    dns = Dns(_convert(dns_r, "servers", dns_r.get_list("servers", str), parse_address))
+    dns_r.finish()
+
+    lan_r = _Reader(top.get("lan", dict, {}), source, "lan")
+    lan = Lan(
+        bool(lan_r.get("allow", bool, False)),
+        _convert(lan_r, "networks", lan_r.get_list("networks", str), parse_network),
+    )
+    lan_r.finish()
+
+    v6_r = _Reader(top.get("ipv6", dict, {}), source, "ipv6")
+    mode = v6_r.get("mode", str, "tunnel")
+    if mode not in ("tunnel", "block"):
+        raise v6_r.fail("mode", f"must be 'tunnel' or 'block', not {mode!r}")
+    v6_r.finish()
+
+    bpf_r = _Reader(top.get("bpf", dict, {}), source, "bpf")
+    cg = bpf_r.get("cgroup", str, "/")
+    try:
+        cg = normalize_cgroup(cg)
+    except ValueError as e:
+        raise bpf_r.fail("cgroup", str(e)) from None
+    ksrc = bpf_r.get("kernel_source", str)
+    bpf_r.finish()
+
+    m_r = _Reader(top.get("metrics", dict, {}), source, "metrics")
+    listen = m_r.get("listen", str, DEFAULT_METRICS_LISTEN)
+    try:
+        host, port = _parse_listen(listen)
+    except ValueError as e:
+        raise m_r.fail("listen", str(e)) from None
+    m_r.finish()
+
+    ex_list = top.get("exempt", list, [])
+    exemptions = []
+    seen: set[str] = set()
+    for i, ex in enumerate(ex_list):
+        if not isinstance(ex, dict):
+            raise top.fail(f"exempt[{i}]", "expected a table ([[exempt]])")
+        e = parse_exemption(ex, source, f"exempt[{i}]")
+        if e.cgroup in seen:
+            raise top.fail(f"exempt[{i}].cgroup", f"{e.cgroup!r} is exempted twice")
+        seen.add(e.cgroup)
+        exemptions.append(e)
+    top.finish()
+
+    return Policy(
+        tunnel=tunnel,
+        dns=dns,
+        lan=lan,
+        ipv6=Ipv6(mode),  # type: ignore[arg-type]
+        bpf=BpfSettings(cg or "/", ksrc),
+        metrics=Metrics(host, port),
+        exemptions=tuple(exemptions),
+        source=source,
+    )
+
+
+def loads_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"TOML syntax error: {e}", source=source) from None
+    return parse_policy(data, source)
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"cannot read: {e.strerror}", source=str(p)) from None
+    except UnicodeDecodeError:
+        raise PolicyError("not UTF-8 text", source=str(p)) from None
+    return loads_policy(text, str(p))
+
+
+def merge_exemptions(policy: Policy, runtime: tuple[Exemption, ...]) -> Policy:
+    """The policy's own [[exempt]] plus run-time ones; a run-time entry for the same
+    cgroup replaces the file's."""
+    by_cgroup = {e.cgroup: e for e in policy.exemptions}
+    for e in runtime:
+        by_cgroup[e.cgroup] = e
+    return policy.with_exemptions(tuple(by_cgroup[k] for k in sorted(by_cgroup)))
