@@ -239,7 +239,7 @@ def parse_port_spec(text: str) -> PortSpec:
     last = _parse_port(last_s, text) if dash else first
     if last < first:
         raise ValueError(f"port range {ports!r} is reversed")
-    return PortSpec(proto, first, last)  # type: ignore[arg-type]
+    return PortSpec(proto, first, last)
 
 
 def _parse_port(text: str, whole: str) -> int:
@@ -271,7 +271,7 @@ def parse_endpoint(text: str) -> Endpoint:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
-    return Endpoint(address, _parse_port(port_s, text), proto)  # type: ignore[arg-type]
+    return Endpoint(address, _parse_port(port_s, text), proto)
 
 
 def parse_network(text: str) -> IPNetwork:
@@ -292,6 +292,8 @@ def validate_interface(name: str) -> str:
     if _IFNAME_RE.match(name) or _IFGLOB_RE.match(name):
         if name in (".", ".."):
             raise ValueError(f"{name!r} is not a valid interface name")
+        if name == "lo" or (name.endswith("*") and "lo".startswith(name[:-1])):
+            raise ValueError(f"{name!r} would make loopback a tunnel interface")
         return name
     raise ValueError(
         f"{name!r} is not a valid interface name or glob "
@@ -440,18 +442,18 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     for i, ex in enumerate(ex_list):
         if not isinstance(ex, dict):
             raise top.fail(f"exempt[{i}]", "expected a table ([[exempt]])")
-        e = parse_exemption(ex, source, f"exempt[{i}]")
-        if e.cgroup in seen:
-            raise top.fail(f"exempt[{i}].cgroup", f"{e.cgroup!r} is exempted twice")
-        seen.add(e.cgroup)
-        exemptions.append(e)
+        exemption = parse_exemption(ex, source, f"exempt[{i}]")
+        if exemption.cgroup in seen:
+            raise top.fail(f"exempt[{i}].cgroup", f"{exemption.cgroup!r} is exempted twice")
+        seen.add(exemption.cgroup)
+        exemptions.append(exemption)
     top.finish()
 
     return Policy(
         tunnel=tunnel,
         dns=dns,
         lan=lan,
-        ipv6=Ipv6(mode),  # type: ignore[arg-type]
+        ipv6=Ipv6(mode),
         bpf=BpfSettings(cg or "/", ksrc),
         metrics=Metrics(host, port),
         exemptions=tuple(exemptions),

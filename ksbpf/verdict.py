@@ -163,10 +163,10 @@ def _tunnel(policy: Policy, p: Packet) -> Verdict:
 
 
 def _outbound(policy: Policy, p: Packet) -> Verdict:
-    if p.oif == "lo":
-        return _allow(Reason.LOOPBACK)
     if interface_matches(p.oif, policy.tunnel.interfaces):
         return _tunnel(policy, p)
+    if p.oif == "lo":
+        return _allow(Reason.LOOPBACK)
     if _is_nd(p):
         return _allow(Reason.NEIGHBOUR_DISCOVERY)
     if _is_dhcp(p, outbound=True):
@@ -193,14 +193,15 @@ def _outbound(policy: Policy, p: Packet) -> Verdict:
 
 
 def _inbound(policy: Policy, p: Packet) -> Verdict:
-    if p.iif == "lo":
-        return _allow(Reason.LOOPBACK)
-    if not p.local_on_iif:
-        return _drop(Reason.SPOOFED_LOCAL)
     if interface_matches(p.iif, policy.tunnel.interfaces):
         if p.family == 6 and policy.ipv6.mode == "block":
             return _drop(Reason.IPV6_BLOCKED)
         return _allow(Reason.TUNNEL)
+    if p.iif == "lo":
+        return _allow(Reason.LOOPBACK)
+    # CVE-2019-14899: e.g. the tunnel's address probed from the uplink.
+    if not p.local_on_iif:
+        return _drop(Reason.SPOOFED_LOCAL)
     if _is_nd(p):
         return _allow(Reason.NEIGHBOUR_DISCOVERY)
     if _is_dhcp(p, outbound=False):

@@ -1,0 +1,229 @@
+"""The Linux engine: drives the three layers in order and keeps ksbpf's state on disk.
+
+Order: nftables first (fail closed within milliseconds), then routing, then BPF. A BPF
+failure never undoes the other two: `up` reports it and exits non-zero, never silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ksbpf.errors import BackendError, KsbpfError, PolicyError
+from ksbpf.linux.layer import LayerStatus
+from ksbpf.linux.nftables import NftLayer
+from ksbpf.linux.routing import RoutingLayer
+from ksbpf.policy import (
+    Exemption,
+    Policy,
+    load_policy,
+    loads_policy,
+    merge_exemptions,
+    parse_exemption,
+)
+
+DEFAULT_STATE_DIR = Path("/var/lib/ksbpf")
+LAYER_ORDER = ("nftables", "routing", "bpf")
+
+
+def state_dir_for(netns: str | None, base: Path = DEFAULT_STATE_DIR) -> Path:
+    return base if netns is None else base / "netns" / netns
+
+
+def instance_name(netns: str | None) -> str:
+    """Names this engine's BPF pins and programs: one instance per network namespace."""
+    return "host" if netns is None else f"netns-{netns}"
+
+
+@dataclass
+class EngageResult:
+    layers: dict[str, LayerStatus] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(s.engaged for s in self.layers.values())
+
+    @property
+    def failed(self) -> list[str]:
+        return [n for n, s in self.layers.items() if not s.engaged]
+
+
+class ExemptionStore:
+    """Run-time exemptions (`ksctl exempt`), persisted as JSON under the state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "exemptions.json"
+
+    def load(self) -> tuple[Exemption, ...]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError) as e:
+            raise PolicyError(f"unreadable: {e}", source=str(self.path)) from None
+        return tuple(parse_exemption(d, str(self.path), f"[{i}]") for i, d in enumerate(data))
+
+    def save(self, exemptions: tuple[Exemption, ...]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([e.as_dict() for e in exemptions], indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+class LinuxEngine:
+    def __init__(
+        self,
+        netns: str | None = None,
+        state_dir: Path | None = None,
+        bpf: bool = True,
+    ) -> None:
+        self.netns = netns
+        self.state_dir = state_dir or state_dir_for(netns)
+        self.instance = instance_name(netns)
+        self.nft = NftLayer(netns)
+        self.routing = RoutingLayer(netns)
+        self.bpf_enabled = bpf
+        self.exemptions = ExemptionStore(self.state_dir)
+        self._bpf: Any = None
+
+    # ---------------------------------------------------------------- layers
+
+    def bpf_layer(self, policy: Policy | None = None) -> Any:
+        if self._bpf is None:
+            from ksbpf.linux.bpf import BpfLayer
+
+            ksrc = policy.bpf.kernel_source if policy else None
+            self._bpf = BpfLayer(self.instance, kernel_source=ksrc, netns=self.netns)
+        return self._bpf
+
+    @staticmethod
+    def _as_status(value: Any) -> LayerStatus:
+        if isinstance(value, LayerStatus):
+            return value
+        engaged, detail = value
+        return LayerStatus(bool(engaged), str(detail))
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def applied_policy_path(self) -> Path:
+        return self.state_dir / "applied-policy.toml"
+
+    def effective_policy(self, policy: Policy) -> Policy:
+        return merge_exemptions(policy, self.exemptions.load())
+
+    def applied_snapshot(self) -> Policy:
+        """The policy `up` last applied, as a snapshot: a later edit of the file does not
+        change what `exempt` re-renders."""
+        try:
+            text = self.applied_policy_path.read_text()
+        except FileNotFoundError:
+            raise KsbpfError("ksbpf is not up here (no applied policy); run `ksctl up --config FILE`") from None
+        return loads_policy(text, str(self.applied_policy_path))
+
+    def applied_policy(self) -> Policy:
+        """The applied snapshot with run-time exemptions merged in."""
+        return self.effective_policy(self.applied_snapshot())
+
+    def _record(self, policy_text: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.applied_policy_path.with_suffix(".tmp")
+        tmp.write_text(policy_text)
+        os.replace(tmp, self.applied_policy_path)
+
+    # ---------------------------------------------------------------- operations
+
+    def up_file(self, path: str | Path) -> EngageResult:
+        policy = load_policy(path)
+        return self.up(policy, Path(path).read_text())
+
+    def up(self, policy: Policy, policy_text: str | None = None) -> EngageResult:
+        """Engage (or re-engage: idempotent, leak-free while traffic flows) all layers."""
+        start = time.monotonic()
+        effective = self.effective_policy(policy)
+        result = EngageResult()
+        # nftables first: one atomic transaction, so a failure leaves the old ruleset.
+        self.nft.apply(effective)
+        result.layers["nftables"] = self.nft.status()
+        self.routing.apply(effective)
+        result.layers["routing"] = self.routing.status()
+        result.layers["bpf"] = self._apply_bpf(effective)
+        if policy_text is not None:
+            self._record(policy_text)
+        result.seconds = time.monotonic() - start
+        return result
+
+    def _apply_bpf(self, policy: Policy) -> LayerStatus:
+        if not self.bpf_enabled:
+            return LayerStatus(False, "disabled (--no-bpf)")
+        try:
+            layer = self.bpf_layer(policy)
+            layer.apply(policy)
+            return self._as_status(layer.status())
+        except ImportError as e:
+            return LayerStatus(False, f"BPF layer unavailable: {e}")
+        except BackendError as e:
+            return LayerStatus(False, e.reason)
+
+    def down(self) -> None:
+        """Remove every layer. The only way enforcement ends."""
+        errors: list[str] = []
+        try:
+            self.bpf_layer().reset()
+        except ImportError:
+            pass
+        except BackendError as e:
+            errors.append(str(e))
+        for layer in (self.routing, self.nft):
+            try:
+                layer.reset()
+            except BackendError as e:
+                errors.append(str(e))
+        self.applied_policy_path.unlink(missing_ok=True)
+        if errors:
+            raise BackendError("down", "; ".join(errors))
+
+    def status(self) -> dict[str, LayerStatus]:
+        out = {"nftables": self.nft.status(), "routing": self.routing.status()}
+        try:
+            out["bpf"] = self._as_status(self.bpf_layer().status())
+        except ImportError as e:
+            out["bpf"] = LayerStatus(False, f"BPF layer unavailable: {e}")
+        except BackendError as e:
+            out["bpf"] = LayerStatus(False, e.reason)
+        return out
+
+    # ---------------------------------------------------------------- exemptions
+
+    def set_exemption(self, exemption: Exemption) -> Policy:
+        current = tuple(e for e in self.exemptions.load() if e.cgroup != exemption.cgroup)
+        return self._store_exemptions((*current, exemption))
+
+    def remove_exemption(self, cgroup: str) -> Policy:
+        current = self.exemptions.load()
+        kept = tuple(e for e in current if e.cgroup != cgroup)
+        if len(kept) == len(current):
+            raise PolicyError(f"no run-time exemption for cgroup {cgroup!r}", source="ksctl unexempt", key="--cgroup")
+        return self._store_exemptions(kept)
+
+    def _store_exemptions(self, exemptions: tuple[Exemption, ...]) -> Policy:
+        """Apply, then persist: a failure restores the previous sets and leaves the file."""
+        snapshot = self.applied_snapshot()
+        before = merge_exemptions(snapshot, self.exemptions.load())
+        policy = merge_exemptions(snapshot, exemptions)
+        self.nft.update_exemptions(policy)
+        try:
+            if self.bpf_enabled and self._as_status(self.bpf_layer(policy).status()).engaged:
+                self.bpf_layer(policy).update_exemptions(policy)
+        except ImportError:
+            pass
+        except BackendError:
+            self.nft.update_exemptions(before)
+            raise
+        self.exemptions.save(exemptions)
+        return policy

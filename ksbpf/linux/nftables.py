@@ -1,0 +1,139 @@
+"""nftables applier: sends the rendered batch through libnftables in one transaction and
+reads back what the kernel holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ksbpf.errors import BackendError
+from ksbpf.linux.layer import LayerStatus
+from ksbpf.linux.netns import netns
+from ksbpf.policy import Policy
+from ksbpf.render.nft import (
+    NETDEV,
+    TABLE,
+    counter_names,
+    egress_chain_name,
+    render_exemption_update,
+    render_nft,
+    render_nft_reset,
+)
+from ksbpf.verdict import Reason, interface_matches
+
+REQUIRED_CHAINS = ("output", "input", "forward")
+
+
+def _nft() -> Any:
+    import nftables  # lazily: a Debian package, only needed on Linux
+
+    nft = nftables.Nftables()
+    nft.set_json_output(True)
+    nft.set_handle_output(False)
+    return nft
+
+
+def _run_json(nft: Any, batch: dict[str, Any]) -> None:
+    rc, _out, err = nft.json_cmd(batch)
+    if rc != 0:
+        raise BackendError("nftables", (err or "").strip() or f"libnftables returned {rc}")
+
+
+def _list(nft: Any, cmd: str) -> list[dict[str, Any]]:
+    rc, out, _err = nft.cmd(cmd)
+    if rc != 0 or not out:
+        return []
+    return list(json.loads(out).get("nftables", []))
+
+
+def uplink_interfaces(policy: Policy) -> dict[int, str]:
+    """Interfaces in the current network namespace that are neither loopback nor tunnel."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    return {i: n for i, n in links.items() if n != "lo" and not interface_matches(n, policy.tunnel.interfaces)}
+
+
+class NftLayer:
+    name = "nftables"
+
+    def __init__(self, netns_name: str | None = None) -> None:
+        self.netns = netns_name
+
+    def is_supported(self) -> tuple[bool, str]:
+        try:
+            import nftables  # noqa: F401
+        except ImportError:
+            return False, "python3-nftables (libnftables binding) is not installed"
+        return True, "libnftables available"
+
+    def render(self, policy: Policy) -> dict[str, Any]:
+        with netns(self.netns):
+            return render_nft(policy, uplink_interfaces(policy), self.read_counters())
+
+    def apply(self, policy: Policy) -> None:
+        with netns(self.netns):
+            nft = _nft()
+            batch = render_nft(policy, uplink_interfaces(policy), self._counters(nft))
+            _run_json(nft, batch)
+            missing = self._missing_chains(nft)
+        if missing:
+            raise BackendError("nftables", f"applied, but the kernel lacks chains: {', '.join(missing)}")
+
+    def update_exemptions(self, policy: Policy) -> None:
+        with netns(self.netns):
+            _run_json(_nft(), render_exemption_update(policy))
+
+    def reset(self) -> None:
+        with netns(self.netns):
+            _run_json(_nft(), render_nft_reset())
+
+    def _missing_chains(self, nft: Any) -> list[str]:
+        chains = {
+            o["chain"]["name"]: o["chain"]
+            for o in _list(nft, f"list table inet {TABLE}")
+            if "chain" in o
+        }
+        return [c for c in REQUIRED_CHAINS if chains.get(c, {}).get("policy") != "drop"]
+
+    def status(self) -> LayerStatus:
+        with netns(self.netns):
+            nft = _nft()
+            missing = self._missing_chains(nft)
+            egress = [
+                o["chain"]["name"] for o in _list(nft, f"list table {NETDEV} {TABLE}")
+                if "chain" in o and o["chain"].get("hook") == "egress"
+            ]
+        if missing:
+            return LayerStatus(False, f"table inet {TABLE} missing or incomplete ({', '.join(missing)})")
+        return LayerStatus(True, f"table inet {TABLE} enforcing; netdev egress chains: {len(egress)}")
+
+    def egress_chains(self) -> list[str]:
+        with netns(self.netns):
+            return [
+                o["chain"]["name"] for o in _list(_nft(), f"list table {NETDEV} {TABLE}")
+                if "chain" in o and o["chain"].get("hook") == "egress"
+            ]
+
+    def _counters(self, nft: Any) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for fam in ("inet", NETDEV):
+            for o in _list(nft, f"list counters table {fam} {TABLE}"):
+                c = o.get("counter")
+                if c:
+                    out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return out
+
+    def read_counters(self) -> dict[str, tuple[int, int]]:
+        """Named drop counters, by name -> (packets, bytes); read without listing rules."""
+        with netns(self.netns):
+            return self._counters(_nft())
+
+    def drops(self) -> list[tuple[Reason, int, int, int]]:
+        """(reason, family, packets, bytes) for every named drop counter."""
+        values = self.read_counters()
+        return [(r, f, *values.get(n, (0, 0))) for n, r, f in counter_names()]
+
+
+__all__ = ["NftLayer", "egress_chain_name", "uplink_interfaces"]

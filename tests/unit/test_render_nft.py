@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ksbpf.policy import Exemption, PortSpec, load_policy, loads_policy
+from ksbpf.render.nft import counter_names, render_exemption_update, render_nft, render_nft_reset
+from ksbpf.verdict import DROP_REASONS
+
+P = load_policy(Path(__file__).parent / "policies" / "full.toml")
+
+
+def _adds(batch: dict, kind: str, family: str = "inet") -> list[dict]:
+    return [c["add"][kind] for c in batch["nftables"] if kind in c.get("add", {}) and c["add"][kind]["family"] == family]
+
+
+def test_batch_replaces_both_tables_atomically() -> None:
+    cmds = render_nft(P)["nftables"]
+    assert cmds[0] == {"metainfo": {"json_schema_version": 1}}
+    heads = [next(iter(c)) + ":" + c[next(iter(c))].get("table", {}).get("family", "") for c in cmds[1:7]]
+    assert heads == ["add:inet", "delete:inet", "add:inet", "add:netdev", "delete:netdev", "add:netdev"]
+    json.dumps(render_nft(P))  # serialisable as is
+
+
+def test_base_chains_drop_by_default_and_tunnel_accept_comes_first() -> None:
+    b = render_nft(P)
+    chains = {c["name"]: c for c in _adds(b, "chain")}
+    for name in ("output", "input", "forward"):
+        assert chains[name]["policy"] == "drop" and chains[name]["hook"] == name
+    first = next(r for r in _adds(b, "rule") if r["chain"] == "output")
+    assert first["expr"][0]["match"]["left"] == {"meta": {"key": "oifname"}}
+    assert first["expr"][0]["match"]["right"] == "wg0"
+    assert first["expr"][-1] == {"accept": None}
+
+
+def test_a_named_counter_per_drop_reason_and_family() -> None:
+    names = {c["name"] for c in _adds(render_nft(P), "counter")} | {c["name"] for c in _adds(render_nft(P), "counter", "netdev")}
+    assert names == {n for n, _, _ in counter_names()}
+    assert len(names) == 2 * len(DROP_REASONS)
+
+
+def test_counter_seeds_carry_values_over_a_reapply() -> None:
+    b = render_nft(P, counter_seeds={"drop_dns_ip4": (7, 700)})
+    c = next(c for c in _adds(b, "counter") if c["name"] == "drop_dns_ip4")
+    assert (c["packets"], c["bytes"]) == (7, 700)
+
+
+def test_rule_count_does_not_grow_with_exemptions_or_endpoints() -> None:
+    base = loads_policy('[tunnel]\ninterfaces = ["wg0"]\nendpoints = ["192.0.2.1:51820/udp"]\nendpoint_mark = 1\n')
+    many = base.with_exemptions(tuple(Exemption(f"s.slice/u{i}.service", allow=(PortSpec("tcp", 443, 443),)) for i in range(10_000)))
+    small, big = render_nft(base), render_nft(many)
+    assert len(_adds(small, "rule")) == len(_adds(big, "rule"))
+    allow4 = next(s for s in _adds(big, "set") if s["name"] == "exempt_allow4")
+    assert len(allow4["elem"]) == 10_000
+
+
+def test_netdev_egress_chain_per_uplink() -> None:
+    b = render_nft(P, uplinks={2: "eth0", 3: "wlan0"})
+    egress = [c for c in _adds(b, "chain", "netdev") if c.get("hook") == "egress"]
+    assert sorted((c["name"], c["dev"]) for c in egress) == [("egress_if2", "eth0"), ("egress_if3", "wlan0")]
+
+
+def test_overlapping_grants_are_merged_for_interval_sets() -> None:
+    p = loads_policy('[tunnel]\ninterfaces = ["wg0"]\n[[exempt]]\ncgroup = "a"\nallow = ["tcp/10-20", "tcp/15-30", "tcp/31"]\nto = ["10.0.0.0/8", "10.1.0.0/16"]\n')
+    s = next(s for s in _adds(render_nft(p), "set") if s["name"] == "exempt_allow4")
+    assert len(s["elem"]) == 1
+    _mark, net, proto, ports = s["elem"][0]["concat"]
+    assert net == {"prefix": {"addr": "10.0.0.0", "len": 8}} and proto == "tcp" and ports == {"range": [10, 31]}
+
+
+def test_exemption_update_touches_only_exemption_sets() -> None:
+    cmds = render_exemption_update(P)["nftables"][1:]
+    assert {next(iter(c)) for c in cmds} <= {"flush", "add"}
+    for c in cmds:
+        body = c.get("flush", c.get("add", {})).get("set") or c["add"]["element"]
+        assert body["name"].startswith("exempt_")
+
+
+def test_reset_deletes_both_tables() -> None:
+    cmds = render_nft_reset()["nftables"]
+    assert [next(iter(c)) for c in cmds[1:]] == ["add", "delete", "add", "delete"]
