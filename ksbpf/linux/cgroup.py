@@ -69,7 +69,7 @@ def ids_by_path(mount: Path | None = None, under: str = "") -> dict[str, int]:
     root = (mount or cgroup2_mount()).resolve()
     start = cgroup_dir(under, root)
     out: dict[str, int] = {}
-    for dirpath, dirnames, _ in os.walk(start):
+    for dirpath, _dirnames, _ in os.walk(start):
         p = Path(dirpath)
         rel = "" if p == root else str(p.relative_to(root))
         try:

@@ -121,7 +121,7 @@ def make_cgroup() -> Iterator[CgroupFactory]:
         f.cleanup()
 
 
-def _enter_cgroup(directory: Path):  # noqa: ANN202
+def _enter_cgroup(directory: Path):
     def pre() -> None:
         (directory / "cgroup.procs").write_text(str(os.getpid()))
 

@@ -1,0 +1,203 @@
+"""nftables and routing layers on the kernel, with a veth playing the tunnel (the
+WireGuard lab tests are in test_killswitch.py). Leaks are counted on the far side."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.conftest import NetnsFactory, sh
+from tests.kernel.uplink import Uplink, build_uplink, ksctl, send_udp
+
+RAW_SEND = r"""
+import socket, struct, sys
+dev, n = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+src = "02:00:00:00:00:02"
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    t = sum(struct.unpack(f"!{len(b)//2}H", b)); t = (t >> 16) + (t & 0xffff); t += t >> 16
+    return ~t & 0xffff
+payload = b"leak" * 4
+udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton("192.0.2.2"), socket.inet_aton("192.0.2.1"))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+eth = b"\xff" * 6 + bytes.fromhex(src.replace(":", "")) + struct.pack("!H", 0x0800)
+tried = 0
+for _ in range(n):
+    tried += 1
+    try:
+        s.send(eth + ip + udp)
+    except OSError:
+        pass  # a drop at netdev egress is reported back to the sender
+print(tried)
+"""
+
+
+@pytest.fixture
+def uplink(make_netns: NetnsFactory) -> Uplink:
+    return build_uplink(make_netns)
+
+
+def _up(u: Uplink, tmp_path: Path, text: str, *extra: str) -> None:
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(text)
+    r = ksctl("up", "--config", str(cfg), "--no-bpf", *extra, netns=u.client, state_dir=str(tmp_path / "state"))
+    assert r.returncode == 3, r.stdout + r.stderr  # 3: nft + routing engaged, bpf disabled
+    assert "nftables  engaged" in r.stdout and "routing   engaged" in r.stdout
+
+
+def _nft_counter(netns: str, name: str, family: str = "inet") -> int:
+    out = sh("nft", "-j", "list", "counter", family, "ksbpf", name, netns=netns).stdout
+    return int(next(o for o in json.loads(out)["nftables"] if "counter" in o)["counter"]["packets"])
+
+
+def test_uplink_counts_leaks_without_the_kill_switch(uplink: Uplink) -> None:
+    """The far-side counter can fail: with no kill switch, direct traffic arrives."""
+    before = uplink.far_count()
+    assert send_udp(uplink.client, "192.0.2.1", 9, 20) == 20
+    assert uplink.far_count() - before >= 20
+
+
+def test_af_packet_frames_to_the_uplink_are_stopped(uplink: Uplink, tmp_path: Path) -> None:
+    raw = lambda n: int(sh(sys.executable, "-c", RAW_SEND, uplink.up_if, str(n), netns=uplink.client).stdout)  # noqa: E731
+    before = uplink.far_count()
+    assert raw(10) == 10
+    assert uplink.far_count() - before == 10, "raw frames must reach the far side without ksbpf"
+    _up(uplink, tmp_path, uplink.policy())
+    before = uplink.far_count()
+    assert raw(25) == 25
+    assert uplink.far_count() == before  # the netdev egress chain drops them
+    assert _nft_counter(uplink.client, "drop_raw_egress_ip4", "netdev") == 25
+
+
+def test_tunnel_traffic_passes_and_everything_else_is_counted_per_reason(uplink: Uplink, tmp_path: Path) -> None:
+    _up(uplink, tmp_path, uplink.policy())
+    t0, f0 = uplink.tunnel_count(), uplink.far_count()
+    assert send_udp(uplink.client, "203.0.113.9", 9, 30) == 30  # routed into the tunnel
+    assert send_udp(uplink.client, "10.64.0.1", 53, 5) == 5  # the tunnel's resolver
+    assert send_udp(uplink.client, "203.0.113.9", 53, 7) == 0  # another resolver via the tunnel
+    assert uplink.tunnel_count() - t0 >= 35
+    assert _nft_counter(uplink.client, "drop_dns_ip4") == 7
+    # plaintext to the endpoint port without the mark, and another port on the server:
+    # routing sends them into the tunnel, never out of the uplink
+    assert send_udp(uplink.client, "192.0.2.1", 51820, 4) == 4
+    assert send_udp(uplink.client, "192.0.2.1", 22, 4) == 4
+    assert uplink.far_count() == f0
+
+
+def test_nftables_alone_holds_when_routing_is_removed(uplink: Uplink, tmp_path: Path) -> None:
+    _up(uplink, tmp_path, uplink.policy())
+    for fam in ("-4", "-6"):  # someone deletes ksbpf's catch-all rule: main's default is back
+        sh("ip", fam, "rule", "del", "pref", "10100", netns=uplink.client)
+    f0 = uplink.far_count()
+    assert send_udp(uplink.client, "192.0.2.1", 51820, 4) == 0
+    assert send_udp(uplink.client, "192.0.2.1", 22, 3) == 0
+    assert send_udp(uplink.client, "2001:db8:1::1", 443, 2) == 0
+    assert send_udp(uplink.client, "192.0.2.1", 53, 5) == 0
+    assert uplink.far_count() == f0
+    assert _nft_counter(uplink.client, "drop_endpoint_unauthorized_ip4") == 4
+    assert _nft_counter(uplink.client, "drop_no_tunnel_ip4") == 3
+    assert _nft_counter(uplink.client, "drop_no_tunnel_ip6") == 2
+    assert _nft_counter(uplink.client, "drop_dns_ip4") == 5
+
+
+def test_up_is_idempotent_and_leak_free_under_traffic(uplink: Uplink, tmp_path: Path) -> None:
+    import subprocess
+
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", uplink.client, sys.executable, "-c",
+         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nend=time.time()+60\n"
+         "while time.time()<end:\n  for d in ('203.0.113.9','192.0.2.1'):\n    try: s.sendto(b'x',(d,9))\n    except OSError: pass\n  time.sleep(0.0005)\n"],
+    )
+    try:
+        _up(uplink, tmp_path, uplink.policy())
+        f0 = uplink.far_count()
+        lan = '[lan]\nallow = true\nnetworks = ["198.18.0.0/15"]\n'
+        for i in range(6):
+            _up(uplink, tmp_path, uplink.policy(lan if i % 2 else ""))
+        assert uplink.far_count() == f0, "re-running up while traffic flows leaked"
+        assert uplink.tunnel_count() > 0
+    finally:
+        flood.kill()
+        flood.wait()
+
+
+def test_bad_policy_is_refused_and_changes_nothing(uplink: Uplink, tmp_path: Path) -> None:
+    _up(uplink, tmp_path, uplink.policy())
+    snapshot = lambda: (sh("nft", "list", "ruleset", netns=uplink.client).stdout, sh("ip", "rule", netns=uplink.client).stdout)  # noqa: E731
+    before = snapshot()
+    bad = tmp_path / "bad.toml"
+    for text, needle in [
+        ("[tunnel\n", "TOML syntax error"),
+        (uplink.policy("[lan]\nnetworks = ['10.0.0.0/33']\n"), "lan.networks[0]"),
+        (uplink.policy("surprise = 1\n"), "unknown key"),
+        (uplink.policy().replace("51820/udp", "99999/udp"), "tunnel.endpoints[0]"),
+        (uplink.policy(interfaces=["wg;drop"]), "tunnel.interfaces[0]"),
+    ]:
+        bad.write_text(text)
+        r = ksctl("up", "--config", str(bad), netns=uplink.client, state_dir=str(tmp_path / "state"))
+        assert r.returncode == 2, r.stderr
+        assert str(bad) in r.stderr and needle in r.stderr
+        assert snapshot() == before
+
+
+def test_missing_tunnel_blocks_everything_until_it_appears(make_netns: NetnsFactory, tmp_path: Path) -> None:
+    u = build_uplink(make_netns, tunnel=False)
+    _up(u, tmp_path, u.policy())
+    f0 = u.far_count()
+    assert send_udp(u.client, "203.0.113.9", 9, 10) == 0  # blackhole: nowhere to go
+    assert send_udp(u.client, "192.0.2.1", 9, 10) == 0
+    assert u.far_count() == f0
+    from tests.kernel.uplink import add_tunnel
+
+    add_tunnel(u)
+    _up(u, tmp_path, u.policy())  # the daemon does this on the link event
+    t0 = u.tunnel_count()
+    assert send_udp(u.client, "203.0.113.9", 9, 10) == 10
+    assert u.tunnel_count() - t0 >= 10 and u.far_count() == f0
+
+
+def test_pushed_route_neither_leaks_nor_leaves_the_tunnel(uplink: Uplink, tmp_path: Path) -> None:
+    """TunnelVision: a more-specific route via the uplink, as DHCP option 121 pushes."""
+    sh("ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1", netns=uplink.client)
+    _up(uplink, tmp_path, uplink.policy())
+    t0, f0 = uplink.tunnel_count(), uplink.far_count()
+    assert send_udp(uplink.client, "203.0.113.9", 9, 20) == 20
+    assert uplink.far_count() == f0
+    assert uplink.tunnel_count() - t0 >= 20
+
+
+def test_down_removes_only_its_own_rules(uplink: Uplink, tmp_path: Path) -> None:
+    c = uplink.client
+    sh("ip", "rule", "add", "not", "fwmark", "0xca6c", "table", "51820", netns=c)
+    sh("ip", "rule", "add", "table", "main", "suppress_prefixlength", "0", netns=c)
+    sh("nft", "add", "table", "inet", "other", netns=c)
+    before_rules = sh("ip", "rule", netns=c).stdout
+    _up(uplink, tmp_path, uplink.policy())
+    assert "lookup 19283" in sh("ip", "rule", netns=c).stdout
+    r = ksctl("down", netns=c, state_dir=str(tmp_path / "state"))
+    assert r.returncode == 0, r.stderr
+    assert sh("ip", "rule", netns=c).stdout == before_rules
+    tables = sh("nft", "list", "tables", netns=c).stdout
+    assert "inet other" in tables and "ksbpf" not in tables
+
+
+def test_render_prints_what_up_applies(uplink: Uplink, tmp_path: Path) -> None:
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(uplink.policy())
+    r = ksctl("render", "--platform", "linux", "--config", str(cfg), netns=uplink.client)
+    assert r.returncode == 0, r.stderr
+    rendered = json.loads(r.stdout.split("\n# policy routing")[0])
+    _up(uplink, tmp_path, uplink.policy())
+    live = json.loads(sh("nft", "-j", "list", "ruleset", netns=uplink.client).stdout)["nftables"]
+    for kind in ("chain", "set", "rule", "counter"):
+        want = sum(1 for c in rendered["nftables"] if kind in c.get("add", {}))
+        have = sum(1 for o in live if kind in o and o[kind].get("table") == "ksbpf")
+        assert want == have, kind
+    routing = [line[2:] for line in r.stdout.splitlines() if line.startswith("# ip ")]
+    assert any("lookup 19283" in line for line in routing)
