@@ -201,3 +201,32 @@ def test_render_prints_what_up_applies(uplink: Uplink, tmp_path: Path) -> None:
         assert want == have, kind
     routing = [line[2:] for line in r.stdout.splitlines() if line.startswith("# ip ")]
     assert any("lookup 19283" in line for line in routing)
+
+
+def test_routed_namespace_leaks_nothing_with_the_tunnel_gone(uplink: Uplink, make_netns: NetnsFactory, tmp_path: Path) -> None:
+    """A container or VM routed through this host (forward path): BPF never sees it."""
+    c = uplink.client
+    guest = make_netns("kg")
+    sh("ip", "link", "add", "guest0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns", guest)
+    sh("ip", "addr", "add", "172.30.0.1/24", "dev", "guest0", netns=c)
+    sh("ip", "link", "set", "guest0", "up", netns=c)
+    sh("ip", "addr", "add", "172.30.0.2/24", "dev", "eth0", netns=guest)
+    sh("ip", "link", "set", "eth0", "up", netns=guest)
+    sh("ip", "route", "add", "default", "via", "172.30.0.1", netns=guest)
+    sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=c)
+    before = uplink.far_count()
+    assert send_udp(guest, "192.0.2.1", 9, 5) == 5
+    assert uplink.far_count() - before >= 5, "without ksbpf the guest's packets are forwarded out"
+
+    _up(uplink, tmp_path, uplink.policy())
+    t0, f0 = uplink.tunnel_count(), uplink.far_count()
+    send_udp(guest, "203.0.113.9", 9, 10)
+    assert uplink.tunnel_count() - t0 >= 10, "forwarded traffic goes through the tunnel"
+    sh("ip", "link", "del", uplink.tun_if, netns=c)  # the tunnel vanishes
+    send_udp(guest, "203.0.113.9", 9, 10)
+    send_udp(guest, "192.0.2.1", 9, 10)
+    for fam in ("-4", "-6"):  # and so does the routing layer
+        sh("ip", fam, "rule", "del", "pref", "10100", netns=c)
+    send_udp(guest, "203.0.113.9", 9, 10)
+    assert uplink.far_count() == f0
+    assert _nft_counter(c, "drop_forward_ip4") >= 10
