@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/ksctl lab demo
 
 lint: setup
-	$(VENV)/bin/ruff check ksbpf tests bench
+	$(VENV)/bin/ruff check ksbpf tests $(wildcard bench)
 	$(VENV)/bin/mypy ksbpf
 
 unit: setup
