@@ -1,0 +1,346 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ksbpf cgroup-bpf layer, compiled by BCC at load time (ksbpf/linux/bpf.py).
+ *
+ *   ks_egress       cgroup_skb/egress: drop what would leave outside the tunnel, and count it
+ *   ks_sock_create  cgroup/sock_create: mark sockets of exempt and endpoint cgroups
+ *
+ * The policy reaches the program through maps only (filled by the loader before attach);
+ * constants (drop reason numbers, pin paths, netns mode) arrive as -D cflags. The checks
+ * run in the order of ksbpf.verdict._outbound, which is the oracle the tests compare with.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+
+#include "killswitch.h"
+
+#ifndef KS_R_NO_TUNNEL
+#error "drop reason numbers come from ksbpf.verdict.DROP_REASONS as -D cflags"
+#endif
+
+BPF_ARRAY(ks_config, struct ks_config, 1);
+BPF_HASH(ks_tunnels, u32, u8, KS_MAX_TUNNELS);
+BPF_HASH(ks_endpoints, struct ks_endpoint_key, u8, KS_MAX_ENDPOINTS);
+BPF_HASH(ks_dns, struct ks_addr_key, u8, KS_MAX_DNS);
+BPF_F_TABLE("hash", u64, struct ks_cgroup, ks_cgroups, KS_MAX_CGROUPS, BPF_F_NO_PREALLOC);
+BPF_LPM_TRIE(ks_ports, struct ks_port_key, u8, KS_MAX_RULES);
+BPF_LPM_TRIE(ks_nets, struct ks_net_key, u8, KS_MAX_RULES);
+
+#ifdef KS_DROPS_PIN
+// Shared by every generation and pinned once per instance, so counters survive reloads.
+BPF_TABLE_PINNED("percpu_hash", struct ks_drop_key, struct ks_drop_val, ks_drops, KS_MAX_DROP_KEYS, KS_DROPS_PIN);
+#else
+BPF_TABLE("percpu_hash", struct ks_drop_key, struct ks_drop_val, ks_drops, KS_MAX_DROP_KEYS);
+#endif
+
+#ifdef KS_NETNS_SK_STORAGE
+// Kernels whose cgroup_skb lacks bpf_get_netns_cookie (before 6.15): sock_create records
+// each socket's netns here; BPF_F_CLONE hands it on to sockets accept() creates.
+#ifdef KS_SK_NETNS_PIN
+BPF_TABLE_PINNED("sk_storage", int, u64, ks_sk_netns, 0, KS_SK_NETNS_PIN, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+#else
+BPF_F_TABLE("sk_storage", int, u64, ks_sk_netns, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+#endif
+#endif
+
+struct ks_pkt {
+    u8 family;      // 4, 6, or 0 when the header could not be read
+    u8 proto;
+    u8 icmp_type;
+    u8 has_ports;
+    __be16 sport;
+    __be16 dport;
+    u8 daddr[16];
+};
+
+static __always_inline int ks_drop(struct __sk_buff *skb, u32 reason)
+{
+    struct ks_drop_key key = {};
+    struct ks_drop_val zero = {};
+    struct ks_drop_val *val;
+
+    key.reason = reason;
+    key.cgroup_id = bpf_skb_cgroup_id(skb);
+    val = ks_drops.lookup(&key);
+    if (!val) {
+        ks_drops.insert(&key, &zero);
+        val = ks_drops.lookup(&key);
+    }
+    if (!val) {
+        // Map full: the loader pre-creates one entry per reason under cgroup id 0.
+        key.cgroup_id = 0;
+        val = ks_drops.lookup(&key);
+    }
+    if (val) {
+        lock_xadd(&val->packets, 1);
+        lock_xadd(&val->bytes, skb->len);
+    }
+    return 0;
+}
+
+static __always_inline void ks_l4(struct __sk_buff *skb, struct ks_pkt *p, u32 off)
+{
+    __be16 ports[2];
+
+    if (p->proto == KS_IPPROTO_TCP || p->proto == KS_IPPROTO_UDP) {
+        if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) == 0) {
+            p->sport = ports[0];
+            p->dport = ports[1];
+            p->has_ports = 1;
+        }
+    } else if (p->proto == KS_IPPROTO_ICMPV6) {
+        bpf_skb_load_bytes(skb, off, &p->icmp_type, 1);
+    }
+}
+
+// At cgroup egress skb->data points at the network header, and the packet is whole:
+// fragmentation and GSO segmentation happen after this hook.
+static __always_inline void ks_parse(struct __sk_buff *skb, struct ks_pkt *p)
+{
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        struct ks_iphdr ip;
+
+        if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+            return;
+        p->family = 4;
+        p->proto = ip.protocol;
+        __builtin_memcpy(p->daddr, &ip.daddr, 4);
+        // A raw sender's later fragments carry no ports; they match no port rule.
+        if (ip.frag_off & bpf_htons(KS_IP_OFFSET))
+            return;
+        ks_l4(skb, p, (ip.ver_ihl & 0x0f) * 4);
+    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        struct ks_ipv6hdr ip6;
+        u8 ext[2];
+        u32 off = sizeof(ip6);
+        u8 next;
+
+        if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+            return;
+        p->family = 6;
+        __builtin_memcpy(p->daddr, ip6.daddr, 16);
+        next = ip6.nexthdr;
+#pragma unroll
+        for (int i = 0; i < KS_MAX_IPV6_EXT; i++) {
+            if (next == KS_IPV6_HOP || next == KS_IPV6_ROUTING || next == KS_IPV6_DSTOPTS) {
+                if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+                    break;
+                next = ext[0];
+                off += ((u32)ext[1] + 1) * 8;
+            } else if (next == KS_IPV6_FRAGMENT) {
+                __be16 frag;
+
+                if (bpf_skb_load_bytes(skb, off, ext, 2) < 0 ||
+                    bpf_skb_load_bytes(skb, off + 2, &frag, 2) < 0)
+                    break;
+                next = ext[0];
+                off += 8;
+                if (frag & bpf_htons(0xfff8)) {
+                    p->proto = next;
+                    return;
+                }
+            } else {
+                break;
+            }
+        }
+        p->proto = next;
+        ks_l4(skb, p, off);
+    }
+}
+
+static __always_inline int ks_port_match(u32 scope, u8 proto, __be16 port)
+{
+    struct ks_port_key k = {};
+
+    k.prefixlen = KS_PORT_PREFIX_BASE + 16;
+    k.scope = scope;
+    k.proto = proto;
+    __builtin_memcpy(k.port, &port, 2);
+    return ks_ports.lookup(&k) != NULL;
+}
+
+static __always_inline int ks_net_match(u32 scope, struct ks_pkt *p)
+{
+    struct ks_net_key k = {};
+
+    k.prefixlen = KS_NET_PREFIX_BASE + (p->family == 4 ? 32 : 128);
+    k.scope = scope;
+    k.family = p->family;
+    __builtin_memcpy(k.addr, p->daddr, 16);
+    return ks_nets.lookup(&k) != NULL;
+}
+
+static __always_inline int ks_is_dns(struct ks_pkt *p)
+{
+    return p->has_ports && (p->dport == bpf_htons(53) || p->dport == bpf_htons(853));
+}
+
+static __always_inline int ks_dns_allowed(struct ks_pkt *p)
+{
+    struct ks_addr_key k = {};
+
+    k.family = p->family;
+    __builtin_memcpy(k.addr, p->daddr, 16);
+    return ks_dns.lookup(&k) != NULL;
+}
+
+static __always_inline int ks_is_dhcp(struct ks_pkt *p)
+{
+    if (p->proto != KS_IPPROTO_UDP || !p->has_ports)
+        return 0;
+    if (p->family == 4)
+        return p->sport == bpf_htons(68) && p->dport == bpf_htons(67);
+    return p->sport == bpf_htons(546) && p->dport == bpf_htons(547);
+}
+
+static __always_inline int ks_is_nd(struct ks_pkt *p)
+{
+    return p->family == 6 && p->proto == KS_IPPROTO_ICMPV6 && p->icmp_type >= 133 && p->icmp_type <= 136;
+}
+
+static __always_inline int ks_is_endpoint(struct ks_pkt *p)
+{
+    struct ks_endpoint_key k = {};
+
+    if (!p->has_ports)
+        return 0;
+    k.family = p->family;
+    k.proto = p->proto;
+    k.port = p->dport;
+    __builtin_memcpy(k.addr, p->daddr, 16);
+    return ks_endpoints.lookup(&k) != NULL;
+}
+
+// Ancestor-aware: walk from the root down to the socket's cgroup. The deepest exemption
+// wins (as ksbpf.verdict.exemption_for); any endpoint cgroup on the way counts. Cgroups
+// deeper than KS_MAX_DEPTH are not seen, so exemptions there fail closed.
+static __always_inline void ks_skb_cgroups(struct __sk_buff *skb, u32 *slot, u32 *endpoint)
+{
+#pragma unroll
+    for (int level = 0; level <= KS_MAX_DEPTH; level++) {
+        u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+        struct ks_cgroup *cg;
+
+        if (!id)
+            break;
+        cg = ks_cgroups.lookup(&id);
+        if (cg) {
+            if (cg->slot)
+                *slot = cg->slot;
+            *endpoint |= cg->endpoint;
+        }
+    }
+}
+
+static __always_inline u64 ks_skb_netns(struct __sk_buff *skb, u64 target)
+{
+#ifdef KS_NETNS_SK_STORAGE
+    struct bpf_sock *sk = skb->sk;
+    u64 *cookie;
+
+    if (!sk)
+        return target;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return target;
+    cookie = ks_sk_netns.sk_storage_get(sk, 0, 0);
+    // A socket created before the first attach has no record: judge it (fail closed).
+    return cookie ? *cookie : target;
+#else
+    return bpf_get_netns_cookie(skb);
+#endif
+}
+
+int ks_egress(struct __sk_buff *skb)
+{
+    u32 zero = 0;
+    struct ks_config *cfg = ks_config.lookup(&zero);
+    struct ks_pkt p = {};
+    u32 ifindex = skb->ifindex;
+    u32 slot = 0, endpoint = 0;
+
+    if (!cfg)
+        return 0;
+    // Attached to a cgroup, the program sees that cgroup's sockets in every netns; the
+    // ifindexes in the maps are the target netns's, so only its packets are judged.
+    if (ks_skb_netns(skb, cfg->netns_cookie) != cfg->netns_cookie)
+        return 1;
+    if (ifindex == KS_LOOPBACK_IFINDEX)
+        return 1;
+
+    ks_parse(skb, &p);
+
+    if (ks_tunnels.lookup(&ifindex)) {
+        if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
+            return ks_drop(skb, KS_R_IPV6_BLOCKED);
+        // DNS only to the configured resolvers, even inside the tunnel.
+        if (ks_is_dns(&p) && !ks_dns_allowed(&p))
+            return ks_drop(skb, KS_R_DNS);
+        return 1;
+    }
+    if (ks_is_nd(&p) || ks_is_dhcp(&p))
+        return 1;
+    if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
+        return ks_drop(skb, KS_R_IPV6_BLOCKED);
+
+    if (ks_is_endpoint(&p)) {
+        if ((cfg->flags & KS_F_ENDPOINT_MARK) && skb->mark != cfg->endpoint_mark)
+            return ks_drop(skb, KS_R_ENDPOINT_UNAUTHORIZED);
+        if (cfg->flags & KS_F_ENDPOINT_CGROUPS) {
+            ks_skb_cgroups(skb, &slot, &endpoint);
+            if (!endpoint)
+                return ks_drop(skb, KS_R_ENDPOINT_UNAUTHORIZED);
+        }
+        return 1;
+    }
+
+    ks_skb_cgroups(skb, &slot, &endpoint);
+    if (slot && p.has_ports) {
+        // allow: remote port and `to` networks; listen: our port (replies) and `from` networks.
+        if (ks_port_match(KS_SCOPE(slot, KS_KIND_ALLOW), p.proto, p.dport) &&
+            ks_net_match(KS_SCOPE(slot, KS_KIND_ALLOW), &p))
+            return 1;
+        if (ks_port_match(KS_SCOPE(slot, KS_KIND_LISTEN), p.proto, p.sport) &&
+            ks_net_match(KS_SCOPE(slot, KS_KIND_LISTEN), &p))
+            return 1;
+    }
+    // DNS outside the tunnel is dropped before LAN: a LAN resolver is still a leak.
+    if (ks_is_dns(&p))
+        return ks_drop(skb, KS_R_DNS);
+    if (p.family && ks_net_match(KS_SCOPE_LAN, &p))
+        return 1;
+    return ks_drop(skb, KS_R_NO_TUNNEL);
+}
+
+int ks_sock_create(struct bpf_sock *sk)
+{
+    u32 zero = 0;
+    struct ks_config *cfg = ks_config.lookup(&zero);
+    u64 cookie = bpf_get_netns_cookie(sk);
+    u32 mark = 0;
+
+    if (!cfg)
+        return 1;
+#ifdef KS_NETNS_SK_STORAGE
+    u64 *rec = ks_sk_netns.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (rec)
+        *rec = cookie;
+#endif
+    if (cookie != cfg->netns_cookie)
+        return 1;
+    // The socket belongs to the creating task's cgroup; deepest mark wins.
+#pragma unroll
+    for (int level = 0; level <= KS_MAX_DEPTH; level++) {
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        struct ks_cgroup *cg;
+
+        if (!id)
+            break;
+        cg = ks_cgroups.lookup(&id);
+        if (cg && cg->mark)
+            mark = cg->mark;
+    }
+    if (mark)
+        sk->mark = mark;
+    return 1;
+}

@@ -1,0 +1,135 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Map layouts shared with ksbpf/linux/bpf.py, which packs the same structs with `struct`
+ * (tests/unit/test_bpf_layout.py checks the two agree). Change both together.
+ */
+#ifndef KSBPF_KILLSWITCH_H
+#define KSBPF_KILLSWITCH_H
+
+#define KS_LOOPBACK_IFINDEX 1
+
+#ifndef KS_MAX_DEPTH
+#define KS_MAX_DEPTH 31
+#endif
+#ifndef KS_MAX_TUNNELS
+#define KS_MAX_TUNNELS 256
+#endif
+#ifndef KS_MAX_ENDPOINTS
+#define KS_MAX_ENDPOINTS 1024
+#endif
+#ifndef KS_MAX_DNS
+#define KS_MAX_DNS 256
+#endif
+#ifndef KS_MAX_CGROUPS
+#define KS_MAX_CGROUPS 65536
+#endif
+#ifndef KS_MAX_RULES
+#define KS_MAX_RULES 65536
+#endif
+#ifndef KS_MAX_DROP_KEYS
+#define KS_MAX_DROP_KEYS 4096
+#endif
+#define KS_MAX_IPV6_EXT 6
+
+/* ks_config.flags */
+#define KS_F_IPV6_BLOCK 0x1
+#define KS_F_ENDPOINT_MARK 0x2
+#define KS_F_ENDPOINT_CGROUPS 0x4
+
+/* Rule scopes in ks_ports / ks_nets: LAN, or an exemption slot's allow or listen half. */
+#define KS_SCOPE_LAN 0
+#define KS_KIND_ALLOW 0
+#define KS_KIND_LISTEN 1
+#define KS_SCOPE(slot, kind) (((slot) << 1) | (kind))
+
+/* LPM prefix bits before the port / address: scope (32) + proto or family (8). */
+#define KS_PORT_PREFIX_BASE 40
+#define KS_NET_PREFIX_BASE 40
+
+#define KS_IPPROTO_TCP 6
+#define KS_IPPROTO_UDP 17
+#define KS_IPPROTO_ICMPV6 58
+#define KS_IP_OFFSET 0x1fff
+#define KS_IPV6_HOP 0
+#define KS_IPV6_ROUTING 43
+#define KS_IPV6_FRAGMENT 44
+#define KS_IPV6_DSTOPTS 60
+
+struct ks_config {
+    u64 netns_cookie;
+    u64 generation;
+    u64 cgroup_id;      /* where this generation is attached */
+    u32 flags;
+    u32 endpoint_mark;
+    char instance[64];  /* lets the loader recognise its own programs on a cgroup */
+};
+
+struct ks_cgroup {
+    u32 slot;           /* exemption rules (0: not exempt) */
+    u32 mark;           /* given to sockets created below this cgroup (0: none) */
+    u32 endpoint;       /* 1: an endpoint cgroup */
+    u32 pad;
+};
+
+struct ks_endpoint_key {
+    u8 family;
+    u8 proto;
+    __be16 port;
+    u8 addr[16];
+};
+
+struct ks_addr_key {
+    u8 family;
+    u8 pad[3];
+    u8 addr[16];
+};
+
+struct ks_port_key {
+    u32 prefixlen;
+    u32 scope;
+    u8 proto;
+    u8 port[2];         /* network order, so that a prefix is a port range */
+};
+
+struct ks_net_key {
+    u32 prefixlen;
+    u32 scope;
+    u8 family;
+    u8 addr[16];
+};
+
+struct ks_drop_key {
+    u32 reason;
+    u32 pad;
+    u64 cgroup_id;
+};
+
+struct ks_drop_val {
+    u64 packets;
+    u64 bytes;
+};
+
+/* Own copies of the two header layouts, so nothing depends on the header tree's version. */
+struct ks_iphdr {
+    u8 ver_ihl;
+    u8 tos;
+    __be16 tot_len;
+    __be16 id;
+    __be16 frag_off;
+    u8 ttl;
+    u8 protocol;
+    __sum16 check;
+    __be32 saddr;
+    __be32 daddr;
+};
+
+struct ks_ipv6hdr {
+    __be32 ver_tc_flow;
+    __be16 payload_len;
+    u8 nexthdr;
+    u8 hop_limit;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+#endif
