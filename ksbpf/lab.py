@@ -52,6 +52,7 @@ SERVER_V4, CLIENT_V4, OUTSIDE_DNS_V4 = "192.0.2.1", "192.0.2.2", "192.0.2.53"
 SERVER_V6, CLIENT_V6, OUTSIDE_DNS_V6 = "2001:db8:1::1", "2001:db8:1::2", "2001:db8:1::53"
 TUN_SERVER_V4, TUN_CLIENT_V4 = "10.64.0.1", "10.64.0.2"
 TUN_SERVER_V6, TUN_CLIENT_V6 = "fd00:64::1", "fd00:64::2"
+TUN_NET_V4, TUN_NET_V6 = "10.64.0.0/24", "fd00:64::/64"
 TARGET_V4, TARGET_GW_V4 = "198.51.100.10", "198.51.100.1"
 TARGET_V6, TARGET_GW_V6 = "2001:db8:2::10", "2001:db8:2::1"
 ROUTED_V4, ROUTED_GW_V4, ROUTED_NET_V4 = "10.99.0.2", "10.99.0.1", "10.99.0.0/24"
@@ -265,8 +266,10 @@ table netdev {COUNTER_TABLE} {{
   counter link {{}}
   set leak4 {{ typeof {key4} . th dport; {dyn} }}
   set leak4o {{ typeof {key4}; {dyn} }}
+  set leak4i {{ typeof ip saddr . ip daddr . icmp type . icmp code; {dyn} }}
   set leak6 {{ typeof {key6} . th dport; {dyn} }}
   set leak6o {{ typeof {key6}; {dyn} }}
+  set leak6i {{ typeof ip6 saddr . ip6 daddr . icmpv6 type . icmpv6 code; {dyn} }}
   set leakx {{ typeof ether type; {dyn} }}
   chain ingress {{
     type filter hook ingress device "{uplink}" priority -500; policy accept;
@@ -275,8 +278,10 @@ table netdev {COUNTER_TABLE} {{
     ip daddr {SERVER_V4} udp sport {client_port} udp dport {ENDPOINT_PORT} @th,64,32 {wg_types} counter name tunnel accept
     counter name leaks
     meta protocol ip meta l4proto {l4} update @leak4 {{ {key4} . th dport }} accept
+    meta protocol ip meta l4proto icmp update @leak4i {{ ip saddr . ip daddr . icmp type . icmp code }} accept
     meta protocol ip update @leak4o {{ {key4} }} accept
     meta protocol ip6 meta l4proto {l4} update @leak6 {{ {key6} . th dport }} accept
+    meta protocol ip6 meta l4proto ipv6-icmp update @leak6i {{ ip6 saddr . ip6 daddr . icmpv6 type . icmpv6 code }} accept
     meta protocol ip6 update @leak6o {{ {key6} }} accept
     update @leakx {{ ether type }}
   }}
@@ -285,12 +290,18 @@ table netdev {COUNTER_TABLE} {{
 
 
 def server_filter_ruleset() -> str:
-    """The server never forwards to or from the uplink: the target is reachable only
-    through the tunnel, so a reply from it proves the tunnel path."""
+    """The server never forwards to or from the uplink, and answers on its tunnel
+    addresses only through the tunnel: the target and the tunnel's resolver are
+    reachable only through the tunnel, so a reply from them proves the tunnel path."""
     return f"""\
 table inet ksbpflab {{}}
 delete table inet ksbpflab
 table inet ksbpflab {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{UPLINK}" ip daddr {TUN_NET_V4} drop
+    iifname "{UPLINK}" ip6 daddr {TUN_NET_V6} drop
+  }}
   chain forward {{
     type filter hook forward priority 0; policy accept;
     iifname "{UPLINK}" drop
@@ -325,6 +336,8 @@ def _describe_flow(set_name: str, val: Any) -> str:
     parts = val["concat"] if isinstance(val, Mapping) and "concat" in val else [val]
     if set_name == "leakx":
         return f"ethertype {parts[0]}"
+    if set_name in ("leak4i", "leak6i"):
+        return f"{'icmp' if set_name == 'leak4i' else 'icmpv6'} {parts[0]} → {parts[1]} {parts[2]}/{parts[3]}"
     src, dst, proto = str(parts[0]), str(parts[1]), str(parts[2])
     if len(parts) > 3:
         host = f"[{dst}]" if ":" in dst else dst
@@ -579,6 +592,11 @@ class Lab:
         self._save()
         return proc
 
+    def processes(self) -> dict[str, int]:
+        """role -> pid of every process the lab runs (wg-client, wg-server,
+        services-target, services-server, traffic-PID)."""
+        return {p.role: p.pid for p in self._procs}
+
     def _proc(self, role: str) -> _Proc | None:
         return next((p for p in self._procs if p.role == role), None)
 
@@ -775,9 +793,9 @@ class Lab:
         """A cgroup below the lab's own (made if missing); removed by close()."""
         if self.cgroup_root is None:
             raise LabError("the lab has no cgroup")
+        if any(part in ("", ".", "..") for part in rel.split("/")) and rel:
+            raise LabError(f"cgroup {rel!r}: use a relative path without '.', '..' or empty parts")
         d = (self.cgroup_root / rel) if rel else self.cgroup_root
-        if self.cgroup_root != d and self.cgroup_root not in d.parents:
-            raise LabError(f"cgroup {rel!r} escapes the lab's cgroup")
         d.mkdir(parents=True, exist_ok=True)
         return d
 
