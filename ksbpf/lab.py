@@ -899,6 +899,15 @@ class Lab:
     def ping(self, addr: str = TARGET_V4, **opts: Any) -> ProbeResult:
         return self.probe("ping", addr, **opts)
 
+    def raw_frames(
+        self, addr: str = TARGET_V4, port: int = ECHO_PORT, *, count: int = 1, device: str = UPLINK,
+        src: str = CLIENT_V4, **opts: Any,
+    ) -> ProbeResult:
+        """Write `count` broadcast Ethernet frames carrying IPv4/UDP to `device` through an
+        AF_PACKET socket, past routing and the IP stack's hooks. ok means written, not
+        delivered: count what arrived with leaks()."""
+        return self.probe("raw", src, addr, port, "--count", count, device=device, **opts)
+
     def tunnel_checks(self, **opts: Any) -> dict[str, ProbeResult]:
         """tcp, udp, ipv6 and dns through the tunnel, in parallel."""
         calls = {
@@ -1105,12 +1114,12 @@ def list_labs() -> list[str]:
     return sorted(p.stem for p in STATE_DIR.glob("*.json")) if STATE_DIR.is_dir() else []
 
 
-def lab_up(name: str | None = None, *, routed: bool = False, out: TextIO = sys.stdout) -> Lab:
-    """`ksctl lab up`: build a lab that outlives this process; writes its policy file."""
+def lab_up(name: str | None = None, *, routed: bool = False) -> str:
+    """`ksctl lab up`: build a lab that outlives this process, write its policy file, and
+    return a description for a person (`Lab.load(name)` gives the object)."""
     lab = Lab.create(name or DEFAULT_LAB, routed=routed)
     (lab.state_dir / "policy.toml").write_text(lab.policy_toml())
-    print(lab.describe(), file=out)
-    return lab
+    return lab.describe()
 
 
 def lab_down(name: str | None = None) -> bool:
@@ -1126,11 +1135,11 @@ def lab_down(name: str | None = None) -> bool:
 
 
 def _marks(results: Mapping[str, ProbeResult]) -> str:
-    return "  ".join(f"{k} {'✓' if r else '✗'}" for k, r in results.items())
+    return " ".join(f"{k} {'✓' if r else '✗'}" for k, r in results.items())
 
 
 def demo(out: TextIO = sys.stdout) -> int:
-    """Build a lab, engage the kill switch, kill the tunnel while sending, and count on
+    """Build a lab, engage the kill switch, break the tunnel while sending, and count on
     the far side of the uplink what left outside it. 0 PASS, 1 FAIL, 2 could not run."""
 
     def say(line: str) -> None:
@@ -1144,14 +1153,15 @@ def demo(out: TextIO = sys.stdout) -> int:
         return 2
 
     failures: list[str] = []
+    notes: list[str] = []
     lab: Lab | None = None
     eng: Any = None
+    t0 = time.monotonic()
     try:
-        t0 = time.monotonic()
         lab = Lab.create()
         apps = lab.cgroup("apps")
-        say(f"lab: client ⇄ uplink ⇄ server ⇄ target, WireGuard tunnel {lab.wg} (wireguard-go); "
-            f"leaks counted on the server's side of the uplink")
+        say(f"ksbpf lab demo: client ⇄ uplink ⇄ server ⇄ target, over WireGuard ({lab.wg}, wireguard-go)")
+        say("  leaks are counted where they would be seen: on the server's side of the uplink")
 
         before = lab.tunnel_checks(cgroup=apps)
         lab.reset_counters()
@@ -1159,42 +1169,44 @@ def demo(out: TextIO = sys.stdout) -> int:
         lab.udp_echo(TARGET_V4, cgroup=apps, timeout=0.3)
         control = lab.leaks()
         lab.tunnel_up()
-        say(f"  no kill switch:  tunnel up: {_marks(before)};  tunnel down: {control} packet(s) leaked")
+        say(f"  without ksbpf  tunnel up: {_marks(before)}   tunnel down: {control} packet(s) leaked")
         if not all(before.values()):
-            failures.append("the tunnel does not carry traffic")
+            failures.append("the tunnel does not carry traffic: " + str(before))
+        if control == 0:
+            failures.append("the far-side counter saw nothing leak without the kill switch")
 
         policy = loads_policy(lab.policy_toml(), f"lab {lab.name} policy")
         eng = LinuxEngine(netns=lab.client)
         result = eng.up(policy)
-        layers = "  ".join(f"{n} {'✓' if s.engaged else '✗'}" for n, s in result.layers.items())
-        say(f"  kill switch up:  {layers}")
-        if not result.ok:
-            failures += [f"layer {n}: {s.detail}" for n, s in result.layers.items() if not s.engaged]
+        say("  ksbpf up       " + " ".join(f"{n} {'✓' if s.engaged else '✗'}" for n, s in result.layers.items()))
+        for n, st in result.layers.items():
+            if not st.engaged:
+                # The bpf layer may be missing (no kernel headers); the other two must hold.
+                (notes if n == "bpf" else failures).append(f"{n} layer not engaged: {st.detail}")
 
         during = lab.tunnel_checks(cgroup=apps)
-        say(f"  tunnel up:       {_marks(during)}")
-        if not all(during.values()):
-            failures += [f"{k} through the tunnel: {r.detail}" for k, r in during.items() if not r]
+        say(f"  with ksbpf     tunnel up: {_marks(during)}")
+        failures += [f"{k} through the tunnel: {r.detail}" for k, r in during.items() if not r]
 
         lab.reset_counters()
         with lab.traffic(cgroup=apps) as traffic:
             time.sleep(0.5)
             lab.tunnel_down()
-            time.sleep(0.7)
+            time.sleep(0.6)
             lab.tunnel_delete(how="kill")
-            time.sleep(0.7)
+            time.sleep(0.6)
             stats = traffic.stop()
         c = lab.counters()
-        say(f"  tunnel killed while sending {stats.sent} packets: {c.leaks} left outside the tunnel"
-            f" (and {c.tunnel} encrypted through it)")
-        if c.leaks:
-            failures += [f"leaked: {d}" for d in c.details[:5]] or ["leaked"]
+        say(f"                 tunnel down, then wireguard-go killed, {stats.sent} packets sent: {c.leaks} leaked")
+        failures += [f"leaked: {d}" for d in c.details[:5]] or (["leaked"] if c.leaks else [])
 
         lab.tunnel_recreate()
+        # A new device: ksbpfd re-engages on the link event; without the daemon, by hand.
+        if not eng.up(policy).ok and not notes:
+            failures.append("re-engaging for the new tunnel device failed")
         after = lab.tunnel_checks(cgroup=apps)
-        say(f"  tunnel back:     {_marks(after)}")
-        if not all(after.values()):
-            failures.append("traffic does not resume when the tunnel comes back")
+        say(f"                 tunnel back (new device): {_marks(after)}")
+        failures += [f"{k} after the tunnel came back: {r.detail}" for k, r in after.items() if not r]
     except KsbpfError as e:
         failures.append(str(e))
     finally:
@@ -1202,7 +1214,7 @@ def demo(out: TextIO = sys.stdout) -> int:
             try:
                 eng.down()
             except KsbpfError as e:
-                failures.append(f"kill switch down: {e}")
+                failures.append(f"ksbpf down: {e}")
         if lab is not None:
             try:
                 lab.close()
@@ -1211,9 +1223,10 @@ def demo(out: TextIO = sys.stdout) -> int:
 
     if failures:
         say("FAIL: " + failures[0])
-        for f in failures[1:4]:
+        for f in [*failures[1:4], *notes]:
             say(f"      {f}")
         return 1
     say(f"PASS: nothing left the client outside the tunnel ({time.monotonic() - t0:.1f} s)")
+    for n in notes:
+        say(f"      note: {n}")
     return 0
-

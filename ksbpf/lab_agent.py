@@ -367,6 +367,30 @@ def probe_ping(args: argparse.Namespace) -> int:
     return _result(False, "timeout")
 
 
+def udp4_frame(src_mac: bytes, src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """A broadcast Ethernet frame carrying IPv4/UDP, as a raw (AF_PACKET) sender writes it."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload  # UDP checksum 0: none
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    ip = ip[:10] + struct.pack("!H", _icmp_checksum(ip)) + ip[12:]
+    return b"\xff" * 6 + src_mac + b"\x08\x00" + ip + udp
+
+
+def probe_raw(args: argparse.Namespace) -> int:
+    """Write raw frames to a device (AF_PACKET): past routing and the IP stack's hooks."""
+    try:
+        with open(f"/sys/class/net/{args.device}/address") as f:
+            mac = bytes.fromhex(f.read().strip().replace(":", ""))
+        frame = udp4_frame(mac, args.src, args.addr, args.sport or 40000, args.port, PAYLOAD)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((args.device, 0))
+            for _ in range(args.count):
+                s.send(frame)
+    except OSError as e:
+        return _result(False, _err(e))
+    return _result(True, f"{args.count} frame(s) written to {args.device}")
+
+
 # --------------------------------------------------------------------------- traffic
 
 
@@ -520,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     c = client("ping")
     c.add_argument("addr")
     c.set_defaults(fn=probe_ping)
+    c = client("raw")
+    c.add_argument("src")
+    c.add_argument("addr")
+    c.add_argument("port", type=int)
+    c.add_argument("--count", type=int, default=1)
+    c.set_defaults(fn=probe_raw)
     c = client("traffic")
     c.add_argument("--target", action="append", required=True, metavar="KIND,ADDR,PORT",
                    help="KIND: udp (echo), tcp (new connections), stream (one connection), dns")

@@ -89,12 +89,14 @@ def test_counter_sees_direct_uplink_traffic(lab: Lab) -> None:
     # Plaintext to the endpoint port, with and without the tunnel's mark.
     lab.udp_echo(SERVER_V4, ENDPOINT_PORT, timeout=0.2)
     lab.udp_echo(SERVER_V4, ENDPOINT_PORT, timeout=0.2, mark=WG_FWMARK)
-    # A raw-ish sender bound to the uplink, bypassing routing.
+    # A socket bound to the uplink, bypassing routing; raw frames, bypassing the IP stack.
     lab.udp_echo(TARGET_V4, device="uplink", timeout=0.2)
+    assert lab.raw_frames(TARGET_V4, 9, count=3)
     c = lab.counters()
     details = "\n".join(c.details)
     for flow in (f"{OUTSIDE_DNS_V4}:53", f"{SERVER_V4}:53", f"{SERVER_V4}:443", f"[{SERVER_V6}]:22",
-                 f"udp {CLIENT_V4} → {SERVER_V4}:{ENDPOINT_PORT} ×2", f"{TARGET_V4}:7"):
+                 f"udp {CLIENT_V4} → {SERVER_V4}:{ENDPOINT_PORT} ×2", f"{TARGET_V4}:7",
+                 f"udp {CLIENT_V4} → {TARGET_V4}:9 ×3"):
         assert flow in details, details
 
 
@@ -223,7 +225,7 @@ def test_failed_create_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_up_and_down_from_separate_processes() -> None:
     name = unique("klp")
-    code = f"from ksbpf.lab import lab_up; lab_up({name!r}, routed=True)"
+    code = f"from ksbpf.lab import lab_up; print(lab_up({name!r}, routed=True))"
     try:
         cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).parents[2], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
