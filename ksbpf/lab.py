@@ -410,7 +410,11 @@ class Lab:
             raise LabError(f"network namespace {sorted(clash)[0]} exists already; pick another lab name")
         lab = cls(state)
         try:
+            # Claims the name atomically: close() below must never tear down another's lab.
             lab.state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise LabError(f"lab {name!r} exists already; `ksctl lab down {name}` removes it") from None
+        try:
             lab._save()
             lab._build()
             if routed:
@@ -455,6 +459,8 @@ class Lab:
         }
 
     def _save(self) -> None:
+        if self.closed:
+            return
         path = self.state_file(self.name)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._state(), indent=1))
@@ -523,9 +529,12 @@ class Lab:
         _run(["ip", "netns", "exec", self.server, "nft", "-f", "-"], input=server_filter_ruleset())
         self.reset_counters()
 
-        mount = _cgroup2_mount()
-        self.cgroup_root = mount / f"{CGROUP_PREFIX}{self.name}"
-        self.cgroup_root.mkdir(exist_ok=False)
+        root = _cgroup2_mount() / f"{CGROUP_PREFIX}{self.name}"
+        try:
+            root.mkdir()
+        except OSError as e:
+            raise LabError(f"cannot make the lab's cgroup {root}: {e.strerror}") from None
+        self.cgroup_root = root
         self._save()
 
         for who in ("client", "server"):
@@ -995,7 +1004,8 @@ class Lab:
 
     def close(self) -> None:
         """Remove everything the lab made: processes (by pid), namespaces, wireguard-go
-        sockets, cgroups, state. Idempotent; raises LabError listing what it could not remove."""
+        sockets, cgroups, state. Idempotent. Raises LabError naming what it could not
+        remove, and then keeps the state so that `lab_down(name)` can try again."""
         if self.closed:
             return
         problems: list[str] = []
@@ -1005,29 +1015,34 @@ class Lab:
             except OSError as e:
                 problems.append(f"{proc.role} (pid {proc.pid}): {e}")
         protected = _protected_pids()
-        namespaces = list(dict.fromkeys([*self._namespaces, *([self.routed] if self.routed else [])]))
-        for ns in reversed(namespaces):
+        for ns in reversed(list(self._namespaces)):
             # Whatever else runs in the lab's namespaces was started into them (a test's
             # listener, a probe): end it, then the namespace.
             out = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
-            pids = [int(p) for p in out if p.isdigit() and int(p) not in protected]
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            for pid in (int(p) for p in out if p.isdigit()):
+                if pid not in protected:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             cp = _run(["ip", "netns", "del", ns], check=False)
             if cp.returncode != 0 and Path("/run/netns", ns).exists():
                 problems.append(f"netns {ns}: {cp.stderr.strip()}")
+            else:
+                self._namespaces.remove(ns)
         for ifname in (self.wg, self.wg_server):
             with contextlib.suppress(FileNotFoundError):
                 (WG_RUN_DIR / f"{ifname}.sock").unlink()
         if self.cgroup_root is not None:
-            problems += _remove_cgroup_tree(self.cgroup_root, protected)
+            left = _remove_cgroup_tree(self.cgroup_root, protected)
+            problems += left
+            if not left:
+                self.cgroup_root = None
+        if problems:
+            self._save()
+            raise LabError(f"lab {self.name}: could not remove " + "; ".join(problems))
+        self.closed = True
         shutil.rmtree(self.state_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.state_file(self.name).unlink()
-        self.closed = True
-        if problems:
-            raise LabError(f"lab {self.name}: could not remove " + "; ".join(problems))
 
 
 DEFAULT_TRAFFIC = (
