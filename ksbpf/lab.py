@@ -1153,7 +1153,7 @@ def _marks(results: Mapping[str, ProbeResult]) -> str:
     return " ".join(f"{k} {'✓' if r else '✗'}" for k, r in results.items())
 
 
-def demo(out: TextIO = sys.stdout) -> int:
+def demo(out: TextIO = sys.stdout, *, name: str | None = None) -> int:
     """Build a lab, engage the kill switch, break the tunnel while sending, and count on
     the far side of the uplink what left outside it. 0 PASS, 1 FAIL, 2 could not run."""
 
@@ -1173,7 +1173,7 @@ def demo(out: TextIO = sys.stdout) -> int:
     eng: Any = None
     t0 = time.monotonic()
     try:
-        lab = Lab.create()
+        lab = Lab.create(name)
         apps = lab.cgroup("apps")
         say(f"ksbpf lab demo: client ⇄ uplink ⇄ server ⇄ target, over WireGuard ({lab.wg}, wireguard-go)")
         say("  leaks are counted where they would be seen: on the server's side of the uplink")

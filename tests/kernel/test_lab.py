@@ -4,6 +4,7 @@ tunnel can be broken and rebuilt, and teardown leaves nothing behind."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from ksbpf.lab import (
     WG_RUN_DIR,
     Lab,
     LabError,
+    demo,
     lab_down,
 )
 from tests.kernel.conftest import unique
@@ -243,3 +245,17 @@ def test_up_and_down_from_separate_processes() -> None:
     assert downed is True
     assert _leftovers(lab, pids) == []
     assert lab_down(name) is False
+
+
+def test_demo_passes_and_cleans_up() -> None:
+    pytest.importorskip("ksbpf.linux.engine")
+    name = unique("kld")
+    out = io.StringIO()
+    rc = demo(out, name=name)
+    text = out.getvalue()
+    assert rc == 0, text
+    assert "\nPASS: " in text and ": 0 leaked" in text, text
+    assert len(text.splitlines()) <= 10
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert name not in namespaces
+    assert not Lab.state_file(name).exists()
