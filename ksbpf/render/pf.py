@@ -134,9 +134,6 @@ class _Anchor:
             "# The tunnel interfaces. PF has no wildcards: a glob is spelled out unit by unit.",
             f'{TUNNEL_MACRO} = "{_list(self.tunnel_names)}"',
             "",
-            "# loopback first (pf.conf also has `set skip on lo0`)",
-            f"pass quick on {LOOPBACK} all no state",
-            "",
         )
         self._outbound()
         self.add("")
@@ -151,6 +148,8 @@ class _Anchor:
         if servers:
             self.add(f"pass out quick {self.tunnel} {_dns(_list(servers))} no state")
         self.add(f"block drop out quick {self.tunnel} {_dns('any')}", f"pass out quick {self.tunnel} all no state")
+        self.add(f"# loopback (pf.conf skips {LOOPBACK} already; this covers a main ruleset that does not)")
+        self.add(f"pass out quick on {LOOPBACK} all no state")
         self.add("# neighbour discovery and DHCP on any interface, before the IPv6 block (verdict() order)")
         self._nd_dhcp("out")
         if self.block6:
@@ -177,6 +176,7 @@ class _Anchor:
         if self.block6:
             self.add(f"block drop in quick {self.tunnel} inet6 all")
         self.add(f"pass in quick {self.tunnel} all no state")
+        self.add(f"pass in quick on {LOOPBACK} all no state")
         self.add("# neighbour discovery and DHCP replies on any interface")
         self._nd_dhcp("in")
         if self.block6:
