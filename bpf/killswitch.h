@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * Map layouts shared with ksbpf/linux/bpf.py, which packs the same structs with `struct`
- * (tests/unit/test_bpf_layout.py checks the two agree). Change both together.
+ * (tests/unit/test_bpf.py checks the sizes, tests/kernel/test_bpf.py the loaded maps). Change both together.
  */
 #ifndef KSBPF_KILLSWITCH_H
 #define KSBPF_KILLSWITCH_H

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from pathlib import Path
 
 import pytest
@@ -712,7 +712,7 @@ def test_map_layouts_match_the_python_side(lab: Lab, layers: list[BpfLayer]) -> 
         "ks_endpoints": (len(kbpf.endpoint_key(4, "udp", 1, ip_address("1.2.3.4"))), 1),
         "ks_dns": (len(kbpf.addr_key(ip_address("1.2.3.4"))), 1),
         "ks_ports": (len(kbpf.port_key(2, "udp", 1, 16)), 1),
-        "ks_nets": (len(kbpf.net_key(2, kbpf.ipaddress.ip_network("10.0.0.0/8"))), 1),
+        "ks_nets": (len(kbpf.net_key(2, ip_network("10.0.0.0/8"))), 1),
     }
     for name, (ks, vs) in wanted.items():
         with kbpf.BpfMap.pinned(g / name) as m:
