@@ -240,7 +240,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
         info = lab.lab_up(args.name)
         print(json.dumps(info, indent=1, default=str) if not isinstance(info, str) else info)
         return EXIT_OK
-    lab.lab_down(args.name)
+    if not lab.lab_down(args.name):
+        print(f"ksctl: no lab named {args.name!r}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"lab {args.name} removed")
     return EXIT_OK
 
