@@ -1,0 +1,122 @@
+"""The filtering configurations the bench compares, each engaged in the client netns
+and removed again: no filtering, ksbpf (all layers, and each layer alone), and the
+wg-quick and Mullvad-style baselines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import policies
+from bench.topology import CLIENT_IF, SERVER_ADDR, Topology
+from ksbpf.errors import KsbpfError
+
+CONFIGS = ("none", "ksbpf", "nft", "routing", "bpf", "wgquick", "mullvad")
+# Which configurations grow with n (sets and maps, or one rule per endpoint).
+SCALED = ("ksbpf", "nft", "bpf", "mullvad")
+LABELS = {
+    "none": "no filtering",
+    "ksbpf": "ksbpf, all layers",
+    "nft": "ksbpf nftables alone",
+    "routing": "ksbpf routing alone",
+    "bpf": "ksbpf cgroup-bpf alone",
+    "wgquick": "wg-quick(8) kill switch",
+    "mullvad": "Mullvad-style ruleset",
+}
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+@dataclass
+class Engager:
+    topo: Topology
+    state_dir: Path
+    kernel_source: str | None = None
+
+    def policy_text(self, n: int, extra_endpoints: int = 0) -> str:
+        return policies.policy_text(CLIENT_IF, SERVER_ADDR, self.topo.cgroup_rel, n,
+                                    kernel_source=self.kernel_source, extra_endpoints=extra_endpoints)
+
+    def _engine(self) -> Any:
+        from ksbpf.linux.engine import LinuxEngine
+
+        return LinuxEngine(netns=self.topo.client_ns, state_dir=self.state_dir, bpf=True)
+
+    def _bpf(self) -> Any:
+        from ksbpf.linux.bpf import BpfLayer
+        from ksbpf.linux.engine import instance_name
+
+        return BpfLayer(instance_name(self.topo.client_ns), kernel_source=self.kernel_source,
+                        netns=self.topo.client_ns)
+
+    def _nft(self, text: str, defines: dict[str, str] | None = None) -> None:
+        argv = ["ip", "netns", "exec", self.topo.client_ns, "nft"]
+        for k, v in (defines or {}).items():
+            argv += ["-D", f"{k}={v}"]
+        r = subprocess.run([*argv, "-f", "-"], input=text, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ConfigError(f"nft: {r.stderr.strip()}")
+
+    def engage(self, config: str, n: int) -> dict[str, float]:
+        """Engage `config` with n entries; returns how long it took (and BPF's load stats)."""
+        from ksbpf.policy import loads_policy
+
+        t0 = time.monotonic()
+        info: dict[str, float] = {}
+        if config in ("ksbpf", "nft", "routing", "bpf"):
+            text = self.policy_text(n)
+            policy = loads_policy(text, "<bench>")
+            if config == "ksbpf":
+                result = self._engine().up(policy, text)
+                if not result.ok:
+                    raise ConfigError(f"ksbpf up: not engaged: {result.failed} "
+                                      f"{[s.detail for s in result.layers.values() if not s.engaged]}")
+            elif config == "nft":
+                from ksbpf.linux.nftables import NftLayer
+
+                NftLayer(self.topo.client_ns).apply(policy)
+            elif config == "routing":
+                from ksbpf.linux.routing import RoutingLayer
+
+                RoutingLayer(self.topo.client_ns).apply(policy)
+            else:
+                stats = self._bpf().apply(policy)
+                info.update(bpf_compile_s=stats.load.compile_s, bpf_load_s=stats.load.load_s,
+                            bpf_loader_s=stats.load.loader_s)
+        elif config in policies.BASELINES:
+            self._nft(policies.baseline_text(config, n), policies.baseline_defines(CLIENT_IF, SERVER_ADDR))
+        elif config != "none":
+            raise ConfigError(f"unknown configuration {config!r}")
+        info["engage_s"] = time.monotonic() - t0
+        return info
+
+    def reset(self, config: str) -> None:
+        if config == "ksbpf":
+            self._engine().down()
+        elif config == "nft":
+            from ksbpf.linux.nftables import NftLayer
+
+            NftLayer(self.topo.client_ns).reset()
+        elif config == "routing":
+            from ksbpf.linux.routing import RoutingLayer
+
+            RoutingLayer(self.topo.client_ns).reset()
+        elif config == "bpf":
+            self._bpf().reset()
+        elif config in policies.BASELINES:
+            table = policies.baseline_table(config)
+            self._nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
+
+    def reset_all(self) -> None:
+        """Whatever a failed run may have left: every configuration's reset, errors ignored."""
+        for config in CONFIGS:
+            try:
+                self.reset(config)
+            except (KsbpfError, ConfigError, OSError) as e:
+                print(f"bench: resetting {config}: {e}", file=sys.stderr)

@@ -1,0 +1,321 @@
+"""Results: the JSON record (machine, kernel, date, every sample), the README table, the
+targets of issue 6, and PNG plots of cost vs n. Everything but the file writes is pure."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import stats
+from bench.configs import LABELS, SCALED
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+# Issue 6's goals.
+UDP_TARGET = 0.90
+TCP_TARGET = 0.98
+FLAT_TOLERANCE = 0.03  # 10,000 entries within 3% of 1
+WARM_UP_S = 0.300
+EXEMPT_S = 0.050
+RELOAD_S = 0.200
+
+
+def results_path(directory: Path, when: dt.datetime, kernel: str, quick: bool = False) -> Path:
+    name = f"{when.strftime('%Y-%m-%d')}-{kernel}{'-quick' if quick else ''}.json"
+    return directory / name
+
+
+def write_results(results: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def replace_between_markers(text: str, block: str) -> str | None:
+    """`text` with everything between the bench markers replaced by `block`, or None when
+    the markers are missing or out of order. Nothing outside them changes."""
+    start = text.find(BEGIN)
+    end = text.find(END, start + len(BEGIN)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    return text[: start + len(BEGIN)] + "\n" + block.strip("\n") + "\n" + text[end:]
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    try:
+        text = readme.read_text()
+    except FileNotFoundError:
+        return False
+    new = replace_between_markers(text, block)
+    if new is None:
+        return False
+    if new != text:
+        readme.write_text(new)
+    return True
+
+
+# ------------------------------------------------------------------ formatting
+
+
+def _fmt(value: float | None, digits: int = 1, scale: float = 1.0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value * scale:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f" ({value:.3f})"
+
+
+def _row(row: Mapping[str, Any] | None, metric: str, digits: int, scale: float = 1.0) -> str:
+    if row is None:
+        return "–"
+    return _fmt(row["median"].get(metric), digits, scale) + _ratio(row["ratio"].get(metric))
+
+
+def _by(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], Mapping[str, Any]]:
+    return {(r["config"], r["n"]): r for r in rows}
+
+
+def _control_by(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], Mapping[str, Any]]:
+    return {(r["op"], r["n"]): r for r in rows}
+
+
+def _ns(results: Mapping[str, Any]) -> list[int]:
+    return sorted({int(n) for n in results.get("params", {}).get("n", [])} or
+                  {int(s["n"]) for s in results.get("dataplane", []) if s["config"] != "none"})
+
+
+def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's targets against this run: {"target", "measured", "met"} (met None: not measured)."""
+    rows = stats.summarize(results.get("dataplane", []))
+    by = _by(rows)
+    ns = _ns(results)
+    n0, n_max = (ns[0], ns[-1]) if ns else (1, 1)
+    out: list[dict[str, Any]] = []
+
+    def ratio(config: str, n: int, metric: str) -> float | None:
+        r = by.get((config, n))
+        return r["ratio"].get(metric) if r else None
+
+    def add(target: str, measured: float | None, met: bool | None, unit: str = "") -> None:
+        out.append({"target": target, "measured": measured, "unit": unit, "met": met})
+
+    k_udp, k_tcp = ratio("ksbpf", n0, "udp_tx_pps"), ratio("ksbpf", n0, "tcp_gbps")
+    add(f"UDP 64 B pps ≥ {UDP_TARGET:.2f} × no filtering", k_udp, None if k_udp is None else k_udp >= UDP_TARGET)
+    k_cpu = ratio("ksbpf", n0, "udp_pps_per_cpu")
+    add(f"UDP 64 B packets per CPU-second ≥ {UDP_TARGET:.2f} × no filtering", k_cpu,
+        None if k_cpu is None else k_cpu >= UDP_TARGET)
+    add(f"TCP throughput ≥ {TCP_TARGET:.2f} × no filtering", k_tcp, None if k_tcp is None else k_tcp >= TCP_TARGET)
+    for metric, name in (("udp_tx_pps", "UDP pps"), ("tcp_gbps", "TCP")):
+        k, m = ratio("ksbpf", n0, metric), ratio("mullvad", n0, metric)
+        add(f"{name}: better than the Mullvad-style ruleset (ksbpf ÷ Mullvad-style)",
+            None if k is None or m is None else k / m, None if k is None or m is None else k > m)
+    if n_max != n0:
+        for metric, name in (("udp_tx_pps", "UDP pps"), ("udp_pps_per_cpu", "UDP packets per CPU-second")):
+            flat = stats.flatness(rows, "ksbpf", metric).get(n_max)
+            add(f"ksbpf at n={n_max:,} within 3% of n={n0} ({name}, n={n_max:,} ÷ n={n0})", flat,
+                None if flat is None else abs(flat - 1) <= FLAT_TOLERANCE)
+    ctl = _control_by(stats.summarize_control(results.get("control", [])))
+    for op, n, limit, label in (("up_warm", n0, WARM_UP_S, f"warm `ksctl up` (n={n0})"),
+                                ("up_warm", n_max, WARM_UP_S, f"warm `ksctl up` (n={n_max:,})"),
+                                ("exempt", n0, EXEMPT_S, f"`ksctl exempt` (n={n0})"),
+                                ("exempt", n_max, EXEMPT_S, f"`ksctl exempt` (n={n_max:,})"),
+                                ("reload", n_max, RELOAD_S, f"reload of a {n_max:,}-entry policy")):
+        r = ctl.get((op, n))
+        v = r["median"].get("wall_s") if r else None
+        add(f"{label} ≤ {limit * 1000:.0f} ms", v, None if v is None else v <= limit, "s")
+    return out
+
+
+def render_markdown(results: Mapping[str, Any], json_path: Path | None = None,
+                    pngs: Sequence[Path] = ()) -> str:
+    """The README block: data plane at the smallest n, scale vs n, control plane, targets."""
+    m = results.get("machine", {})
+    p = results.get("params", {})
+    rows = stats.summarize(results.get("dataplane", []))
+    by = _by(rows)
+    errs = stats.errors(results.get("dataplane", []))
+    ns = _ns(results)
+    n0 = ns[0] if ns else 1
+    lines = [
+        f"Recorded {results.get('date', '?')[:10]} on {m.get('cpu', '?')} ({m.get('cpus', '?')} vCPUs, "
+        f"{m.get('virtualization', '?')}), kernel {results.get('kernel', '?')}, {m.get('nft', '')}; "
+        f"{p.get('rounds', '?')} interleaved rounds of {p.get('seconds', '?')} s per workload, medians; "
+        f"in brackets: ratio to no filtering, taken against the no-filtering samples measured right before "
+        f"and after each sample. Sender and receiver pinned to different CPUs; the client's veth plays the "
+        f"tunnel. UDP: {p.get('udp_size', 64)}-byte payloads, sendmmsg batches of {p.get('udp_batch', 32)}; "
+        f"per CPU-second: packets per second of the sender's CPU time (the whole path runs there), "
+        f"robust to other load on a shared machine.",
+        "",
+        f"**Data plane** (n = {n0} endpoint and exemption)",
+        "",
+        "| configuration | TCP Gbit/s | UDP kpps | UDP kpackets per CPU-s | RR p50 µs | RR p99 µs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for config in LABELS:
+        key = (config, 0 if config == "none" else n0)
+        if key not in by and key not in errs:
+            continue
+        r = by.get(key)
+        if r is None:
+            lines.append(f"| {LABELS[config]} | refused: {errs[key][:80]} | | | | |")
+            continue
+        lines.append(
+            f"| {LABELS[config]} | {_row(r, 'tcp_gbps', 2)} | {_row(r, 'udp_tx_pps', 0, 1e-3)} | "
+            f"{_row(r, 'udp_pps_per_cpu', 0, 1e-3)} | {_row(r, 'rr_p50_us', 1)} | {_row(r, 'rr_p99_us', 1)} |"
+        )
+    if len(ns) > 1:
+        lines += ["", "**Scale**: UDP pps as a ratio to no filtering, by n endpoints + n exemptions "
+                  "(per CPU-second in brackets)", "",
+                  "| configuration | " + " | ".join(f"n={n:,}" for n in ns) + f" | n={ns[-1]:,} ÷ n={n0} |",
+                  "|---|" + "---:|" * (len(ns) + 1)]
+        for config in SCALED:
+            cells = []
+            for n in ns:
+                r = by.get((config, n))
+                if r is None:
+                    cells.append("refused" if (config, n) in errs else "–")
+                    continue
+                cells.append(f"{_fmt(r['ratio'].get('udp_tx_pps'), 3)} ({_fmt(r['ratio'].get('udp_pps_per_cpu'), 3)})")
+            flat = stats.flatness(rows, config, "udp_tx_pps").get(ns[-1])
+            flat_cpu = stats.flatness(rows, config, "udp_pps_per_cpu").get(ns[-1])
+            lines.append(f"| {LABELS[config]} | " + " | ".join(cells) + f" | {_fmt(flat, 3)} ({_fmt(flat_cpu, 3)}) |")
+        scale_errs = sorted({(c, n) for c, n in errs if n != n0})
+        for c, n in scale_errs:
+            lines.append(f"\n{LABELS.get(c, c)} at n={n:,} refused: `{errs[(c, n)][:160]}`")
+    lines += _control_markdown(results, ns)
+    lines += ["", "**Targets** (issue 6)", "", "| target | measured | met |", "|---|---:|:---:|"]
+    for t in targets(results):
+        v = t["measured"]
+        shown = "–" if v is None else (f"{v * 1000:,.0f} ms" if t["unit"] == "s" else f"{v:.3f}")
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {shown} | {met} |")
+    refs = []
+    if json_path is not None:
+        refs.append(f"every sample: `bench/results/{json_path.name}`")
+    refs += [f"![{png.stem}](bench/results/{png.name})" for png in pngs]
+    if refs:
+        lines += ["", *refs]
+    return "\n".join(lines) + "\n"
+
+
+def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
+    ctl = stats.summarize_control(results.get("control", []))
+    if not ctl:
+        return []
+    by = _control_by(ctl)
+    ns = sorted({r["n"] for r in ctl}) or ns
+    lines = ["", "**Control plane**: median ms, a fresh `ksctl` process each (what a user waits for); "
+             "in-process parts below", "",
+             "| operation | " + " | ".join(f"n={n:,}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
+    ops = [("up_cold", "`ksctl up`, cold (nothing engaged)", "wall_s"),
+           ("up_warm", "`ksctl up`, warm (same policy again)", "wall_s"),
+           ("reload", "reload (`up` with one endpoint more)", "wall_s"),
+           ("exempt", "`ksctl exempt`", "wall_s"),
+           ("unexempt", "`ksctl unexempt`", "wall_s"),
+           ("down", "`ksctl down`", "wall_s"),
+           ("breakdown", "  parse the policy", "parse_s"),
+           ("breakdown", "  render nft JSON", "nft_render_s"),
+           ("breakdown", "  nft apply (first)", "nft_apply_cold_s"),
+           ("breakdown", "  nft apply (again)", "nft_apply_warm_s"),
+           ("breakdown", "  nft exemption sets update", "nft_update_exemptions_s"),
+           ("breakdown", "  routing apply", "routing_apply_s"),
+           ("breakdown", "  BPF apply (all)", "bpf_apply_s"),
+           ("breakdown", "  BCC compile (clang/LLVM)", "bcc_compile_s"),
+           ("breakdown", "  BPF verifier load", "bpf_load_s"),
+           ("breakdown", "  BPF exemption maps update", "bpf_update_exemptions_s")]
+    for op, label, key in ops:
+        cells = []
+        for n in ns:
+            r = by.get((op, n))
+            v = r["median"].get(key) if r else None
+            cells.append(_fmt(v, 0 if v is not None and v >= 0.1 else 1, 1000) if v is not None else "–")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    proc = results.get("process")
+    if proc:
+        lines.append(f"\nProcess floor: `ksctl --version` {proc['ksctl_version_s'] * 1000:.0f} ms, "
+                     f"bare `python -c pass` {proc['python_bare_s'] * 1000:.0f} ms.")
+    d = results.get("daemon")
+    if d:
+        lines.append(f"\nDaemon RSS at rest: {d['rss_kb'] / 1024:.1f} MiB (peak {d['peak_rss_kb'] / 1024:.1f} MiB)"
+                     if "rss_kb" in d else f"\nDaemon RSS at rest: not measured ({d.get('error', '?')[:160]}).")
+    return lines
+
+
+# ------------------------------------------------------------------ plots
+
+
+def plots(results: Mapping[str, Any], stem: Path) -> list[Path]:
+    """Cost vs n (data plane) and time vs n (control plane) as PNGs next to the JSON.
+    Without matplotlib (apt install python3-matplotlib) there are no plots, and the run says so."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out: list[Path] = []
+    rows = stats.summarize(results.get("dataplane", []))
+    ns = _ns(results)
+    if len(ns) > 1 and rows:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, metric, title in ((axes[0], "udp_tx_pps", "UDP 64 B pps"),
+                                  (axes[1], "udp_pps_per_cpu", "UDP 64 B packets per CPU-second")):
+            for config in SCALED:
+                pts = sorted((r["n"], r["ratio"][metric]) for r in rows
+                             if r["config"] == config and metric in r["ratio"])
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=LABELS[config])
+            for config, style in (("wgquick", ":"), ("routing", "--")):
+                r = next((r for r in rows if r["config"] == config and metric in r["ratio"]), None)
+                if r:
+                    ax.axhline(r["ratio"][metric], linestyle=style, color="grey", linewidth=1)
+                    ax.annotate(LABELS[config], (ns[0], r["ratio"][metric]), fontsize=7, color="grey",
+                                xytext=(2, 2), textcoords="offset points")
+            ax.axhline(UDP_TARGET, color="red", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("n endpoints + n exemptions")
+            ax.set_ylabel("ratio to no filtering")
+            ax.set_title(title)
+            ax.grid(True, alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"per-packet cost vs n — kernel {results.get('kernel', '')}, {results.get('date', '')[:10]}")
+        fig.tight_layout()
+        path = Path(f"{stem}-dataplane.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    ctl = stats.summarize_control(results.get("control", []))
+    if len({r["n"] for r in ctl}) > 1:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for op, label in (("up_cold", "ksctl up, cold"), ("up_warm", "ksctl up, warm"), ("reload", "reload"),
+                          ("exempt", "ksctl exempt"), ("down", "ksctl down")):
+            pts = sorted((r["n"], r["median"]["wall_s"] * 1000) for r in ctl if r["op"] == op and "wall_s" in r["median"])
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        for limit, label in ((WARM_UP_S, "up target"), (RELOAD_S, "reload target"), (EXEMPT_S, "exempt target")):
+            ax.axhline(limit * 1000, color="red", linewidth=0.6, linestyle=":")
+            ax.annotate(label, (1, limit * 1000), fontsize=7, color="red")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("n endpoints + n exemptions")
+        ax.set_ylabel("ms (median, fresh process)")
+        ax.set_title("control plane vs n")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(f"{stem}-control.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
