@@ -172,10 +172,13 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(f"# {line}")
         return EXIT_OK
     if args.platform == "macos":
-        from ksbpf.render.pf import render_pf as renderer
+        from ksbpf.render.pf import render_pf
+
+        rendered = render_pf(policy)
     else:
-        from ksbpf.render.windows import render_windows as renderer
-    rendered = renderer(policy)
+        from ksbpf.render.windows import render_windows
+
+        rendered = render_windows(policy)
     for name, text in rendered.files.items():
         print(f"# ===== {name} =====")
         print(text)
