@@ -569,11 +569,11 @@ def _run_loader(source: headers.KernelSource, netns_mode: str, instance_dir: Pat
 def _loader_failure(error: str, stderr: str, source: headers.KernelSource) -> str:
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     if any("Unable to find kernel headers" in ln for ln in lines):
-        return (f"BCC found no usable kernel headers at {source}: run `ksctl doctor --prepare-headers "
+        return (f"BCC found no usable kernel headers at {source.describe()}: run `ksctl doctor --prepare-headers "
                 f"{headers.DEFAULT_HEADERS_DIR}` or set [bpf] kernel_source")
     errors = [ln for ln in lines if "error:" in ln]
     detail = "; ".join(errors[:3]) if errors else " / ".join(lines[-6:])
-    return f"{error} (headers: {source}){': ' + detail if detail else ''}"
+    return f"{error} (headers: {source.describe()}){': ' + detail if detail else ''}"
 
 
 def _loader_main() -> int:
@@ -779,7 +779,7 @@ class BpfLayer:
         if lookup.source is None:
             return False, lookup.explain()
         mode = self._netns_mode()
-        return True, f"BCC with headers {lookup.source}; netns by {mode}"
+        return True, f"BCC with headers {lookup.source.describe()}; netns by {mode}"
 
     def _netns_mode(self) -> str:
         if self.netns_mode != "auto":
@@ -849,10 +849,14 @@ class BpfLayer:
             raise BpfError(str(e)) from None
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, create: bool = True) -> Iterator[None]:
+        """One writer per instance (daemon and ksctl may both act): flock on the pin dir."""
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if create:
+                self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BpfError(f"instance {self.instance!r} has no loaded programs (apply a policy first)") from None
         except OSError as e:
             raise BpfError(f"cannot use {self.dir}: {e.strerror}") from None
         try:
@@ -1084,7 +1088,7 @@ class BpfLayer:
                 raise BpfError("update_tunnel_ifindexes needs a policy or explicit ifindexes")
             ifindexes = self._tunnel_ifindexes(p.tunnel.interfaces)
         wanted = tuple(sorted(set(ifindexes)))
-        with self._locked():
+        with self._locked(create=False):
             for g in self._live():
                 try:
                     self._sync_tunnels(g, wanted)
@@ -1097,7 +1101,7 @@ class BpfLayer:
         and after exemptions change at run time). A cgroup recreated under the same path
         gets a new id and keeps its exemption. Returns path -> id (None: not there now)."""
         plan = render(policy)
-        with self._locked():
+        with self._locked(create=False):
             resolved: dict[str, int | None] = {}
             for g in self._live():
                 try:
@@ -1163,7 +1167,7 @@ class BpfLayer:
         """Re-attach the pinned generation where someone detached it (no compile needed).
         Returns what was repaired, e.g. ["egress"]."""
         repaired: list[str] = []
-        with self._locked():
+        with self._locked(create=False):
             gens = self._generations()
             if not gens:
                 raise BpfError(f"instance {self.instance!r} has nothing pinned to re-attach; apply instead")

@@ -50,6 +50,9 @@ class KernelSource:
         return {} if self.origin == "running kernel" else {ENV_VAR: str(self.path)}
 
     def __str__(self) -> str:
+        return str(self.path)
+
+    def describe(self) -> str:
         rel = f" ({self.release})" if self.release else ""
         return f"{self.path}{rel} from {self.origin}"
 
@@ -63,7 +66,7 @@ class Lookup:
 
     def explain(self) -> str:
         if self.source is not None:
-            return str(self.source)
+            return self.source.describe()
         if not self.rejected:
             return "no kernel header tree found"
         return "no usable kernel header tree: " + "; ".join(self.rejected)
@@ -341,7 +344,7 @@ def doctor(
     if prepare:
         try:
             src = prepare_headers(prepared_at, release=release)
-            report.add("prepare headers", True, f"merged tree at {src.path} ({src.release})")
+            report.add("prepare headers", True, f"merged tree at {src.describe()}")
         except (OSError, FileNotFoundError) as e:
             report.add("prepare headers", False, str(e))
 
@@ -356,7 +359,7 @@ def doctor(
         if lookup.source.release and lookup.source.release != release:
             note = (f"; headers are {lookup.source.release}, kernel is {release}: fine for these "
                     "programs (stable UAPI only)")
-        report.add("kernel headers", True, str(lookup.source) + note)
+        report.add("kernel headers", True, lookup.source.describe() + note)
 
     for name, ok, detail in bpf.environment_checks():
         report.add(name, ok, detail)
@@ -370,3 +373,11 @@ def doctor(
         except BpfError as e:
             report.add("compile + verifier", False, e.reason)
     return report
+
+
+def doctor_checks(setting: str | None = None, *, compile_check: bool = True) -> list[tuple[str, bool, str]]:
+    """The BPF-specific part of `ksctl doctor` as (check, ok, detail): which header tree
+    and why, how the program tells netns apart, and a real compile + verifier load."""
+    report = doctor(setting, compile_check=compile_check)
+    skip = {"kernel", "privileges", "cgroup2", "bcc", "bpffs"}  # the CLI's doctor checks these itself
+    return [(c.name, c.ok, c.detail) for c in report.checks if c.name not in skip]
