@@ -141,7 +141,7 @@ class _Anchor:
         return "\n".join(self.lines) + "\n"
 
     def _outbound(self) -> None:
-        self.add("# outbound on the tunnel: IPv6 block first, then DNS only to the configured resolvers")
+        self.add("# outbound on the tunnel: " + ("no IPv6, then " if self.block6 else "") + "DNS only to the configured resolvers")
         if self.block6:
             self.add(f"block drop out quick {self.tunnel} inet6 all")
         servers = [str(s) for s in self.p.dns.servers if s.version in self.families]
@@ -150,7 +150,7 @@ class _Anchor:
         self.add(f"block drop out quick {self.tunnel} {_dns('any')}", f"pass out quick {self.tunnel} all no state")
         self.add(f"# loopback (pf.conf skips {LOOPBACK} already; this covers a main ruleset that does not)")
         self.add(f"pass out quick on {LOOPBACK} all no state")
-        self.add("# neighbour discovery and DHCP on any interface, before the IPv6 block (verdict() order)")
+        self.add("# neighbour discovery and DHCP on any interface" + (", before the IPv6 block (verdict() order)" if self.block6 else ""))
         self._nd_dhcp("out")
         if self.block6:
             self.add("block drop out quick inet6 all")

@@ -249,3 +249,28 @@ def to_win(case: Case, p: Packet) -> WinPacket:
 
 def pf_expansion(policy: Policy) -> set[str]:
     return set(tunnel_interfaces(policy.tunnel.interfaces))
+
+
+# ------------------------------------------------------------------ golden files
+
+
+def check_golden(platform: str, case: str, files: dict[str, str], unsupported: list[str]) -> None:
+    """Compare with tests/unit/golden/<platform>/<case>/; KSBPF_UPDATE_GOLDEN=1 rewrites them
+    (review the diff by eye before committing it)."""
+    import os
+
+    folder = GOLDEN / platform / case
+    expected = {**files, "unsupported.txt": "".join(f"{u}\n" for u in unsupported)}
+    if os.environ.get("KSBPF_UPDATE_GOLDEN") == "1":
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            if old.name not in expected:
+                old.unlink()
+        for name, text in expected.items():
+            (folder / name).write_text(text, encoding="ascii")
+        return
+    assert folder.is_dir(), f"no golden files for {platform}/{case}: run with KSBPF_UPDATE_GOLDEN=1 and review them"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected), f"golden file set of {platform}/{case} changed"
+    for name, text in expected.items():
+        want = (folder / name).read_text(encoding="ascii")
+        assert text == want, f"{platform}/{case}/{name} differs from its golden file (KSBPF_UPDATE_GOLDEN=1 rewrites it)"

@@ -1,0 +1,112 @@
+#Requires -RunAsAdministrator
+# ksbpf: engage the kill switch in Windows Defender Firewall. Rendered by ksbpf from a
+# policy; run it again after any change (it replaces its own rules); undo with rollback.ps1.
+#
+# The firewall blocks a packet if any matching rule blocks it, whatever allows it, and
+# applies the profile's default action when no rule matches; rule order means nothing.
+# So: default Block both ways, allow rules for exactly what the policy allows, and block
+# rules only on the tunnel, where "allow everything" needs exceptions.
+$ErrorActionPreference = 'Stop'
+Set-StrictMode -Version 3.0
+$Group = 'ksbpf'
+$State = Join-Path $env:ProgramData 'ksbpf'
+New-Item -ItemType Directory -Force -Path $State | Out-Null
+
+# The policy's tunnel interfaces (a trailing * is a prefix, as -like reads it).
+$TunnelPatterns = @('wg0', 'utun4')
+$TunnelMetric = 1
+# The tunnel adapters present now. A rule with an empty -InterfaceAlias would match every
+# interface, so the tunnel's rules are skipped (everything stays blocked) until one exists.
+$TunnelAliases = @(Get-NetAdapter -IncludeHidden -ErrorAction SilentlyContinue |
+    Where-Object { $n = $_.Name; @($TunnelPatterns | Where-Object { $n -like $_ }).Count -gt 0 } |
+    ForEach-Object { [WildcardPattern]::Escape($_.Name) })
+if ($TunnelAliases.Count -eq 0) {
+    Write-Warning "ksbpf: no adapter matches $($TunnelPatterns -join ', '): everything stays blocked; run this again once the tunnel is up"
+}
+
+# ksbpf's rules (group ksbpf, every profile).
+$Rules = @(
+    @{ Name = 'ksbpf-out-tunnel-dns-tcp'; DisplayName = 'ksbpf: DNS on the tunnel only to the configured resolvers (TCP)'; Direction = 'Outbound'; Action = 'Block'; InterfaceAlias = $TunnelAliases; Protocol = 'TCP'; RemotePort = @('53', '853'); RemoteAddress = @('0.0.0.0-10.64.0.0', '10.64.0.2-255.255.255.255', '::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
+    @{ Name = 'ksbpf-out-tunnel-dns-udp'; DisplayName = 'ksbpf: DNS on the tunnel only to the configured resolvers (UDP)'; Direction = 'Outbound'; Action = 'Block'; InterfaceAlias = $TunnelAliases; Protocol = 'UDP'; RemotePort = @('53', '853'); RemoteAddress = @('0.0.0.0-10.64.0.0', '10.64.0.2-255.255.255.255', '::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
+    @{ Name = 'ksbpf-out-tunnel-ipv6'; DisplayName = 'ksbpf: no IPv6 on the tunnel (ipv6.mode = block)'; Direction = 'Outbound'; Action = 'Block'; InterfaceAlias = $TunnelAliases; RemoteAddress = @('::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
+    @{ Name = 'ksbpf-in-tunnel-ipv6'; DisplayName = 'ksbpf: no IPv6 on the tunnel (ipv6.mode = block)'; Direction = 'Inbound'; Action = 'Block'; InterfaceAlias = $TunnelAliases; RemoteAddress = @('::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
+    @{ Name = 'ksbpf-out-tunnel'; DisplayName = 'ksbpf: everything through the tunnel'; Direction = 'Outbound'; Action = 'Allow'; InterfaceAlias = $TunnelAliases }
+    @{ Name = 'ksbpf-in-tunnel'; DisplayName = 'ksbpf: everything from the tunnel'; Direction = 'Inbound'; Action = 'Allow'; InterfaceAlias = $TunnelAliases }
+    @{ Name = 'ksbpf-out-nd'; DisplayName = 'ksbpf: IPv6 neighbour discovery'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'ICMPv6'; IcmpType = @('133', '134', '135', '136') }
+    @{ Name = 'ksbpf-in-nd'; DisplayName = 'ksbpf: IPv6 neighbour discovery'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'ICMPv6'; IcmpType = @('133', '134', '135', '136') }
+    @{ Name = 'ksbpf-out-dhcp4'; DisplayName = 'ksbpf: DHCPv4 client'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '68'; RemotePort = '67'; RemoteAddress = @('0.0.0.0-255.255.255.255') }
+    @{ Name = 'ksbpf-in-dhcp4'; DisplayName = 'ksbpf: DHCPv4 replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '68'; RemotePort = '67'; RemoteAddress = @('0.0.0.0-255.255.255.255') }
+    @{ Name = 'ksbpf-out-dhcp6'; DisplayName = 'ksbpf: DHCPv6 client'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '546'; RemotePort = '547'; RemoteAddress = @('::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
+    @{ Name = 'ksbpf-in-dhcp6'; DisplayName = 'ksbpf: DHCPv6 replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '546'; RemotePort = '547'; RemoteAddress = @('::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
+    @{ Name = 'ksbpf-out-endpoint0'; DisplayName = 'ksbpf: VPN endpoint 198.51.100.7:51820/udp'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemoteAddress = @('198.51.100.7'); RemotePort = '51820' }
+    @{ Name = 'ksbpf-in-endpoint0'; DisplayName = 'ksbpf: VPN endpoint 198.51.100.7:51820/udp replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemoteAddress = @('198.51.100.7'); RemotePort = '51820' }
+    @{ Name = 'ksbpf-out-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443' }
+    @{ Name = 'ksbpf-in-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443' }
+    @{ Name = 'ksbpf-in-exempt0-listen0'; DisplayName = 'ksbpf: exempt[0] sshd listening on tcp/22'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; LocalPort = '22'; RemoteAddress = @('10.0.0.0/8', '192.168.1.0/24'); Service = 'sshd' }
+    @{ Name = 'ksbpf-out-exempt0-listen0'; DisplayName = 'ksbpf: exempt[0] sshd answering on tcp/22'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; LocalPort = '22'; RemoteAddress = @('10.0.0.0/8', '192.168.1.0/24'); Service = 'sshd' }
+    @{ Name = 'ksbpf-out-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] systemd-timesyncd to udp/123'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'systemd-timesyncd' }
+    @{ Name = 'ksbpf-in-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] systemd-timesyncd replies from udp/123'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'systemd-timesyncd' }
+    @{ Name = 'ksbpf-out-lan4-tcp'; DisplayName = 'ksbpf: LAN IPv4 TCP, not DNS'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemotePort = @('0-52', '54-852', '854-65535'); RemoteAddress = @('192.168.1.0/24') }
+    @{ Name = 'ksbpf-out-lan4-udp'; DisplayName = 'ksbpf: LAN IPv4 UDP, not DNS'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = @('0-52', '54-852', '854-65535'); RemoteAddress = @('192.168.1.0/24') }
+    @{ Name = 'ksbpf-out-lan4-icmp'; DisplayName = 'ksbpf: LAN IPv4 ICMPv4'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'ICMPv4'; RemoteAddress = @('192.168.1.0/24') }
+    @{ Name = 'ksbpf-in-lan4'; DisplayName = 'ksbpf: LAN IPv4'; Direction = 'Inbound'; Action = 'Allow'; RemoteAddress = @('192.168.1.0/24') }
+)
+
+# 1. Fail closed first: default Block both ways on every profile (the settings found the
+#    first time are kept for rollback.ps1).
+$ProfilesFile = Join-Path $State 'profiles.xml'
+if (-not (Test-Path $ProfilesFile)) {
+    Get-NetFirewallProfile | Select-Object -Property @('Name', 'Enabled', 'DefaultInboundAction', 'DefaultOutboundAction') |
+        Export-Clixml -Path $ProfilesFile
+}
+Set-NetFirewallProfile -Profile @('Domain', 'Private', 'Public') -Enabled True -DefaultInboundAction Block -DefaultOutboundAction Block
+
+# 2. Every other enabled allow rule of the local store would open a hole the policy does
+#    not: disable them, listed first so that rollback.ps1 re-enables exactly these.
+$DisabledFile = Join-Path $State 'disabled-rules.xml'
+$Already = @(if (Test-Path $DisabledFile) { Import-Clixml -Path $DisabledFile })
+$Foreign = @(Get-NetFirewallRule -PolicyStore PersistentStore -Enabled True -Action Allow -ErrorAction SilentlyContinue |
+    Where-Object { $_.Group -ne $Group })
+if ($Foreign.Count -gt 0) {
+    @(@($Already) + @($Foreign | ForEach-Object { $_.Name }) | Select-Object -Unique) | Export-Clixml -Path $DisabledFile
+    $Foreign | Disable-NetFirewallRule
+}
+
+# 3. Replace ksbpf's own rules: old allows go before old blocks, new blocks come before new
+#    allows, so no allow ever stands without the blocks that narrow it.
+Get-NetFirewallRule -Group $Group -Action Allow -ErrorAction SilentlyContinue | Remove-NetFirewallRule
+Get-NetFirewallRule -Group $Group -ErrorAction SilentlyContinue | Remove-NetFirewallRule
+$Made = 0
+foreach ($Rule in $Rules) {
+    if ($Rule.ContainsKey('InterfaceAlias') -and $Rule['InterfaceAlias'].Count -eq 0) { continue }
+    New-NetFirewallRule @Rule -Group $Group -Profile Any -Enabled True | Out-Null
+    $Made++
+}
+
+# 4. Interface metrics: the tunnel's routes win over the physical ones (values found the
+#    first time are kept for rollback.ps1).
+if ($TunnelAliases.Count -gt 0) {
+    $MetricsFile = Join-Path $State 'metrics.xml'
+    $Saved = @(if (Test-Path $MetricsFile) { Import-Clixml -Path $MetricsFile })
+    $Known = @($Saved | ForEach-Object { "$($_.InterfaceAlias)/$($_.AddressFamily)" })
+    $New = @(Get-NetIPInterface -InterfaceAlias $TunnelAliases -ErrorAction SilentlyContinue |
+        Where-Object { $Known -notcontains "$($_.InterfaceAlias)/$($_.AddressFamily)" } |
+        Select-Object -Property @('InterfaceAlias', 'AddressFamily', 'AutomaticMetric', 'InterfaceMetric'))
+    if ($New.Count -gt 0) { @(@($Saved) + $New) | Export-Clixml -Path $MetricsFile }
+    Set-NetIPInterface -InterfaceAlias $TunnelAliases -AutomaticMetric Disabled -InterfaceMetric $TunnelMetric
+}
+
+# 5. Read back what the firewall holds.
+$Have = @(Get-NetFirewallRule -Group $Group -ErrorAction SilentlyContinue).Count
+if ($Have -ne $Made) { throw "ksbpf: made $Made rules but the firewall holds $Have" }
+foreach ($P in Get-NetFirewallProfile) {
+    if ($P.DefaultOutboundAction -ne 'Block' -or $P.DefaultInboundAction -ne 'Block') {
+        throw "ksbpf: profile $($P.Name) does not block by default"
+    }
+}
+$Others = @(Get-NetFirewallRule -PolicyStore ActiveStore -Enabled True -Action Allow -ErrorAction SilentlyContinue |
+    Where-Object { $_.Group -ne $Group })
+if ($Others.Count -gt 0) {
+    Write-Warning "ksbpf: $($Others.Count) allow rules from group policy or app containers stay active and may pass traffic outside the tunnel: $(($Others | ForEach-Object { $_.DisplayName }) -join '; ')"
+}
+"ksbpf: kill switch engaged ($Made rules)"

@@ -1,0 +1,218 @@
+"""The Windows renderer: golden files, the shape of apply.ps1 and rollback.ps1 (the
+emergency key), what it reports as unsupported, and that hostile values never reach the
+script."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import replace
+
+import pytest
+
+from ksbpf.policy import Endpoint, Exemption, Policy, PortSpec, Tunnel
+from ksbpf.render.windows import complement, render_windows, service_for
+from tests.unit import winparse
+from tests.unit.adapter_world import GOLDEN_CASES, WG_EXE, cases, check_golden
+
+CASES = {c.name: c for c in cases()}
+FULL = CASES["full"].policy
+
+
+def _render(name: str):  # type: ignore[no-untyped-def]
+    c = CASES[name]
+    return render_windows(c.policy, **c.win_opts)
+
+
+@pytest.mark.parametrize("name", GOLDEN_CASES)
+def test_golden(name: str) -> None:
+    r = _render(name)
+    check_golden("windows", name, r.files, [str(u) for u in r.unsupported])
+
+
+def test_rendering_is_deterministic_and_pure() -> None:
+    events: list[str] = []
+    armed = False
+
+    def hook(event: str, _args: object) -> None:
+        if armed and event in ("open", "subprocess.Popen", "os.system", "socket.connect", "os.exec"):
+            events.append(event)
+
+    sys.addaudithook(hook)
+    armed = True
+    first, second = _render("full-mapped"), _render("full-mapped")
+    armed = False
+    assert first == second
+    assert events == [], f"render_windows did I/O: {events}"
+
+
+# ------------------------------------------------------------------ apply.ps1
+
+
+def _lines(script: str) -> list[str]:
+    return [ln.strip() for ln in script.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_every_profile_blocks_by_default_both_ways() -> None:
+    fw = winparse.parse(_render("minimal").files["apply.ps1"])
+    assert fw.default == {"Inbound": "Block", "Outbound": "Block"}
+
+
+def test_block_rules_only_narrow_the_tunnel() -> None:
+    """Block beats allow: a block off the tunnel would also beat the endpoint, DHCP, LAN and
+    exemption allows there. ksbpf's blocks all name the tunnel interface."""
+    for name in CASES:
+        fw = winparse.parse(_render(name).files["apply.ps1"])
+        blocks = [r for r in fw.rules if r.action == "Block"]
+        assert blocks and all(r.fields.get("InterfaceAlias") == "$TunnelAliases" for r in blocks), name
+
+
+def test_apply_order_fails_closed() -> None:
+    script = _render("full").files["apply.ps1"]
+    lines = _lines(script)
+
+    def at(prefix: str) -> int:
+        return next(i for i, ln in enumerate(lines) if ln.startswith(prefix))
+
+    assert script.startswith("#Requires -RunAsAdministrator\n")
+    assert lines[0] == "$ErrorActionPreference = 'Stop'"
+    # $TunnelAliases exists before the rule table refers to it.
+    assert at("$TunnelAliases = ") < at("$Rules = @(")
+    assert at("Set-NetFirewallProfile") < at("$Foreign = ") < at("$Foreign | Disable-NetFirewallRule")
+    assert at("$Foreign | Disable-NetFirewallRule") < at("Get-NetFirewallRule -Group $Group -Action Allow")
+    assert at("Get-NetFirewallRule -Group $Group -Action Allow") < at("New-NetFirewallRule @Rule")
+    # The list of disabled rules is written before they are disabled: never lost.
+    assert at("@(@($Already)") < at("$Foreign | Disable-NetFirewallRule")
+    # An empty -InterfaceAlias would match every interface: such a rule is skipped.
+    assert "if ($Rule.ContainsKey('InterfaceAlias') -and $Rule['InterfaceAlias'].Count -eq 0) { continue }" in lines
+    # Blocks come first in the table, so they exist before the allows they narrow.
+    fw = winparse.parse(script)
+    actions = [r.action for r in fw.rules]
+    assert actions == sorted(actions, key=lambda a: a != "Block")
+
+
+def test_tunnel_metric_and_read_back() -> None:
+    lines = _lines(_render("full").files["apply.ps1"])
+    assert "Set-NetIPInterface -InterfaceAlias $TunnelAliases -AutomaticMetric Disabled -InterfaceMetric $TunnelMetric" in lines
+    assert "$TunnelMetric = 1" in lines
+    assert any(ln.startswith('if ($Have -ne $Made) { throw') for ln in lines)
+
+
+def test_rollback_is_the_emergency_key() -> None:
+    lines = _lines(_render("full").files["rollback.ps1"])
+    assert "$ErrorActionPreference = 'Continue'" in lines, "every step runs even if one fails"
+    text = "\n".join(lines)
+    for needle in (
+        "Remove-NetFirewallRule",
+        "Enable-NetFirewallRule",
+        "Set-NetFirewallProfile -Name $P.Name",
+        "-DefaultOutboundAction Allow",
+        "-AutomaticMetric Enabled",
+        "Remove-Item -Recurse -Force -Path $State",
+    ):
+        assert needle in text, needle
+    # Re-enabled by exact name: -Name would read wildcards in a stored rule name.
+    assert "Where-Object { $Names -contains $_.Name }" in text
+    assert text.index("Set-NetFirewallProfile") < text.index("Remove-NetFirewallRule")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scripts_parse_as_powershell(name: str) -> None:
+    ts = pytest.importorskip("tree_sitter")
+    tsp = pytest.importorskip("tree_sitter_powershell")
+    parser = ts.Parser(ts.Language(tsp.language()))
+    for fname, text in _render(name).files.items():
+        tree = parser.parse(text.encode("ascii"))
+        assert not tree.root_node.has_error, f"{name}/{fname} does not parse"
+
+
+# ------------------------------------------------------------------ what is rendered
+
+
+def test_complement_ranges_cover_everything_but_the_servers() -> None:
+    ip = ipaddress.ip_address
+    assert complement([ip("10.64.0.1")], 4) == ["0.0.0.0-10.64.0.0", "10.64.0.2-255.255.255.255"]
+    assert complement([ip("0.0.0.0"), ip("255.255.255.255")], 4) == ["0.0.0.1-255.255.255.254"]
+    assert complement([ip("10.0.0.1"), ip("10.0.0.2")], 4) == ["0.0.0.0-10.0.0.0", "10.0.0.3-255.255.255.255"]
+    assert complement([ip("10.0.0.1"), ip("10.0.0.3")], 4)[1] == "10.0.0.2"
+    assert complement([], 6) == ["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"]
+
+
+def test_service_names_come_from_service_units_only() -> None:
+    assert service_for("system.slice/sshd.service") == "sshd"
+    assert service_for("system.slice/systemd-timesyncd.service") == "systemd-timesyncd"
+    assert service_for("system.slice/wg-quick@wg0.service") is None
+    assert service_for("user.slice/backup") is None
+    assert service_for("system.slice") is None
+
+
+def test_unsupported_names_every_feature_windows_cannot_express() -> None:
+    assert [u.feature for u in _render("full").unsupported] == [
+        "tunnel.endpoint_mark", "tunnel.endpoint_cgroups", "exempt[2].cgroup", "lan.networks",
+    ]
+    assert [u.feature for u in _render("full-mapped").unsupported] == ["lan.networks"]
+    assert _render("minimal").unsupported == ()
+
+
+def test_mapped_identities_become_program_and_service_conditions() -> None:
+    fw = winparse.parse(_render("full-mapped").files["apply.ps1"])
+    by_name = {r.name: r.fields for r in fw.rules}
+    assert by_name["ksbpf-out-endpoint0"]["Program"] == WG_EXE
+    assert "Program" not in by_name["ksbpf-in-endpoint0"]
+    assert by_name["ksbpf-in-exempt0-listen0"]["Service"] == "sshd"
+    assert by_name["ksbpf-out-exempt2-allow0"]["Program"] == r"C:\Tools\backup.exe"
+    # IPv6 is blocked in this policy: "any" becomes all of IPv4 so no allow lets IPv6 out.
+    assert by_name["ksbpf-out-exempt2-allow0"]["RemoteAddress"] == ["0.0.0.0-255.255.255.255"]
+
+
+def test_unknown_cgroup_in_exempt_programs_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not exempt"):
+        render_windows(FULL, exempt_programs={"system.slice/nope.service": r"C:\x.exe"})
+
+
+# ------------------------------------------------------------------ hostile values
+
+HOSTILE_NAMES = [
+    "wg0\n", "wg0'", "wg0''", "wg0;", "wg$x", "wg`x", "wg0 ", "$(calc)", "", "a" * 16, "wg0\r",
+    "wg\x00", "w\u2019g", "w\u2018g", "wg0*x", "wg[0]",
+]
+HOSTILE_PROGRAMS = [
+    r"C:\x'; Remove-Item -Recurse C:\ ; '", "C:\\x\u2019; calc", r"C:\x`$(calc)", r"C:\..\x.exe", r"\\server\share\x.exe",
+    "C:\\a\nb.exe", r"C:\a$b.exe", r"C:\a;b.exe", "x.exe", r"C:\a\"b.exe", "", r"C:\a|b.exe",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_interface_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError):
+        render_windows(Policy(Tunnel(("wg0", name))))
+
+
+@pytest.mark.parametrize("cgroup", ['system.slice/a\';calc;\'.service', "a\nb.service", "../x.service", "a/$(x).service", "a b.service"])
+def test_hostile_cgroups_are_refused(cgroup: str) -> None:
+    with pytest.raises(ValueError):
+        render_windows(Policy(Tunnel(("wg0",)), exemptions=(Exemption(cgroup, allow=(PortSpec("tcp", 1, 2),)),)))
+
+
+@pytest.mark.parametrize("path", HOSTILE_PROGRAMS)
+def test_hostile_program_paths_are_refused(path: str) -> None:
+    with pytest.raises(ValueError):
+        render_windows(FULL, endpoint_program=path)
+    with pytest.raises(ValueError):
+        render_windows(FULL, exempt_programs={"user.slice/backup": path})
+
+
+def test_values_of_the_wrong_type_are_refused() -> None:
+    ep = Endpoint(ipaddress.ip_address("192.0.2.1"), "1'; calc; '", "udp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        render_windows(Policy(Tunnel(("wg0",), (ep,), 1)))
+    with pytest.raises(ValueError):
+        render_windows(replace(FULL, dns=replace(FULL.dns, servers=("1.1.1.1'; calc; '",))))  # type: ignore[arg-type]
+
+
+def test_program_paths_render_literally() -> None:
+    path = r"C:\Program Files (x86)\WireGuard\wireguard.exe"
+    script = render_windows(FULL, endpoint_program=path).files["apply.ps1"]
+    assert f"Program = '{path}'" in script
+    assert re.search(r"Program = '[^']*'[^;}]", script) is None
