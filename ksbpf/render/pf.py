@@ -379,6 +379,11 @@ def render_pf(
     stray = sorted(set(users) - known)
     if stray:
         raise ValueError(f"exempt_users names cgroups the policy does not exempt: {', '.join(stray)}")
+    # One user per identity: a user shared by two grants would get both (PF sees only the user).
+    named = [*users.values(), *([endpoint_user] if endpoint_user is not None else [])]
+    shared = sorted({u for u in named if named.count(u) > 1})
+    if shared:
+        raise ValueError(f"a macOS user may stand for one cgroup or the tunnel client only: {', '.join(shared)}")
     anchor = _Anchor(policy, endpoint_user, users).text()
     files = {
         "ksbpf.anchor": anchor,

@@ -268,10 +268,12 @@ def _unsupported(policy: Policy, endpoint_program: str | None, identities: Mappi
                 ))
     for i, ex in enumerate(policy.exemptions):
         if ex.cgroup not in identities:
+            svc = service_for(ex.cgroup)
+            why = "names no service (.../NAME.service)" if svc is None else f"shares the service {svc} with another exemption"
             out.append(Unsupported(
                 f"exempt[{i}].cgroup",
-                f"Windows has no cgroups and {ex.cgroup} names no service (.../NAME.service): it is not exempted "
-                "and its traffic outside the tunnel stays blocked (map it with exempt_programs)",
+                f"Windows has no cgroups and {ex.cgroup} {why}: it is not exempted and its traffic outside "
+                "the tunnel stays blocked (map it with exempt_programs)",
             ))
     if policy.lan_networks(4) or (policy.ipv6.mode == "tunnel" and policy.lan_networks(6)):
         out.append(Unsupported(
@@ -488,11 +490,19 @@ def render_windows(
     stray = sorted(set(programs) - {ex.cgroup for ex in policy.exemptions})
     if stray:
         raise ValueError(f"exempt_programs names cgroups the policy does not exempt: {', '.join(stray)}")
+    named = [p.lower() for p in (*programs.values(), *([endpoint_program] if endpoint_program else []))]
+    shared = sorted({p for p in named if named.count(p) > 1})
+    if shared:
+        raise ValueError(f"a program may stand for one cgroup or the tunnel client only: {', '.join(shared)}")
     identities: dict[str, tuple[str, str]] = {}
+    services = [service_for(ex.cgroup) for ex in policy.exemptions if ex.cgroup not in programs]
     for ex in policy.exemptions:
+        svc = service_for(ex.cgroup)
         if ex.cgroup in programs:
             identities[ex.cgroup] = ("Program", programs[ex.cgroup])
-        elif (svc := service_for(ex.cgroup)) is not None:
+        elif svc is not None and services.count(svc) == 1:
+            # Two cgroups naming one service (a.slice/x.service, b.slice/x.service) stay
+            # unsupported: the firewall could not tell their grants apart.
             identities[ex.cgroup] = ("Service", svc)
     rules = _Rules(policy, endpoint_program, identities).build()
     files = {"apply.ps1": _apply_script(policy, rules), "rollback.ps1": _ROLLBACK}

@@ -243,3 +243,10 @@ def test_renderer_imports_no_kernel_library() -> None:
     code = "import sys, ksbpf.render.pf, ksbpf.render.windows; print(','.join(m for m in ('nftables','pyroute2','bcc') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_one_user_stands_for_one_grant() -> None:
+    with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
+        render_pf(FULL, exempt_users={"system.slice/sshd.service": "_x", "user.slice/backup": "_x"})
+    with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
+        render_pf(FULL, endpoint_user="_x", exempt_users={"user.slice/backup": "_x"})

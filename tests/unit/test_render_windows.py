@@ -216,3 +216,16 @@ def test_program_paths_render_literally() -> None:
     script = render_windows(FULL, endpoint_program=path).files["apply.ps1"]
     assert f"Program = '{path}'" in script
     assert re.search(r"Program = '[^']*'[^;}]", script) is None
+
+
+def test_one_identity_stands_for_one_grant() -> None:
+    with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
+        render_windows(FULL, endpoint_program=r"C:\Tools\backup.exe", exempt_programs={"user.slice/backup": r"C:\TOOLS\Backup.exe"})
+    twins = Policy(Tunnel(("wg0",)), exemptions=(
+        Exemption("a.slice/x.service", allow=(PortSpec("tcp", 1, 1),)),
+        Exemption("b.slice/x.service", allow=(PortSpec("tcp", 2, 2),)),
+    ))
+    r = render_windows(twins)
+    assert [u.feature for u in r.unsupported] == ["exempt[0].cgroup", "exempt[1].cgroup"]
+    assert "shares the service x" in str(r.unsupported[0])
+    assert "Service = 'x'" not in r.files["apply.ps1"]
