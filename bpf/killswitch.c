@@ -238,12 +238,15 @@ static __always_inline u64 ks_skb_netns(struct __sk_buff *skb, u64 target)
     struct bpf_sock *sk = skb->sk;
     u64 *cookie;
 
+    struct bpf_sock *full;
+
+    // The hook runs with skb->sk set to the full socket (a SYN-ACK's listener).
     if (!sk)
         return target;
-    sk = bpf_sk_fullsock(sk);
-    if (!sk)
+    full = bpf_sk_fullsock(sk);
+    if (!full)
         return target;
-    cookie = ks_sk_netns.sk_storage_get(sk, 0, 0);
+    cookie = ks_sk_netns.sk_storage_get(full, 0, 0);
     // A socket created before the first attach has no record: judge it (fail closed).
     return cookie ? *cookie : target;
 #else

@@ -350,6 +350,27 @@ def test_ipv6_block_and_lan(lab: Lab, layers: list[BpfLayer]) -> None:
     ])
 
 
+SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
+    while True:
+        c, _ = s.accept(); c.sendall(b"hello"); c.close()
+    """
+)
+CLIENT = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.socket(); s.settimeout(1.5); s.bind((sys.argv[1], 0))
+    try:
+        s.connect((sys.argv[2], int(sys.argv[3]))); print(s.recv(5).decode())
+    except OSError as e:
+        print(type(e).__name__)
+    """
+)
+
+
 @requires_bpf
 @pytest.mark.parametrize("mode", _netns_modes())
 def test_other_netns_is_not_judged(lab: Lab, layers: list[BpfLayer], mode: str) -> None:
@@ -361,42 +382,32 @@ def test_other_netns_is_not_judged(lab: Lab, layers: list[BpfLayer], mode: str) 
     assert res == [{"ok": 2, "eperm": 0, "mark": 0}]
     res = lab.send("w/ex", [{"dst": "10.77.0.1", "port": 6202}], netns=lab.far)
     assert res == [{"ok": 1, "eperm": 0, "mark": 0}], "exempt marks belong to the target netns only"
+    # A TCP server there: its SYN-ACKs leave from a request socket, not a full one.
+    server = spawn_in([PY, "-c", SERVER, "6203"], netns=lab.far, cgroup=lab.dirs["w/app"], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert sh(PY, "-c", CLIENT, "10.77.0.1", "10.77.0.2", "6203", netns=lab.client).stdout.strip() == "hello"
+    finally:
+        server.kill()
+        server.wait()
     assert not layer.counters()
 
 
 @requires_bpf
-def test_listen_exemption_accepts_granted_sources_only(lab: Lab, layers: list[BpfLayer]) -> None:
-    layer = new_layer(lab, layers)
+@pytest.mark.parametrize("mode", _netns_modes())
+def test_listen_exemption_accepts_granted_sources_only(lab: Lab, layers: list[BpfLayer], mode: str) -> None:
+    layer = new_layer(lab, layers, mode)
     layer.apply(make_policy(lab))
-    server = textwrap.dedent(
-        """
-        import socket, sys
-        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); print("ready", flush=True)
-        while True:
-            c, _ = s.accept(); c.sendall(b"hello"); c.close()
-        """
-    )
-    client = textwrap.dedent(
-        """
-        import socket, sys
-        s = socket.socket(); s.settimeout(1.5); s.bind((sys.argv[1], 0))
-        try:
-            s.connect(("10.77.0.1", int(sys.argv[2]))); print(s.recv(5).decode())
-        except OSError as e:
-            print(type(e).__name__)
-        """
-    )
     procs = []
     try:
         for cg, port in (("w/svc", 2222), ("w/app", 2223)):
-            p = spawn_in([PY, "-c", server, str(port)], netns=lab.client, cgroup=lab.dirs[cg],
+            p = spawn_in([PY, "-c", SERVER, str(port)], netns=lab.client, cgroup=lab.dirs[cg],
                          stdout=subprocess.PIPE)
             procs.append(p)
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
 
         def connect(src: str, port: int) -> str:
-            return sh(PY, "-c", client, src, str(port), netns=lab.far).stdout.strip()
+            return sh(PY, "-c", CLIENT, src, "10.77.0.1", str(port), netns=lab.far).stdout.strip()
 
         assert connect("10.77.0.2", 2222) == "hello"  # granted source
         assert connect("10.77.0.3", 2222) == "TimeoutError"  # the SYN-ACK is dropped
