@@ -250,3 +250,17 @@ def test_one_user_stands_for_one_grant() -> None:
         render_pf(FULL, exempt_users={"system.slice/sshd.service": "_x", "user.slice/backup": "_x"})
     with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
         render_pf(FULL, endpoint_user="_x", exempt_users={"user.slice/backup": "_x"})
+
+
+def test_every_character_outside_the_name_alphabet_is_refused() -> None:
+    import string
+
+    allowed = set(string.ascii_letters + string.digits + "_.@-")
+    for c in string.printable + "\u2018\u2019\u201c\u201d\u00a0\u2028\x00\x7f":
+        policy = Policy(Tunnel((f"wg{c}0",)))
+        if c in allowed:
+            anchor = render_pf(policy).files["ksbpf.anchor"]
+            assert pfparse.parse(anchor).rules, c
+        else:
+            with pytest.raises(ValueError):
+                render_pf(policy)

@@ -229,3 +229,17 @@ def test_one_identity_stands_for_one_grant() -> None:
     assert [u.feature for u in r.unsupported] == ["exempt[0].cgroup", "exempt[1].cgroup"]
     assert "shares the service x" in str(r.unsupported[0])
     assert "Service = 'x'" not in r.files["apply.ps1"]
+
+
+def test_every_character_outside_the_name_alphabet_is_refused() -> None:
+    import string
+
+    allowed = set(string.ascii_letters + string.digits + "_.@-")
+    for c in string.printable + "\u2018\u2019\u201a\u201b\u201c\u201d\u00a0\u2028\x00\x7f":
+        policy = Policy(Tunnel((f"wg{c}0",)))
+        if c in allowed:
+            fw = winparse.parse(render_windows(policy).files["apply.ps1"])
+            assert fw.tunnel_patterns == [f"wg{c}0"], c
+        else:
+            with pytest.raises(ValueError):
+                render_windows(policy)
