@@ -24,8 +24,9 @@ cgroup `.../NAME.service` becomes the Windows service NAME, or `exempt_programs`
 cgroup to a program path; the endpoint exception is open to every program unless
 `endpoint_program` names the tunnel client.
 
-Host behaviour the rules rely on: loopback traffic is not filtered; the strong host model
-(Windows' default) drops packets for a local address arriving on another interface.
+Host behaviour the rules rely on: firewall rules have no effect on loopback traffic
+(Microsoft KB 2771908); the strong host model (Windows' default) drops packets for a local
+address arriving on another interface.
 Limits, not per policy and so not in `unsupported`: the firewall does not filter routed
 (forwarded) traffic; group-policy and app-container allow rules cannot be disabled locally
 (apply.ps1 warns about any that stay active).

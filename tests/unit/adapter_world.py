@@ -70,6 +70,7 @@ def cases() -> list[Case]:
                     "system.slice/unbound.service": "_unbound",
                     "system.slice/sshd.service": "_sshd",
                     "system.slice/sshd.service/inner": "_sshd_inner",
+                    "system.slice/chronyd.service": "_chronyd",
                 },
             },
             win_opts={"endpoint_program": WG_EXE},
