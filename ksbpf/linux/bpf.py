@@ -30,6 +30,13 @@ Design, in short (the why of each is next to the code that does it):
   and ifindexes are per netns. The program judges only packets of its target netns
   (netns cookie, from bpf_get_netns_cookie(skb) where cgroup_skb has it, else recorded
   per socket at creation) and passes the others, which are another instance's business.
+  In the per-socket mode a socket created before the first attach has no record and is
+  judged as the target netns's (fail closed).
+
+Limits worth knowing: marks are given at socket creation, so an exempt service's sockets
+opened before the first engage carry no exempt mark (nftables and routing match the mark;
+this layer matches the cgroup); counters count skbs (a GSO skb once); an exemption on a
+cgroup deeper than MAX_CGROUP_DEPTH is not seen (fail closed).
 """
 
 from __future__ import annotations
@@ -756,6 +763,7 @@ class BpfLayer:
     netns_mode: str = "auto"
     last_apply: ApplyStats | None = field(default=None, init=False)
     _policy: Policy | None = field(default=None, init=False, repr=False)
+    _cgroup_cache: dict[int, tuple[Path, ...]] = field(default_factory=dict, init=False, repr=False)
 
     name = "bpf"
 
@@ -894,19 +902,24 @@ class BpfLayer:
         return sorted(gens, key=lambda g: g.number)
 
     def _cgroup_by_id(self, cg_id: int, hints: Iterable[Path] = ()) -> Path | None:
-        for h in hints:
+        """The cgroup directory with this id: the hints, the last answer and the cgroup2
+        root (production attaches there) first; a walk of the whole tree last."""
+        try:
+            mount = cgroup2_mount()
+        except KsbpfError:
+            return None
+        for h in [*hints, *self._cgroup_cache.get(cg_id, ()), mount]:
             try:
                 if cgroup_id(h) == cg_id:
+                    self._cgroup_cache[cg_id] = (h,)
                     return h
             except OSError:
                 continue
-        try:
-            mount = cgroup2_mount()
-            for rel, i in ids_by_path(mount).items():
-                if i == cg_id:
-                    return cgroup_dir(rel, mount)
-        except KsbpfError:
-            return None
+        for rel, i in ids_by_path(mount).items():
+            if i == cg_id:
+                found = cgroup_dir(rel, mount)
+                self._cgroup_cache[cg_id] = (found,)
+                return found
         return None
 
     def _candidate_cgroups(self, extra: Iterable[Path] = ()) -> list[Path]:
