@@ -22,6 +22,8 @@ How verdict() maps onto PF (pf.conf(5): the last matching rule wins unless it is
 - Drops that come from the host, not from PF: net.inet.ip.check_interface=1 (set by
   load.sh) drops IPv4 packets for a local address arriving on another interface
   (CVE-2019-14899).
+- `[bpf]` and `[metrics]` configure the Linux engine and daemon, not what passes; they
+  have no counterpart here.
 
 Limits, not per policy and so not in `unsupported`: PF has no forward hook (a routed
 packet is filtered `in` on its input and `out` on its output interface); macOS has no IPv6
@@ -298,16 +300,16 @@ def _load_script(anchor: str, main: str) -> str:
         'pfctl -n -f "$STATE/main.conf"\n'
         f'pfctl -n -a {ANCHOR} -f "$STATE/anchor.conf"\n'
         "\n"
+        "# IPv4 strong host model: a packet for a local address must arrive on that address's\n"
+        "# interface (CVE-2019-14899). Set before PF changes, kept for rollback.sh.\n"
+        '[ -f "$STATE/check_interface" ] || sysctl -n net.inet.ip.check_interface > "$STATE/check_interface"\n'
+        "sysctl -w net.inet.ip.check_interface=1 > /dev/null\n"
+        "\n"
         "# The anchor before the main ruleset: until the main ruleset calls it, it filters\n"
         "# nothing; the other way round PF would run an empty anchor and pass everything.\n"
         "# Each pfctl -f is one transaction: packets see the old rules or the new, never none.\n"
         f'pfctl -a {ANCHOR} -f - < "$STATE/anchor.conf"\n'
         'pfctl -f - < "$STATE/main.conf"\n'
-        "\n"
-        "# IPv4 strong host model: a packet for a local address must arrive on that address's\n"
-        "# interface (CVE-2019-14899). The previous value is kept for rollback.sh.\n"
-        '[ -f "$STATE/check_interface" ] || sysctl -n net.inet.ip.check_interface > "$STATE/check_interface"\n'
-        "sysctl -w net.inet.ip.check_interface=1 > /dev/null\n"
         "\n"
         "# Enable PF holding a reference (pfctl -E prints a token); rollback.sh releases exactly\n"
         "# that one, so PF stays on for anyone else who enabled it. A re-run swaps its token.\n"

@@ -27,7 +27,8 @@ cgroup to a program path; the endpoint exception is open to every program unless
 Host behaviour the rules rely on: firewall rules have no effect on loopback traffic
 (Microsoft KB 2771908); the strong host model (Windows' default) drops packets for a local
 address arriving on another interface.
-Limits, not per policy and so not in `unsupported`: the firewall does not filter routed
+`[bpf]` and `[metrics]` configure the Linux engine and daemon, not what passes; they have
+no counterpart here. Limits, not per policy and so not in `unsupported`: the firewall does not filter routed
 (forwarded) traffic; group-policy and app-container allow rules cannot be disabled locally
 (apply.ps1 warns about any that stay active).
 """

@@ -112,7 +112,7 @@ def test_load_checks_then_loads_the_anchor_before_the_main_ruleset_then_enables_
     assert at('pfctl -n -a ksbpf -f "$STATE/anchor.conf"') < at('pfctl -a ksbpf -f - < "$STATE/anchor.conf"')
     assert at("pfctl -a ksbpf -f -") < at('pfctl -f - < "$STATE/main.conf"') < at("token=$(pfctl -E")
     assert at("token=$(pfctl -E") < at("pfctl -F states") < at("pfctl -s info")
-    assert at("sysctl -w net.inet.ip.check_interface=1") < at("token=$(pfctl -E")
+    assert at("sysctl -w net.inet.ip.check_interface=1") < at("pfctl -a ksbpf -f -"), "host setting before PF changes"
     assert "pfctl -d" not in cmds, "enable with a reference, never toggle PF for everyone"
 
 

@@ -55,16 +55,16 @@ KSBPF_MAIN
 pfctl -n -f "$STATE/main.conf"
 pfctl -n -a ksbpf -f "$STATE/anchor.conf"
 
+# IPv4 strong host model: a packet for a local address must arrive on that address's
+# interface (CVE-2019-14899). Set before PF changes, kept for rollback.sh.
+[ -f "$STATE/check_interface" ] || sysctl -n net.inet.ip.check_interface > "$STATE/check_interface"
+sysctl -w net.inet.ip.check_interface=1 > /dev/null
+
 # The anchor before the main ruleset: until the main ruleset calls it, it filters
 # nothing; the other way round PF would run an empty anchor and pass everything.
 # Each pfctl -f is one transaction: packets see the old rules or the new, never none.
 pfctl -a ksbpf -f - < "$STATE/anchor.conf"
 pfctl -f - < "$STATE/main.conf"
-
-# IPv4 strong host model: a packet for a local address must arrive on that address's
-# interface (CVE-2019-14899). The previous value is kept for rollback.sh.
-[ -f "$STATE/check_interface" ] || sysctl -n net.inet.ip.check_interface > "$STATE/check_interface"
-sysctl -w net.inet.ip.check_interface=1 > /dev/null
 
 # Enable PF holding a reference (pfctl -E prints a token); rollback.sh releases exactly
 # that one, so PF stays on for anyone else who enabled it. A re-run swaps its token.
