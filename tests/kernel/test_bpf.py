@@ -438,6 +438,47 @@ cgroup = "{lab.cgroups.rel(lab.root)}"
     ])
 
 
+ICMP_SENDER = textwrap.dedent(
+    """
+    import json, socket, sys
+    out = []
+    for dst, icmp_type in json.loads(sys.argv[1]):
+        v6 = ":" in dst
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
+                          socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+        # type, code, checksum (the kernel fills it for ICMPv6; 0 is fine for the test on v4)
+        msg = bytes([icmp_type, 0, 0, 0]) + bytes(4) + (socket.inet_pton(socket.AF_INET6, dst) if v6 else b"")
+        try:
+            s.sendto(msg, (dst, 0))
+            out.append("ok")
+        except PermissionError:
+            out.append("eperm")
+    print(json.dumps(out))
+    """
+)
+
+
+@requires_bpf
+def test_icmp_only_neighbour_discovery_leaves_outside_the_tunnel(lab: Lab, layers: list[BpfLayer]) -> None:
+    layer = new_layer(lab, layers)
+    policy = make_policy(lab)
+    layer.apply(policy)
+    probes = [("fd77::2", 135), ("fd77::2", 136), ("fd77::2", 133), ("fd77::2", 128), ("10.77.0.2", 8),
+              ("fd88::2", 128), ("10.88.0.2", 8)]
+    r = run_in([PY, "-c", ICMP_SENDER, json.dumps(probes)], netns=lab.client, cgroup=lab.dirs["w/app"])
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    drops: Counter[str] = Counter()
+    for (dst, icmp_type), res in zip(probes, got, strict=True):
+        v = verdict(policy, Packet("out", "icmpv6" if ":" in dst else "icmp", ip_address(dst), oif=oif_for(lab, dst),
+                                   icmp_type=icmp_type, cgroup=lab.rel("w/app")))
+        assert res == ("ok" if v.allow else "eperm"), (dst, icmp_type, v)
+        if not v.allow:
+            drops[v.reason.value] += 1
+    assert drops == {"no_tunnel": 2}
+    assert {r: p for r, _, p, _ in layer.counters()} == {"no_tunnel": 2}
+
+
 def _streams(lab: Lab, seconds: float) -> list[subprocess.Popen[str]]:
     code = textwrap.dedent(
         """
