@@ -171,14 +171,17 @@ def cmd_render(args: argparse.Namespace) -> int:
         for line in plan.describe():
             print(f"# {line}")
         return EXIT_OK
-    if args.platform == "macos":
-        from ksbpf.render.pf import render_pf
+    try:
+        if args.platform == "macos":
+            from ksbpf.render.pf import render_pf
 
-        rendered = render_pf(policy)
-    else:
-        from ksbpf.render.windows import render_windows
+            rendered = render_pf(policy)
+        else:
+            from ksbpf.render.windows import render_windows
 
-        rendered = render_windows(policy)
+            rendered = render_windows(policy)
+    except ValueError as e:  # a value the platform's syntax cannot carry safely
+        raise PolicyError(str(e), source=args.config, key=f"render --platform {args.platform}") from None
     for name, text in rendered.files.items():
         print(f"# ===== {name} =====")
         print(text)

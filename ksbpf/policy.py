@@ -267,14 +267,18 @@ def parse_endpoint(text: str) -> Endpoint:
         host, colon, port_s = hostport.rpartition(":")
         if not colon:
             raise ValueError(f"{text!r} has no port")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
+    address = parse_address(host)
     return Endpoint(address, _parse_port(port_s, text), proto)
 
 
+def _no_zone(text: str) -> None:
+    # ipaddress accepts any text after '%' as an IPv6 zone; no renderer may see it.
+    if "%" in text:
+        raise ValueError(f"{text!r}: IPv6 zone ids ('%...') are not supported")
+
+
 def parse_network(text: str) -> IPNetwork:
+    _no_zone(text)
     try:
         return ipaddress.ip_network(text, strict=True)
     except ValueError as e:
@@ -282,6 +286,7 @@ def parse_network(text: str) -> IPNetwork:
 
 
 def parse_address(text: str) -> IPAddress:
+    _no_zone(text)
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -289,7 +294,7 @@ def parse_address(text: str) -> IPAddress:
 
 
 def validate_interface(name: str) -> str:
-    if _IFNAME_RE.match(name) or _IFGLOB_RE.match(name):
+    if _IFNAME_RE.fullmatch(name) or _IFGLOB_RE.fullmatch(name):
         if name in (".", ".."):
             raise ValueError(f"{name!r} is not a valid interface name")
         if name == "lo" or (name.endswith("*") and "lo".startswith(name[:-1])):
@@ -314,7 +319,7 @@ def normalize_cgroup(path: str) -> str:
     for part in parts:
         if part in (".", ".."):
             raise ValueError(f"cgroup path {path!r} may not contain '.' or '..'")
-        if not _CGROUP_COMPONENT_RE.match(part):
+        if not _CGROUP_COMPONENT_RE.fullmatch(part):
             raise ValueError(f"cgroup path {path!r}: component {part!r} has characters outside A-Z a-z 0-9 _ . @ : + \\ -")
     return "/".join(parts)
 
