@@ -1112,7 +1112,9 @@ class BpfLayer:
     def update_exemptions(self, policy: Policy) -> dict[str, int | None]:
         """Re-resolve exempt and endpoint cgroups to ids (call when cgroups come and go,
         and after exemptions change at run time). A cgroup recreated under the same path
-        gets a new id and keeps its exemption. Returns path -> id (None: not there now)."""
+        gets a new id and keeps its exemption. Only exemptions and endpoint cgroups are
+        taken from `policy`; any other change needs apply(). Returns path -> id (None: not
+        there now)."""
         plan = render(policy)
         with self._locked(create=False):
             resolved: dict[str, int | None] = {}
