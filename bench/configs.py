@@ -7,15 +7,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import policies
+from bench.minimal import MinimalCgroupProgram
 from bench.topology import CLIENT_IF, SERVER_ADDR, Topology
 from ksbpf.errors import KsbpfError
 
-CONFIGS = ("none", "ksbpf", "nft", "routing", "bpf", "wgquick", "mullvad")
+CONFIGS = ("none", "ksbpf", "nft", "routing", "bpf", "wgquick", "mullvad", "hooks", "minbpf", "minpair")
 # Which configurations grow with n (sets and maps, or one rule per endpoint).
 SCALED = ("ksbpf", "nft", "bpf", "mullvad")
 LABELS = {
@@ -26,6 +27,9 @@ LABELS = {
     "bpf": "ksbpf cgroup-bpf alone",
     "wgquick": "wg-quick(8) kill switch",
     "mullvad": "Mullvad-style ruleset",
+    "hooks": "floor: empty nftables hooks",
+    "minbpf": "floor: cgroup_skb, one map lookup",
+    "minpair": "minimal pair: one nft set rule + one-lookup cgroup_skb",
 }
 
 
@@ -38,6 +42,7 @@ class Engager:
     topo: Topology
     state_dir: Path
     kernel_source: str | None = None
+    _minimal: MinimalCgroupProgram | None = field(default=None, init=False)
 
     def policy_text(self, n: int, extra_endpoints: int = 0) -> str:
         return policies.policy_text(CLIENT_IF, SERVER_ADDR, self.topo.cgroup_rel, n,
@@ -91,6 +96,12 @@ class Engager:
                             bpf_loader_s=stats.load.loader_s)
         elif config in policies.BASELINES:
             self._nft(policies.baseline_text(config, n), policies.baseline_defines(CLIENT_IF, SERVER_ADDR))
+        elif config in ("minbpf", "minpair"):
+            if config == "minpair":
+                self._nft(policies.baseline_text("minimal", n), policies.baseline_defines(CLIENT_IF, SERVER_ADDR))
+            assert self.topo.cgroup_root is not None
+            self._minimal = MinimalCgroupProgram(self.topo.cgroup_root)
+            self._minimal.attach()
         elif config != "none":
             raise ConfigError(f"unknown configuration {config!r}")
         info["engage_s"] = time.monotonic() - t0
@@ -110,8 +121,16 @@ class Engager:
         elif config == "bpf":
             self._bpf().reset()
         elif config in policies.BASELINES:
-            table = policies.baseline_table(config)
-            self._nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
+            self._drop_table(policies.baseline_table(config))
+        elif config in ("minbpf", "minpair"):
+            if self._minimal is not None:
+                self._minimal.detach()
+                self._minimal = None
+            if config == "minpair":
+                self._drop_table(policies.baseline_table("minimal"))
+
+    def _drop_table(self, table: str) -> None:
+        self._nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
 
     def reset_all(self) -> None:
         """Whatever a failed run may have left: every configuration's reset, errors ignored."""

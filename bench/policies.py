@@ -12,7 +12,13 @@ ENDPOINT_BASE = ipaddress.IPv4Address("198.18.0.0")  # RFC 2544 benchmarking ran
 EXEMPT_TO_BASE = ipaddress.IPv4Address("100.64.0.0")
 ENDPOINT_PORT = 51820
 ENDPOINT_MARK = 0xCA6C
-BASELINES = {"wgquick": ("wg-quick.nft", "ksbench_wgquick"), "mullvad": ("mullvad-style.nft", "ksbench_mullvad")}
+# name -> (file in bench/baselines, its table). "hooks" and "minimal" are reference floors.
+BASELINES = {
+    "wgquick": ("wg-quick.nft", "ksbench_wgquick"),
+    "mullvad": ("mullvad-style.nft", "ksbench_mullvad"),
+    "hooks": ("empty-hooks.nft", "ksbench_hooks"),
+    "minimal": ("minimal-set-rule.nft", "ksbench_minimal"),
+}
 
 
 def endpoint_address(i: int) -> str:

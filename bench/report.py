@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import stats
+from bench import profile, stats
 from bench.configs import LABELS, SCALED
 
 BEGIN = "<!-- bench:begin -->"
@@ -191,6 +191,7 @@ def render_markdown(results: Mapping[str, Any], json_path: Path | None = None,
         scale_errs = sorted({(c, n) for c, n in errs if n != n0})
         for c, n in scale_errs:
             lines.append(f"\n{LABELS.get(c, c)} at n={n:,} refused: `{errs[(c, n)][:160]}`")
+    lines += _profile_markdown(results)
     lines += _control_markdown(results, ns)
     lines += ["", "**Targets** (issue 6)", "", "| target | measured | met |", "|---|---:|:---:|"]
     for t in targets(results):
@@ -205,6 +206,25 @@ def render_markdown(results: Mapping[str, Any], json_path: Path | None = None,
     if refs:
         lines += ["", *refs]
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(results: Mapping[str, Any]) -> list[str]:
+    rows = stats.summarize_profile(results.get("profile", []))
+    if not rows:
+        return []
+    parts = [p for p, _ in profile.CATEGORIES]
+    shown = [p for p in parts if any(r["ns"].get(p, 0) >= 0.5 for r in rows)]
+    lines = ["", "**Where the time goes**: `perf record -e cpu-clock` on the UDP sender, whose CPU runs the whole "
+             "path; nanoseconds per packet by kernel symbol (medians). *Added* = the parts minus what they show "
+             "with no filtering.", "",
+             "| configuration | n | CPU ns/packet | " + " | ".join(shown) + " | added |",
+             "|---|---:|---:|" + "---:|" * (len(shown) + 1)]
+    order = list(LABELS)
+    for r in sorted(rows, key=lambda r: (order.index(r["config"]) if r["config"] in order else 99, r["n"])):
+        cells = " | ".join(_fmt(r["ns"].get(p), 0) for p in shown)
+        lines.append(f"| {LABELS.get(r['config'], r['config'])} | {r['n']:,} | {_fmt(r['ns_per_packet'], 0)} | "
+                     f"{cells} | {_fmt(r['attributed_ns'], 0)} |")
+    return lines
 
 
 def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:

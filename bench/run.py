@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import profile, report
 from bench.configs import CONFIGS, SCALED, ConfigError, Engager
 from bench.control import ControlPlane
 from bench.topology import Topology
@@ -114,6 +114,28 @@ def dataplane_round(args: argparse.Namespace, eng: Engager, wl: Workloads, rnd: 
     return samples
 
 
+def profile_round(args: argparse.Namespace, eng: Engager, wl: Workloads, perf: str, work: Path, rnd: int,
+                  log: Any) -> list[dict[str, Any]]:
+    """Each configuration once under perf (UDP sender), in this round's shuffled order."""
+    samples = []
+    for config, n in [("none", 0), *plan(args.configs, args.n, rnd + 100, args.seed)[1::2], ("none", 0)]:
+        s: dict[str, Any] = {"round": rnd, "config": config, "n": n}
+        try:
+            eng.engage(config, n)
+            try:
+                s.update(wl.udp_profile(args.profile_seconds, perf, work / "perf.data",
+                                        size=args.udp_size, batch=args.udp_batch))
+            finally:
+                eng.reset(config)
+            log(f"profile {rnd} {config:>8} n={n:<6} {s['ns_per_packet']:.0f} ns/packet: " +
+                ", ".join(f"{k} {v:.0f}" for k, v in s["ns"].items() if v >= 0.5))
+        except (ConfigError, WorkloadError, KsbpfError, subprocess.CalledProcessError) as e:
+            s["error"] = str(e)[-300:]
+            log(f"profile {rnd} {config:>8} n={n:<6} ERROR {s['error'][:120]}")
+        samples.append(s)
+    return samples
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", type=lambda s: s.split(","), default=list(CONFIGS),
                    help=f"configurations (default {','.join(CONFIGS)})")
     p.add_argument("--control-rounds", type=int, default=5, help="control-plane rounds (default 5)")
+    p.add_argument("--profile-rounds", type=int, default=2,
+                   help="rounds of perf profiles of the UDP sender per configuration (default 2; 0: none)")
+    p.add_argument("--profile-seconds", type=float, default=3.0)
     p.add_argument("--skip-dataplane", action="store_true")
     p.add_argument("--skip-control", action="store_true")
     p.add_argument("--udp-size", type=int, default=64, help="UDP payload bytes (default 64)")
@@ -138,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README's benchmark table")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.seconds, args.control_rounds = 1, 1.0, 1
+        args.rounds, args.seconds, args.control_rounds, args.profile_rounds = 1, 1.0, 1, 1
+        args.profile_seconds = 1.0
         if args.n == list(DEFAULT_NS):
             args.n = [1, 1000]
         args.no_readme = True
@@ -169,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dataplane": [],
+        "profile": [],
         "control": [],
         "notes": [],
     }
@@ -185,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         for rnd in range(args.rounds):
                             results["dataplane"] += dataplane_round(args, eng, wl, rnd, len(results["dataplane"]), log)
+                            report.write_results(results, out_path)
+                        ok, perf = profile.perf_available()
+                        if not ok:
+                            results["notes"].append(f"no profiles: {perf}")
+                        for rnd in range(args.profile_rounds if ok else 0):
+                            results["profile"] += profile_round(args, eng, wl, perf, work, rnd, log)
                             report.write_results(results, out_path)
                     finally:
                         wl.stop_servers()

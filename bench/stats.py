@@ -126,3 +126,29 @@ def flatness(rows: Sequence[Mapping[str, Any]], config: str, metric: str) -> dic
         return {}
     ref = mine[0]["ratio"][metric]
     return {int(r["n"]): r["ratio"][metric] / ref for r in mine}
+
+
+def summarize_profile(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Profile samples {"config", "n", "ns_per_packet", "ns": {part: ns}} -> medians per
+    (config, n), and "attributed": the parts' sum minus what the same parts show with no
+    filtering (other tenants' BPF programs, say), i.e. what the configuration adds."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for s in samples:
+        if "error" not in s:
+            groups[(s["config"], int(s["n"]))].append(s)
+    parts = sorted({p for s in samples for p in s.get("ns", {})})
+
+    def med(group: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        return {p: median(g["ns"].get(p, 0.0) for g in group) for p in parts}
+
+    floor = med(groups.get((BASELINE, 0), []))
+    rows = []
+    for (config, n), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0][0], kv[0][1])):
+        ns = med(group)
+        rows.append({
+            "config": config, "n": n, "samples": len(group),
+            "ns_per_packet": median(g["ns_per_packet"] for g in group),
+            "ns": ns,
+            "attributed_ns": sum(max(0.0, ns[p] - floor.get(p, 0.0)) for p in parts),
+        })
+    return rows

@@ -183,6 +183,42 @@ class Workloads:
         return {"udp_tx_pps": float(tx["pps"]), "udp_rx_pps": float(rx["pps"]),
                 "udp_pps_per_cpu": float(tx.get("pps_per_cpu", 0.0)), "udp_tx_errors": float(tx.get("errors", 0))}
 
+    def udp_profile(self, seconds: float, perf: str, data: Path, size: int = 64, batch: int = 32) -> dict[str, Any]:
+        """The UDP sender under `perf record`: kernel symbol shares of its CPU time, the
+        kill switch's parts (bench.profile.CATEGORIES) and their nanoseconds per packet."""
+        from bench import profile
+
+        assert self.topo.cgroup_root is not None
+        sink = self._server([str(self.udpbench), "sink", str(PPS_PORT), str(seconds + 10)])
+        blast: subprocess.Popen[str] | None = None
+        try:
+            assert sink.stdout is not None
+            sink.stdout.readline()
+            # taskset and `ip netns exec` exec in place: the pid is udpbench's.
+            blast = subprocess.Popen(
+                ["taskset", "-c", str(self.sender_cpu), "ip", "netns", "exec", self.topo.client_ns,
+                 str(self.udpbench), "blast", SERVER_ADDR, str(PPS_PORT), str(size), str(seconds + 1.0), str(batch)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                preexec_fn=_join_cgroup(self.topo.client_cgroup))
+            time.sleep(0.4)
+            profile.record(blast.pid, seconds, data, perf)
+            out, _ = blast.communicate(timeout=seconds + 20)
+            tx = last_json(out)
+        finally:
+            if blast is not None:
+                self._stop(blast)
+            self._stop(sink)
+        symbols = profile.report(data, perf)
+        data.unlink(missing_ok=True)
+        ns_per_packet = float(tx["cpu_s"]) / float(tx["packets"]) * 1e9
+        parts = profile.classify(symbols)
+        return {
+            "ns_per_packet": ns_per_packet,
+            "share_pct": parts,
+            "ns": {k: v / 100 * ns_per_packet for k, v in parts.items()},
+            "top": {k: profile.top_symbols(symbols, k) for k in parts if parts[k] > 0},
+        }
+
     def rr(self, seconds: float, size: int = 64) -> dict[str, float]:
         return self._with_restart(self._rr, seconds, size)
 

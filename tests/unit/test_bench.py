@@ -215,3 +215,53 @@ def test_results_path() -> None:
     when = dt.datetime(2026, 3, 4, tzinfo=dt.UTC)
     assert report.results_path(Path("r"), when, "6.18.0") == Path("r/2026-03-04-6.18.0.json")
     assert report.results_path(Path("r"), when, "6.18.0", quick=True).name == "2026-03-04-6.18.0-quick.json"
+
+
+# ------------------------------------------------------------------ profiles
+
+
+def test_perf_report_parsing_and_classification() -> None:
+    from bench import profile
+
+    text = "\n".join([
+        "# Samples: 14K of event 'cpu-clock'",
+        "     2.26%  [k] bpf_prog_bcb2f37845693455_ks_egress        -      -",
+        "     2.08%  [k] nft_do_chain                               -      -",
+        "     0.71%  [k] htab_map_hash                              -      -",
+        "     0.50%  [k] nf_conntrack_in                            -      -",
+        "     0.11%  [k] nf_hook_slow                               -      -",
+        "     0.30%  [k] fib_rules_lookup                           -      -",
+        "    14.86%  [k] _raw_spin_unlock_irqrestore                -      -",
+        "     1.00%  [.] __sendmmsg                                 -      -",
+    ])
+    symbols = profile.parse_report(text)
+    assert symbols["nft_do_chain"] == 2.08 and "__sendmmsg" not in symbols
+    parts = profile.classify(symbols)
+    assert parts["nftables"] == pytest.approx(2.19)
+    assert parts["conntrack"] == pytest.approx(0.5)
+    assert parts["cgroup-bpf"] == pytest.approx(2.97)
+    assert parts["policy routing"] == pytest.approx(0.3)
+    assert profile.top_symbols(symbols, "nftables")[0] == ("nft_do_chain", 2.08)
+    assert ("nf_conntrack_in", 0.5) not in profile.top_symbols(symbols, "nftables")
+
+
+def test_summarize_profile_subtracts_what_no_filtering_shows() -> None:
+    samples = [
+        {"config": "none", "n": 0, "ns_per_packet": 1000.0, "ns": {"nftables": 0.0, "cgroup-bpf": 20.0}},
+        {"config": "none", "n": 0, "ns_per_packet": 1010.0, "ns": {"nftables": 0.0, "cgroup-bpf": 30.0}},
+        {"config": "ksbpf", "n": 1, "ns_per_packet": 1100.0, "ns": {"nftables": 40.0, "cgroup-bpf": 75.0}},
+        {"config": "ksbpf", "n": 1, "error": "x"},
+    ]
+    rows = {r["config"]: r for r in stats.summarize_profile(samples)}
+    assert rows["none"]["ns"]["cgroup-bpf"] == 25.0 and rows["none"]["attributed_ns"] == 0.0
+    assert rows["ksbpf"]["attributed_ns"] == pytest.approx(40.0 + 50.0)
+    assert rows["ksbpf"]["samples"] == 1
+
+
+def test_minimal_program_is_one_lookup_then_pass() -> None:
+    from bench.minimal import one_lookup_program
+
+    code = one_lookup_program(7)
+    assert len(code) == 8 * 8
+    assert code[3 * 8] == 0x18 and int.from_bytes(code[3 * 8 + 4: 3 * 8 + 8], "little") == 7
+    assert code[-8] == 0x95
