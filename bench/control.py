@@ -128,6 +128,12 @@ class ControlPlane:
         nft.apply(policy)
         t["nft_apply_warm_s"] = time.monotonic() - t0
         t0 = time.monotonic()
+        nft.status()
+        t["nft_status_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        nft.read_counters()
+        t["nft_read_counters_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
         nft.update_exemptions(policy)
         t["nft_update_exemptions_s"] = time.monotonic() - t0
         routing = RoutingLayer(ns)
@@ -163,8 +169,16 @@ class ControlPlane:
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], capture_output=True)
         bare = time.monotonic() - t0
+        imports = {}
+        for mod in ("pyroute2", "nftables", "bcc"):
+            ts = []
+            for _ in range(rounds):
+                t0 = time.monotonic()
+                subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True)
+                ts.append(time.monotonic() - t0 - bare)
+            imports[mod] = sorted(ts)[len(ts) // 2]
         return {"ksctl_version_s": sorted(walls)[len(walls) // 2], "python_bare_s": bare,
-                "importtime_top_ms": parse_importtime(r.stderr)}
+                "import_s": imports, "importtime_top_ms": parse_importtime(r.stderr)}
 
     def daemon_rss(self, n: int, settle_s: float = 5.0) -> dict[str, Any]:
         """Start ksbpfd for the client netns, let it settle, read VmRSS; end it by pid."""

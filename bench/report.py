@@ -246,7 +246,9 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
            ("breakdown", "  render nft JSON", "nft_render_s"),
            ("breakdown", "  nft apply (first)", "nft_apply_cold_s"),
            ("breakdown", "  nft apply (again)", "nft_apply_warm_s"),
-           ("breakdown", "  nft exemption sets update", "nft_update_exemptions_s"),
+           ("breakdown", "  nft status (lists the table)", "nft_status_s"),
+           ("breakdown", "  nft counters read", "nft_read_counters_s"),
+           ("breakdown", "  nft exemption sets update (flush + refill)", "nft_update_exemptions_s"),
            ("breakdown", "  routing apply", "routing_apply_s"),
            ("breakdown", "  BPF apply (all)", "bpf_apply_s"),
            ("breakdown", "  BCC compile (clang/LLVM)", "bcc_compile_s"),
@@ -262,8 +264,9 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     proc = results.get("process")
     if proc:
+        imports = ", ".join(f"`import {m}` {v * 1000:.0f} ms" for m, v in proc.get("import_s", {}).items())
         lines.append(f"\nProcess floor: `ksctl --version` {proc['ksctl_version_s'] * 1000:.0f} ms, "
-                     f"bare `python -c pass` {proc['python_bare_s'] * 1000:.0f} ms.")
+                     f"bare `python -c pass` {proc['python_bare_s'] * 1000:.0f} ms; {imports}.")
     d = results.get("daemon")
     if d:
         lines.append(f"\nDaemon RSS at rest: {d['rss_kb'] / 1024:.1f} MiB (peak {d['peak_rss_kb'] / 1024:.1f} MiB)"
