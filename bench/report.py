@@ -114,6 +114,9 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     add(f"UDP 64 B packets per CPU-second ≥ {UDP_TARGET:.2f} × no filtering", k_cpu,
         None if k_cpu is None else k_cpu >= UDP_TARGET)
     add(f"TCP throughput ≥ {TCP_TARGET:.2f} × no filtering", k_tcp, None if k_tcp is None else k_tcp >= TCP_TARGET)
+    k_tcpc = ratio("ksbpf", n0, "tcp_gbps_per_cpu")
+    add(f"TCP Gbit/s per CPU-second of the sender ≥ {TCP_TARGET:.2f} × no filtering", k_tcpc,
+        None if k_tcpc is None else k_tcpc >= TCP_TARGET)
     for metric, name in (("udp_tx_pps", "UDP pps"), ("tcp_gbps", "TCP")):
         k, m = ratio("ksbpf", n0, metric), ratio("mullvad", n0, metric)
         add(f"{name}: better than the Mullvad-style ruleset (ksbpf ÷ Mullvad-style)",

@@ -34,7 +34,7 @@ def _cmd(*argv: str) -> str:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    return (r.stdout or r.stderr).strip()
+    return r.stdout.strip()
 
 
 def machine() -> dict[str, Any]:
@@ -68,7 +68,9 @@ def machine() -> dict[str, Any]:
         "iperf3": _cmd("iperf3", "--version").splitlines()[0] if _cmd("iperf3", "--version") else "",
         "bcc": _cmd("dpkg-query", "-W", "-f", "${Version}", "python3-bpfcc"),
         "gcc": _cmd("gcc", "-dumpfullversion"),
-        "ksbpf_commit": _cmd("git", "-C", str(repo), "rev-parse", "--short", "HEAD"),
+        # A tree exported with `git archive` has no .git: bench it with a COMMIT file beside.
+        "ksbpf_commit": _cmd("git", "-C", str(repo), "rev-parse", "--short", "HEAD")
+        or ((repo / "COMMIT").read_text().strip() if (repo / "COMMIT").exists() else "unknown"),
         "ksbpf_tree_dirty": bool(_cmd("git", "-C", str(repo), "status", "--porcelain", "--", "ksbpf", "bpf")),
         "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
     }
