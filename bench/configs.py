@@ -4,6 +4,7 @@ wg-quick and Mullvad-style baselines."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -69,7 +70,38 @@ class Engager:
             raise ConfigError(f"nft: {r.stderr.strip()}")
 
     def engage(self, config: str, n: int) -> dict[str, float]:
-        """Engage `config` with n entries; returns how long it took (and BPF's load stats)."""
+        """Engage `config` with n entries, all of it or (on failure) none of it; returns how
+        long it took (and BPF's load stats)."""
+        try:
+            return self._engage(config, n)
+        except BaseException:
+            # A layer refusing n entries must not leave the others engaged under later samples.
+            self.reset(config)
+            raise
+
+    def leftovers(self) -> list[str]:
+        """Anything enforcing in the client netns or on the bench cgroup: must be empty
+        before a configuration is engaged."""
+        from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+
+        out = []
+        r = subprocess.run(["ip", "netns", "exec", self.topo.client_ns, "nft", "list", "tables"],
+                           capture_output=True, text=True)
+        out += [f"nft {line.strip()}" for line in r.stdout.splitlines() if line.strip()]
+        r = subprocess.run(["ip", "netns", "exec", self.topo.client_ns, "ip", "rule", "show"],
+                           capture_output=True, text=True)
+        out += [f"ip rule {line.strip()}" for line in r.stdout.splitlines()
+                if line.split(":", 1)[0] not in ("0", "32766", "32767")]
+        if self.topo.cgroup_root is not None:
+            fd = os.open(self.topo.cgroup_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for kind, attach in (("egress", ATTACH_EGRESS), ("sock_create", ATTACH_SOCK_CREATE)):
+                    out += [f"bpf {kind} program id {i}" for i in prog_query(fd, attach)]
+            finally:
+                os.close(fd)
+        return out
+
+    def _engage(self, config: str, n: int) -> dict[str, float]:
         from ksbpf.policy import loads_policy
 
         t0 = time.monotonic()

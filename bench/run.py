@@ -89,11 +89,21 @@ def plan(configs: list[str], ns: list[int], rnd: int, seed: int) -> list[tuple[s
     return out
 
 
+def _clean(eng: Engager, sample: dict[str, Any], log: Any) -> None:
+    """Nothing may be enforcing before a sample; if something is, say so and remove it."""
+    left = eng.leftovers()
+    if left:
+        sample["leftovers"] = left
+        log(f"leftovers before {sample['config']} n={sample['n']}: {left}; removing")
+        eng.reset_all()
+
+
 def dataplane_round(args: argparse.Namespace, eng: Engager, wl: Workloads, rnd: int, seq0: int,
                     log: Any) -> list[dict[str, Any]]:
     samples = []
     for k, (config, n) in enumerate(plan(args.configs, args.n, rnd, args.seed)):
         s: dict[str, Any] = {"round": rnd, "seq": seq0 + k, "config": config, "n": n, "t": time.time()}
+        _clean(eng, s, log)
         try:
             s["engage"] = eng.engage(config, n)
             try:
@@ -122,6 +132,7 @@ def profile_round(args: argparse.Namespace, eng: Engager, wl: Workloads, perf: s
     samples = []
     for config, n in [("none", 0), *plan(args.configs, args.n, rnd + 100, args.seed)[1::2], ("none", 0)]:
         s: dict[str, Any] = {"round": rnd, "config": config, "n": n}
+        _clean(eng, s, log)
         try:
             eng.engage(config, n)
             try:
