@@ -1,0 +1,318 @@
+"""The daemon's control socket: `ksctl status|exempt|unexempt|reload` talk to a running
+ksbpfd through it, so that the daemon stays the only writer while it runs.
+
+Protocol: one JSON object per line each way, on an AF_UNIX stream socket.
+
+    {"op": "status"}                          -> {"ok": true, "layers": {...}, ...}
+    {"op": "exempt", "exemption": {...}}      -> {"ok": true, "exemption": {...}}
+    {"op": "unexempt", "cgroup": "a/b"}       -> {"ok": true}
+    {"op": "reload"}                          -> {"ok": true, "layers": {...}}
+    {"op": "down"}                            -> {"ok": true}   (remove every layer; the daemon idles)
+    anything wrong                            -> {"error": "...", "code": "bad_request"|"forbidden"|"failed"}
+
+Only root may talk to it: the socket is 0600 in a 0700 directory, and the peer's uid
+(SO_PEERCRED) must be 0. Requests are validated completely before anything acts on them;
+a request that fails validation changes nothing. Nothing from a request reaches a shell.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ksbpf.errors import BackendError, KsbpfError, PolicyError
+from ksbpf.policy import normalize_cgroup, parse_exemption
+
+log = logging.getLogger("ksbpf.control")
+
+RUN_DIR = Path("/run/ksbpf")
+SOCKET_NAME = "control.sock"
+MAX_LINE = 1 << 20  # an exemption with thousands of networks still fits
+CLIENT_TIMEOUT = 5.0  # a peer that sends nothing is dropped after this long
+REPLY_TIMEOUT = 120.0  # a reload compiles BPF; the client waits this long for a reply
+
+OPS: dict[str, frozenset[str]] = {
+    "status": frozenset({"op"}),
+    "exempt": frozenset({"op", "exemption"}),
+    "unexempt": frozenset({"op", "cgroup"}),
+    "reload": frozenset({"op"}),
+    "down": frozenset({"op"}),
+}
+
+
+def socket_path(netns: str | None, run_dir: Path = RUN_DIR) -> Path:
+    """/run/ksbpf/control.sock for the host, /run/ksbpf/netns/<name>/control.sock per
+    network namespace (one daemon per namespace)."""
+    if netns is None:
+        return run_dir / SOCKET_NAME
+    if not netns or "/" in netns or netns in (".", "..") or "\x00" in netns:
+        raise PolicyError(f"invalid network namespace name {netns!r}", source="control", key="--netns")
+    return run_dir / "netns" / netns / SOCKET_NAME
+
+
+class BadRequest(PolicyError):
+    def __init__(self, reason: str, key: str = "") -> None:
+        super().__init__(reason, source="control request", key=key)
+
+
+def validate_request(raw: bytes | str) -> dict[str, Any]:
+    """One request line -> a normalized request, or BadRequest naming what is wrong.
+    The exemption comes back parsed (an Exemption), the cgroup normalized."""
+    try:
+        req = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"not JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise BadRequest("a request is a JSON object")
+    op = req.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise BadRequest(f"unknown op {op!r} (one of {', '.join(sorted(OPS))})", "op")
+    extra = sorted(set(req) - OPS[op])
+    if extra:
+        raise BadRequest(f"unexpected key for {op!r}", extra[0])
+    missing = sorted(OPS[op] - set(req))
+    if missing:
+        raise BadRequest("is required", missing[0])
+    out: dict[str, Any] = {"op": op}
+    if op == "exempt":
+        if not isinstance(req["exemption"], dict):
+            raise BadRequest("expected an object", "exemption")
+        out["exemption"] = parse_exemption(req["exemption"], "control request", "exemption")
+    elif op == "unexempt":
+        cgroup = req["cgroup"]
+        if not isinstance(cgroup, str):
+            raise BadRequest("expected a string", "cgroup")
+        try:
+            out["cgroup"] = normalize_cgroup(cgroup)
+        except ValueError as e:
+            raise BadRequest(str(e), "cgroup") from None
+        if not out["cgroup"]:
+            raise BadRequest("the root cgroup is never exempted", "cgroup")
+    return out
+
+
+def error_reply(e: BaseException) -> dict[str, Any]:
+    if isinstance(e, PolicyError):
+        return {"error": str(e), "code": "bad_request"}
+    return {"error": str(e), "code": "failed"}
+
+
+def peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlServer:
+    """Serves `handler` (validated request -> reply dict) on the instance's socket. The
+    handler runs on the server thread; the daemon's handler hands the request to its
+    main loop and waits for the answer."""
+
+    def __init__(self, path: Path, handler: Handler, *, allowed_uid: int = 0) -> None:
+        self.path = path
+        self.handler = handler
+        self.allowed_uid = allowed_uid
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+
+    def bind(self) -> None:
+        """Bind now: an error (another daemon serving this namespace) stops the start."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if self.path.parent != RUN_DIR:
+            os.chmod(self.path.parent, 0o700)  # a namespace's own directory: root only
+        if self.path.exists() or self.path.is_symlink():
+            if _answers(self.path):
+                raise KsbpfError(f"another ksbpfd serves {self.path}")
+            self.path.unlink()  # left by a daemon that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # 0600 from the first moment: the socket never exists with wider permissions.
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        self._sock = sock
+
+    def start(self) -> None:
+        if self._sock is None:
+            self.bind()
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=CLIENT_TIMEOUT)
+        if self._sock is not None:
+            # Unlink only our own socket: a successor may have bound the path meanwhile.
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(self._sock.fileno()).st_ino:
+                    self.path.unlink()
+            self._sock.close()
+            self._sock = None
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            ready, _, _ = select.select([self._sock.fileno(), self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as e:
+                log.warning("control socket: accept failed: %s", e)
+                continue
+            with conn:
+                try:
+                    self._session(conn)
+                except (OSError, ValueError) as e:
+                    log.info("control socket: client dropped: %s", e)
+
+    def _session(self, conn: socket.socket) -> None:
+        conn.settimeout(CLIENT_TIMEOUT)
+        uid = peer_uid(conn)
+        if uid != self.allowed_uid:
+            log.warning("control socket: refused a client with uid %d (root only)", uid)
+            _send(conn, {"error": "permission denied: the ksbpf control socket serves root only", "code": "forbidden"})
+            return
+        buf = b""
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    _send(conn, self._answer(line))
+            if len(buf) > MAX_LINE:
+                _send(conn, {"error": f"request longer than {MAX_LINE} bytes", "code": "bad_request"})
+                return
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = validate_request(line)
+        except BadRequest as e:
+            log.warning("control socket: bad request: %s", e)
+            return error_reply(e)
+        try:
+            reply = self.handler(req)
+        except KsbpfError as e:
+            log.warning("control socket: %s failed: %s", req["op"], e)
+            return error_reply(e)
+        except Exception as e:  # a bug must not take the control socket down
+            log.exception("control socket: %s failed unexpectedly", req["op"])
+            return {"error": f"internal error: {e}", "code": "failed"}
+        return {"ok": True, **reply}
+
+
+def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(obj, default=str).encode() + b"\n")
+
+
+def _answers(path: Path) -> bool:
+    """Does a live process accept connections on this socket?"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class ControlClient:
+    """`ksctl`'s side. request() raises PolicyError for a refused request (ksctl exits
+    2), PermissionError for a non-root caller, KsbpfError when the daemon failed."""
+
+    def __init__(self, sock: socket.socket, path: Path) -> None:
+        self._sock = sock
+        self.path = path
+        self._buf = b""
+
+    @classmethod
+    def connect(cls, path: Path, timeout: float = REPLY_TIMEOUT) -> ControlClient:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except BaseException:
+            s.close()
+            raise
+        return cls(s, path)
+
+    @classmethod
+    def connect_if_running(cls, netns: str | None, state_dir: str | Path | None = None,
+                           run_dir: Path = RUN_DIR) -> ControlClient | None:
+        """A client when a daemon serves `netns`; None when none does (no socket, or one
+        left by a daemon that died), so ksctl works on the kernel directly. The socket is
+        found by namespace alone: there is one daemon per namespace, whatever its state
+        directory (`state_dir` is accepted for symmetry with the engine and not used)."""
+        path = socket_path(netns, run_dir)
+        try:
+            return cls.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except PermissionError as e:
+            raise PermissionError(errno.EACCES, "the ksbpf control socket is root only", str(path)) from e
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self._sock.sendall(json.dumps(req).encode() + b"\n")
+            while b"\n" not in self._buf:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    raise BackendError("control", f"ksbpfd closed {self.path} without answering")
+                self._buf += chunk
+        except TimeoutError:
+            raise BackendError("control", f"ksbpfd did not answer within {REPLY_TIMEOUT:.0f} s") from None
+        except OSError as e:
+            raise BackendError("control", f"{self.path}: {e.strerror or e}") from None
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError as e:
+            raise BackendError("control", f"unreadable reply: {e}") from None
+        if not isinstance(reply, dict):
+            raise BackendError("control", "unreadable reply: not an object")
+        if "error" in reply:
+            code = reply.get("code")
+            if code == "bad_request":
+                raise PolicyError(str(reply["error"]), source="ksbpfd")
+            if code == "forbidden":
+                raise PermissionError(errno.EACCES, str(reply["error"]), str(self.path))
+            raise KsbpfError(f"ksbpfd: {reply['error']}")
+        return reply

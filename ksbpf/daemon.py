@@ -1,0 +1,699 @@
+"""ksbpfd: the service that engages the kill switch and keeps it true.
+
+    ksbpfd --config FILE [--netns NAME] [--state-dir DIR] [--no-bpf]
+
+Start: the policy is validated (a file writable by anyone but root is refused), the
+metrics endpoint and the control socket are bound, every layer is engaged (nftables
+first), the boot-time lockdown table is removed, and only then READY=1. A policy that
+fails to validate at start falls back to the last applied one when there is one.
+
+Then a main loop owns every change: watcher events (links, rules, nftables, cgroups),
+control requests, SIGHUP (RELOADING=1, reload, READY=1; a bad policy is refused and the
+one in force stays), periodic checks, WATCHDOG=1. Stopping (SIGTERM) or dying leaves
+enforcement in the kernel: only `ksctl down` removes it.
+
+The daemon runs in the host's mount and network namespace (cgroups, bpffs, the metrics
+endpoint and the control socket live there); with --netns the network-side work happens
+in that namespace, from threads that enter it themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import signal
+import stat
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ksbpf import __version__
+from ksbpf.errors import BackendError, KsbpfError, PolicyError
+from ksbpf.policy import DEFAULT_POLICY_PATH, Policy, loads_policy
+
+log = logging.getLogger("ksbpfd")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+LOCKDOWN_TABLE = "ksbpf_lockdown"
+MAX_POLICY_BYTES = 16 << 20
+BPF_RETRY_S = (30.0, 600.0)  # first retry of a BPF layer that failed to load, and the cap
+
+
+# ------------------------------------------------------------------ policy file
+
+
+def check_policy_file_mode(st: os.stat_result, path: Path) -> None:
+    """Only root may be able to change what the kill switch enforces."""
+    if st.st_uid != 0:
+        raise PolicyError(f"owned by uid {st.st_uid}; the policy must be owned by root", source=str(path))
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PolicyError(
+            f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w it", source=str(path)
+        )
+
+
+def check_policy_dir_mode(st: os.stat_result, path: Path) -> None:
+    """Whoever can write the directory can replace the file (unless it is sticky)."""
+    if st.st_uid != 0:
+        raise PolicyError(f"its directory {path} is owned by uid {st.st_uid}, not root", source=str(path))
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise PolicyError(
+            f"its directory {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+            source=str(path),
+        )
+
+
+def read_policy_file(path: Path) -> tuple[Policy, str]:
+    """Read and validate a policy file, refusing one that anyone but root could write.
+    The checks are on the file that was opened (fstat), not on the name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise PolicyError(f"cannot read: {e.strerror}", source=str(path)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError("not a regular file", source=str(path))
+        check_policy_file_mode(st, path)
+        data = f.read(MAX_POLICY_BYTES + 1)
+    real_dir = Path(os.path.realpath(path)).parent
+    check_policy_dir_mode(os.stat(real_dir), Path(path))
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes", source=str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError("not UTF-8 text", source=str(path)) from None
+    return loads_policy(text, str(path)), text
+
+
+# ------------------------------------------------------------------ systemd
+
+
+class Notifier:
+    """sd_notify through systemd-python; silent when not run by systemd."""
+
+    def __init__(self) -> None:
+        try:
+            from systemd import daemon as sd
+        except ImportError:
+            sd = None
+        self._sd = sd
+        self.socket = os.environ.get("NOTIFY_SOCKET") or None
+        self.watchdog_s: float | None = None
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        wpid = os.environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
+            self.watchdog_s = int(usec) / 1e6
+
+    def notify(self, **fields: str | int) -> None:
+        if self._sd is None or self.socket is None:
+            return
+        msg = "\n".join(f"{k}={v}" for k, v in fields.items())
+        try:
+            self._sd.notify(msg)
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+
+    def status(self, text: str) -> None:
+        self.notify(STATUS=text)
+
+
+def setup_logging(target: str) -> str:
+    """The journal when systemd runs us (or when asked), else stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    use_journal = target == "journal" or (
+        target == "auto"
+        and os.path.exists("/run/systemd/journal/socket")
+        and bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    )
+    if use_journal:
+        try:
+            from systemd.journal import JournalHandler
+
+            root.addHandler(JournalHandler(SYSLOG_IDENTIFIER="ksbpfd"))
+            return "journal"
+        except ImportError:
+            pass
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(asctime)s ksbpfd[%(process)d] %(levelname)s %(message)s"))
+    root.addHandler(h)
+    return "stderr"
+
+
+# ------------------------------------------------------------------ the daemon
+
+
+@dataclass
+class ControlCall:
+    request: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Timer:
+    interval: float
+    due: float = 0.0
+
+    def ready(self, now: float) -> bool:
+        if now >= self.due:
+            self.due = now + self.interval
+            return True
+        return False
+
+
+class Daemon:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ksbpf.linux.engine import DEFAULT_STATE_DIR, LinuxEngine, state_dir_for
+        from ksbpf.metrics import CgroupNames, Histogram
+        from ksbpf.reconcile import Reconciler
+
+        self.args = args
+        self.config = Path(args.config)
+        self.netns: str | None = args.netns
+        base = Path(args.state_dir) if args.state_dir else DEFAULT_STATE_DIR
+        self.engine = LinuxEngine(netns=self.netns, state_dir=state_dir_for(self.netns, base), bpf=not args.no_bpf)
+        self.rec = Reconciler(self.engine, bpf=not args.no_bpf, settle_s=args.settle)
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.notifier = Notifier()
+        self.apply_seconds = Histogram()
+        self.cgroup_names = CgroupNames()
+        self.reloads = {"ok": 0, "refused": 0, "failed": 0}
+        self.base_policy: Policy | None = None
+        self.layer_detail: dict[str, str] = {}
+        self.enforcing = False
+        self.stopping = False
+        self.metrics: Any = None
+        self.control: Any = None
+        self.watchers: list[Any] = []
+        self.cgroup_watcher: Any = None
+        self._bpf_retry_at: float | None = None
+        self._bpf_backoff = BPF_RETRY_S[0]
+        self._state_lock = threading.Lock()
+        self._last_note = ""
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        self._install_signals()
+        policy, text = self._initial_policy()
+        try:
+            self._bind_metrics(policy)
+        except OSError as e:
+            return self._fail(f"metrics: cannot listen on {policy.metrics.listen}: {e.strerror or e}", EXIT_FAILED)
+        from ksbpf.control import ControlServer, socket_path
+
+        self.control = ControlServer(socket_path(self.netns), self._control_handler)
+        try:
+            self.control.bind()
+        except (OSError, KsbpfError) as e:
+            return self._fail(f"control socket: {e}", EXIT_FAILED)
+        try:
+            # Watchers first: a link that changes while we engage is an event, not a miss.
+            self._start_watchers()
+            self._engage(policy, text, why="start")
+        except KsbpfError as e:
+            return self._fail(f"cannot engage: {e}", EXIT_FAILED)
+        self._remove_lockdown()
+        self.metrics.start()
+        self.control.start()
+        log.info("ready: metrics on http://%s/metrics, control socket %s", self.metrics.listen, self.control.path)
+        self.notifier.notify(READY=1, STATUS=self.status_line(), MAINPID=os.getpid())
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+        return EXIT_OK
+
+    def _fail(self, message: str, code: int) -> int:
+        log.error("%s", message)
+        self.notifier.notify(STATUS=f"failed: {message}", ERRNO=code)
+        self._shutdown()
+        return code
+
+    def _install_signals(self) -> None:
+        # SimpleQueue.put is reentrant: safe from a signal handler.
+        def handler(signum: int, _frame: Any) -> None:
+            self.q.put(("signal", signum))
+
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _initial_policy(self) -> tuple[Policy, str]:
+        try:
+            return read_policy_file(self.config)
+        except PolicyError as e:
+            try:
+                snapshot = self.engine.applied_policy_path.read_text()
+                policy = loads_policy(snapshot, str(self.engine.applied_policy_path))
+            except (OSError, KsbpfError):
+                raise e from None
+            log.error("%s; enforcing the last applied policy (%s) until a reload succeeds", e, self.engine.applied_policy_path)
+            self._last_note = f"{self.config} refused: {e.reason}"
+            return policy, snapshot
+
+    def _bind_metrics(self, policy: Policy) -> None:
+        from ksbpf.metrics import KsbpfCollector, MetricsServer
+
+        collector = KsbpfCollector(self.snapshot, [self._nft_drops, self._bpf_drops], self.apply_seconds)
+        server = MetricsServer(collector, policy.metrics.host, policy.metrics.port)
+        server.bind()
+        old, self.metrics = self.metrics, server
+        if old is not None:
+            server.start()
+            old.close()
+
+    def _start_watchers(self) -> None:
+        from ksbpf.reconcile import CgroupWatcher, NetlinkWatcher, NftWatcher
+
+        emit = self.q.put
+        for w in (NetlinkWatcher(self.netns, emit), NftWatcher(self.netns, emit)):
+            w.start_and_wait()
+            self.watchers.append(w)
+        self.cgroup_watcher = CgroupWatcher(emit)
+        self.cgroup_watcher.start()
+        self.watchers.append(self.cgroup_watcher)
+
+    def _shutdown(self) -> None:
+        self.stopping = True
+        self.notifier.notify(STOPPING=1, STATUS="stopping; enforcement stays in the kernel")
+        if self.control is not None:
+            self.control.close()
+        self._fail_pending("ksbpfd is stopping")
+        for w in self.watchers:
+            w.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        log.info("stopped; enforcement stays in the kernel (only `ksctl down` removes it)")
+
+    def _fail_pending(self, why: str) -> None:
+        while True:
+            try:
+                item = self.q.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, ControlCall):
+                item.error = BackendError("control", why)
+                item.done.set()
+
+    # ---------------------------------------------------------------- engaging
+
+    def _engage(self, policy: Policy, text: str, why: str) -> None:
+        """Engage (or re-engage) every layer. Raises BackendError when nftables refused
+        the ruleset (the one before stays, atomically); other layers' failures are
+        reported and retried."""
+        result = self.engine.up(policy, text)
+        self.apply_seconds.observe(result.seconds)
+        effective = self.engine.effective_policy(policy)
+        self.base_policy = policy
+        self.enforcing = True
+        self.layer_detail = {n: s.detail for n, s in result.layers.items()}
+        self.rec.engaged(effective, result.layers)
+        self.cgroup_names.set_root(policy.bpf.cgroup)
+        if self.cgroup_watcher is not None:
+            self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+        for name, st in result.layers.items():
+            level = logging.INFO if st.engaged or (name == "bpf" and self.args.no_bpf) else logging.ERROR
+            log.log(level, "%s: %s %s: %s", why, name, "engaged" if st.engaged else "NOT ENGAGED", st.detail,
+                    extra={"KSBPF_LAYER": name, "KSBPF_EVENT": why})
+        log.info("%s: policy %s applied in %.0f ms", why, policy.source, result.seconds * 1000)
+        self._bpf_retry_at = None
+        bpf = result.layers.get("bpf")
+        if not self.args.no_bpf and (bpf is None or not bpf.engaged):
+            self._bpf_backoff = BPF_RETRY_S[0]
+            self._bpf_retry_at = time.monotonic() + self._bpf_backoff
+
+    def _remove_lockdown(self) -> None:
+        """units/ksbpf-lockdown.service blocked everything at boot with its own table; our
+        table enforces now (both drop by default, so there is no gap), and it goes."""
+        if not self.rec.layers.get("nftables"):
+            return
+        from ksbpf.linux.netns import netns
+
+        try:
+            import nftables
+
+            with netns(self.netns):
+                nft = nftables.Nftables()
+                rc, out, _ = nft.cmd("list tables inet")
+                if rc == 0 and f"table inet {LOCKDOWN_TABLE}\n" in out + "\n":
+                    rc, _, err = nft.cmd(f"delete table inet {LOCKDOWN_TABLE}")
+                    if rc != 0:
+                        log.error("cannot remove the lockdown table: %s", err.strip())
+                    else:
+                        log.info("lockdown table inet %s removed: ksbpf enforces now", LOCKDOWN_TABLE)
+        except (ImportError, KsbpfError) as e:
+            log.error("cannot remove the lockdown table: %s", e)
+
+    def _reload(self, origin: str) -> dict[str, Any]:
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6), STATUS=f"reloading ({origin})")
+        try:
+            try:
+                policy, text = read_policy_file(self.config)
+            except PolicyError as e:
+                self.reloads["refused"] += 1
+                self._last_note = f"reload refused: {e}"
+                log.error("reload (%s) refused: %s; the policy in force stays", origin, e,
+                          extra={"KSBPF_EVENT": "reload-refused"})
+                raise
+            try:
+                self._engage(policy, text, why=f"reload ({origin})")
+            except KsbpfError as e:
+                self.reloads["failed"] += 1
+                self._last_note = f"reload failed: {e}"
+                log.error("reload (%s) failed: %s; the ruleset in force stays", origin, e)
+                raise
+            self.reloads["ok"] += 1
+            self._last_note = ""
+            if self.metrics is not None and (policy.metrics.host, policy.metrics.port) != (self.metrics.host, self.metrics.port):
+                try:
+                    self._bind_metrics(policy)
+                    log.info("metrics now on http://%s/metrics", self.metrics.listen)
+                except OSError as e:
+                    log.error("metrics stay on %s: cannot listen on %s: %s", self.metrics.listen, policy.metrics.listen, e)
+            return {"layers": {n: {"engaged": s, "detail": self.layer_detail.get(n, "")} for n, s in self.rec.layers.items()}}
+        finally:
+            self.notifier.notify(READY=1, STATUS=self.status_line())
+
+    # ---------------------------------------------------------------- main loop
+
+    def _loop(self) -> None:
+        a = self.args
+        timers = {
+            "bpf": Timer(a.bpf_poll, time.monotonic() + a.bpf_poll),
+            "check": Timer(a.check_interval, time.monotonic() + a.check_interval),
+            "status": Timer(a.status_interval, time.monotonic() + a.status_interval),
+        }
+        if self.notifier.watchdog_s:
+            timers["watchdog"] = Timer(self.notifier.watchdog_s / 2)
+        while not self.stopping:
+            now = time.monotonic()
+            wake = min(t.due for t in timers.values())
+            if self._bpf_retry_at is not None:
+                wake = min(wake, self._bpf_retry_at)
+            items = []
+            try:
+                items.append(self.q.get(timeout=max(0.0, wake - now)))
+                while True:
+                    items.append(self.q.get_nowait())
+            except queue.Empty:
+                pass
+            self._handle(items)
+            now = time.monotonic()
+            if self.stopping:
+                break
+            if timers.get("watchdog") and timers["watchdog"].ready(now):
+                self.notifier.notify(WATCHDOG=1)
+            if self.enforcing:
+                if timers["check"].ready(now):
+                    self._guard(self._full_check)
+                    timers["bpf"].due = now + a.bpf_poll
+                elif timers["bpf"].ready(now):
+                    self._guard(self._report_repair, "bpf", self.rec.check_bpf)
+                if self._bpf_retry_at is not None and now >= self._bpf_retry_at:
+                    self._retry_bpf()
+            if timers["status"].ready(now):
+                self.notifier.status(self.status_line())
+
+    def _handle(self, items: list[Any]) -> None:
+        from ksbpf.reconcile import Event
+
+        events = [i for i in items if isinstance(i, Event)]
+        for item in items:
+            if isinstance(item, tuple) and item[0] == "signal":
+                if item[1] == signal.SIGHUP:
+                    log.info("SIGHUP: reloading %s", self.config)
+                    with contextlib.suppress(KsbpfError):
+                        self._reload("SIGHUP")
+                else:
+                    log.info("signal %d: stopping", item[1])
+                    self.stopping = True
+            elif isinstance(item, ControlCall):
+                self._answer(item)
+        if self.stopping or not self.enforcing or not events:
+            return
+        kinds = {e.kind for e in events}
+        overflow = "overflow" in kinds
+        for e in events:
+            if e.kind == "overflow":
+                log.warning("events lost (%s): checking everything", e.detail)
+        if "link" in kinds or overflow:
+            since = min(e.at for e in events if e.kind in ("link", "overflow"))
+            self._guard(self._links, since)
+        if "nft" in kinds or overflow:
+            self._guard(self._report_repair, "nftables", self.rec.check_nft)
+        if "routing" in kinds or overflow:
+            self._guard(self._report_repair, "routing", self.rec.check_routing)
+        if "cgroup" in kinds or overflow:
+            self._guard(self._cgroups)
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        """Run one reconciliation step: `ksctl down` makes the daemon idle, a failure is
+        logged and retried at the next event or check."""
+        from ksbpf.reconcile import ExternalDown
+
+        if not self.enforcing:
+            return
+        try:
+            fn(*args)
+        except ExternalDown as e:
+            self.enforcing = False
+            self._last_note = "idle: enforcement removed by `ksctl down`"
+            log.warning("%s; idle until a reload (SIGHUP) or restart", e, extra={"KSBPF_EVENT": "down"})
+            self.notifier.status(self.status_line())
+        except KsbpfError as e:
+            log.error("reconciling failed: %s (retrying at the next event or check)", e)
+
+    def _links(self, since: float) -> None:
+        for line in self.rec.on_links(since):
+            log.info("%s", line, extra={"KSBPF_EVENT": "link"})
+        self.notifier.status(self.status_line())
+
+    def _report_repair(self, layer: str, check: Any) -> None:
+        what = check()
+        if what:
+            log.warning("drift repaired in %s: %s", layer, what, extra={"KSBPF_LAYER": layer, "KSBPF_EVENT": "drift"})
+            self.notifier.status(self.status_line())
+
+    def _cgroups(self) -> None:
+        for change in self.rec.check_cgroups():
+            log.info("exemption follows its cgroup: %s", change, extra={"KSBPF_EVENT": "cgroup"})
+        if self.cgroup_watcher is not None:
+            self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+
+    def _full_check(self) -> None:
+        self._links(time.monotonic())
+        self._report_repair("nftables", self.rec.check_nft)
+        self._report_repair("routing", self.rec.check_routing)
+        self._report_repair("bpf", self.rec.check_bpf)
+        self._cgroups()
+
+    def _retry_bpf(self) -> None:
+        policy = self.rec.policy
+        assert policy is not None
+        try:
+            layer = self.engine.bpf_layer(policy)
+            layer.apply(policy)
+            engaged, detail = layer.status()
+        except (ImportError, KsbpfError) as e:
+            engaged, detail = False, str(e)
+        self.layer_detail["bpf"] = str(detail)
+        if engaged:
+            self.rec.layers["bpf"] = self.rec.bpf_engaged = True
+            self._bpf_retry_at = None
+            log.info("bpf: engaged on retry: %s", detail)
+        else:
+            self._bpf_backoff = min(self._bpf_backoff * 2, BPF_RETRY_S[1])
+            self._bpf_retry_at = time.monotonic() + self._bpf_backoff
+            log.warning("bpf: still not engaged (%s); next try in %.0f s", detail, self._bpf_backoff)
+
+    # ---------------------------------------------------------------- control
+
+    def _control_handler(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Runs on the control thread: the main loop does the work."""
+        from ksbpf.control import REPLY_TIMEOUT
+
+        if self.stopping:
+            raise BackendError("control", "ksbpfd is stopping")
+        call = ControlCall(request)
+        self.q.put(call)
+        if not call.done.wait(REPLY_TIMEOUT - 5):
+            raise BackendError("control", "ksbpfd is busy; try again")
+        if call.error is not None:
+            raise call.error
+        return call.reply or {}
+
+    def _answer(self, call: ControlCall) -> None:
+        req = call.request
+        op = req["op"]
+        try:
+            if op == "status":
+                call.reply = self.status()
+            elif op == "exempt":
+                if not self.enforcing:
+                    raise KsbpfError("ksbpf is not engaged (after `down`); reload first")
+                effective = self.engine.set_exemption(req["exemption"])
+                self._exemptions_changed(effective)
+                log.info("exempted %s: %s", req["exemption"].cgroup, req["exemption"].as_dict(),
+                         extra={"KSBPF_EVENT": "exempt"})
+                call.reply = {"exemption": req["exemption"].as_dict()}
+            elif op == "unexempt":
+                if not self.enforcing:
+                    raise KsbpfError("ksbpf is not engaged (after `down`); reload first")
+                effective = self.engine.remove_exemption(req["cgroup"])
+                self._exemptions_changed(effective)
+                log.info("removed the exemption of %s", req["cgroup"], extra={"KSBPF_EVENT": "unexempt"})
+                call.reply = {}
+            elif op == "reload":
+                call.reply = self._reload("ksctl")
+            elif op == "down":
+                self.engine.down()
+                self.enforcing = False
+                self.rec.layers = {}
+                self._bpf_retry_at = None
+                self._last_note = "idle: enforcement removed by `ksctl down`"
+                log.warning("down: every layer removed on request; idle until a reload (SIGHUP) or restart",
+                            extra={"KSBPF_EVENT": "down"})
+                call.reply = {}
+            else:  # validate_request admits only the ops above
+                raise PolicyError(f"unknown op {op!r}", source="control request")
+        except BaseException as e:  # handed to the waiting control thread, which reports it
+            call.error = e
+        finally:
+            call.done.set()
+        self.notifier.status(self.status_line())
+
+    def _exemptions_changed(self, effective: Policy) -> None:
+        self.rec.exemptions_changed(effective)
+        if self.cgroup_watcher is not None:
+            self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+
+    # ---------------------------------------------------------------- reporting
+
+    def _nft_drops(self) -> list[Any]:
+        from ksbpf.metrics import nft_drop_samples
+
+        return nft_drop_samples(self.engine.nft)
+
+    def _bpf_drops(self) -> list[Any]:
+        from ksbpf.metrics import bpf_drop_samples
+
+        if self.args.no_bpf:
+            return []
+        try:
+            layer = self.engine.bpf_layer(self.rec.policy)
+        except ImportError:
+            return []
+        return bpf_drop_samples(layer, self.cgroup_names)
+
+    def snapshot(self) -> Any:
+        """For the metrics collector (HTTP threads): copies, never live references."""
+        from ksbpf.metrics import Snapshot
+
+        policy = self.rec.policy
+        return Snapshot(
+            layers=dict(self.rec.layers) if self.enforcing else {},
+            tunnels=self.rec.tunnel_state(),
+            exemptions=len(policy.exemptions) if policy is not None and self.enforcing else 0,
+            drift_repairs=dict(self.rec.drift_repairs),
+            reloads=dict(self.reloads),
+            engaged=self.enforcing,
+        )
+
+    def status(self) -> dict[str, Any]:
+        layers = {n: s.as_dict() for n, s in self.engine.status().items()}
+        policy = self.rec.policy
+        return {
+            "layers": layers,
+            "pid": os.getpid(),
+            "version": __version__,
+            "enforcing": self.enforcing,
+            "policy": str(self.config),
+            "netns": self.netns,
+            "tunnels": self.rec.tunnel_state(),
+            "exemptions": [e.as_dict() for e in policy.exemptions] if policy is not None else [],
+            "cgroup_ids": self.rec.cgroup_ids,
+            "drift_repairs": dict(self.rec.drift_repairs),
+            "reloads": dict(self.reloads),
+            "last_tunnel_follow_ms": None if self.rec.last_tunnel_follow_s is None else round(self.rec.last_tunnel_follow_s * 1000, 2),
+            "metrics": f"http://{self.metrics.listen}/metrics" if self.metrics is not None else None,
+            "note": self._last_note,
+        }
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: layers, tunnel, drops, repairs."""
+        if not self.enforcing:
+            return self._last_note or "not enforcing"
+        layers = self.rec.layers
+        engaged = [n for n in ("nftables", "routing", "bpf") if layers.get(n)]
+        missing = [n for n in ("nftables", "routing", "bpf") if not layers.get(n) and not (n == "bpf" and self.args.no_bpf)]
+        parts = ["enforcing: " + "+".join(engaged) + (f" (NOT ENGAGED: {', '.join(missing)})" if missing else "")]
+        tunnels = self.rec.tunnel_state()
+        up = sorted(n for n, u in tunnels.items() if u)
+        parts.append(f"tunnel {', '.join(up)} up" if up else "tunnel down: blocking everything")
+        try:
+            dropped = sum(s.packets for s in (*self._nft_drops(), *self._bpf_drops()))
+            parts.append(f"{dropped} packets dropped")
+        except Exception as e:  # the status line must never take the loop down
+            log.debug("status line: drop counters unreadable: %s", e)
+        repairs = sum(self.rec.drift_repairs.values())
+        if repairs:
+            parts.append(f"{repairs} drift repairs")
+        if self._last_note:
+            parts.append(self._last_note)
+        return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksbpfd", description="ksbpf daemon: engage the kill switch and keep it true")
+    p.add_argument("--version", action="version", version=f"ksbpfd {__version__}")
+    p.add_argument("--config", default=str(DEFAULT_POLICY_PATH), help="policy file (default %(default)s)")
+    p.add_argument("--netns", metavar="NAME", help="enforce in this named network namespace")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (default /var/lib/ksbpf)")
+    p.add_argument("--no-bpf", action="store_true", help="engage nftables and routing only")
+    p.add_argument("--check-interval", type=float, default=30.0, metavar="S",
+                   help="full drift check backstop period (default %(default)s s)")
+    p.add_argument("--bpf-poll", type=float, default=1.0, metavar="S",
+                   help="BPF attachment check period; the kernel sends no event (default %(default)s s)")
+    p.add_argument("--status-interval", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--settle", type=float, default=0.3, metavar="S",
+                   help="wait this long before repairing drift, so `ksctl down` is told from drift")
+    p.add_argument("--log-target", choices=["auto", "journal", "stderr"], default="auto")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_target)
+    if os.geteuid() != 0:
+        log.error("ksbpfd must run as root (nftables, routing, BPF)")
+        return EXIT_FAILED
+    try:
+        daemon = Daemon(args)
+        return daemon.run()
+    except PolicyError as e:
+        log.error("refusing to start: %s", e)
+        Notifier().notify(STATUS=f"refusing to start: {e}", ERRNO=EXIT_BAD_CONFIG)
+        return EXIT_BAD_CONFIG
+    except KsbpfError as e:
+        log.error("cannot start: %s", e)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
