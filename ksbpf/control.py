@@ -186,6 +186,8 @@ class ControlServer:
                     self._session(conn)
                 except (OSError, ValueError) as e:
                     log.info("control socket: client dropped: %s", e)
+                except Exception:  # the control socket outlives any one bad session
+                    log.exception("control socket: session failed")
 
     def _session(self, conn: socket.socket) -> None:
         conn.settimeout(CLIENT_TIMEOUT)
@@ -214,7 +216,7 @@ class ControlServer:
     def _answer(self, line: bytes) -> dict[str, Any]:
         try:
             req = validate_request(line)
-        except BadRequest as e:
+        except PolicyError as e:
             log.warning("control socket: bad request: %s", e)
             return error_reply(e)
         try:

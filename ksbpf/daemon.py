@@ -470,8 +470,14 @@ class Daemon:
             fn(*args)
         except ExternalDown as e:
             self.enforcing = False
+            self._bpf_retry_at = None
             self._last_note = "idle: enforcement removed by `ksctl down`"
             log.warning("%s; idle until a reload (SIGHUP) or restart", e, extra={"KSBPF_EVENT": "down"})
+            # A repair racing the down may have put a layer back: finish what `down` began.
+            try:
+                self.engine.down()
+            except KsbpfError as err:
+                log.error("completing `ksctl down` failed: %s", err)
             self.notifier.status(self.status_line())
         except KsbpfError as e:
             log.error("reconciling failed: %s (retrying at the next event or check)", e)

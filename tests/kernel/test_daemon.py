@@ -1,0 +1,729 @@
+"""ksbpfd on the kernel: started for a namespace and cgroup this test makes, with a real
+NOTIFY_SOCKET listener, scraped over HTTP, driven through its control socket, and
+attacked with drift behind its back.
+
+The client namespace has an uplink veth to a far namespace that counts what leaves
+(tests.kernel.uplink) and a veth named like a tunnel to a "vpn" namespace. The WireGuard
+lab variants are in test_daemon_lab.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ksbpf.linux.engine import LinuxEngine, state_dir_for
+from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh
+from tests.kernel.uplink import Uplink, add_tunnel, build_uplink, ksctl
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parents[2]
+
+SEND = r"""
+import errno, json, socket, sys
+dst, port, n, dev, mark = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5], 0)
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+if dev != "-":
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+res = {"sent": 0, "errors": {}}
+for _ in range(n):
+    try:
+        s.sendto(b"k" * 32, (dst, port))
+        res["sent"] += 1
+    except OSError as e:
+        k = errno.errorcode.get(e.errno, str(e.errno))
+        res["errors"][k] = res["errors"].get(k, 0) + 1
+print(json.dumps(res))
+"""
+UDP4_PACKET_BYTES = 20 + 8 + 32  # what nft counts at the output hook for one datagram
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def send(netns: str, cgroup: Path | None, dst: str, port: int, n: int, *, dev: str | None = None, mark: int = 0) -> dict[str, Any]:
+    r = run_in([sys.executable, "-c", SEND, dst, str(port), str(n), dev or "-", hex(mark)], netns=netns, cgroup=cgroup)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Metrics:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: Metrics = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(m: Metrics, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class NotifyListener:
+    """A real NOTIFY_SOCKET: an AF_UNIX datagram socket this test binds. `on_message`
+    runs on arrival (e.g. to look at the kernel the moment READY=1 comes in)."""
+
+    def __init__(self, on_message: Callable[[dict[str, str]], None] | None = None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="ksn")  # short: sun_path holds 108 bytes
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self.on_message = on_message
+        self._stop = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = time.monotonic()
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            if self.on_message is not None:
+                self.on_message(fields)
+            with self._lock:
+                self.messages.append((t, fields))
+
+    def received(self, key: str, value: str | None = None) -> list[tuple[float, dict[str, str]]]:
+        with self._lock:
+            return [(t, m) for t, m in self.messages if key in m and (value is None or m[key] == value)]
+
+    def wait(self, key: str, value: str | None = None, *, count: int = 1, timeout: float = 60.0) -> list[tuple[float, dict[str, str]]]:
+        return list(wait_for(lambda: len(self.received(key, value)) >= count and self.received(key, value),
+                             f"{count} x {key}={value or '*'} on NOTIFY_SOCKET", timeout=timeout))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
+        with_suppress_unlink(self.path)
+        os.rmdir(self.dir)
+
+
+def with_suppress_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class World:
+    """A client namespace (uplink + tunnel veth) and cgroups: `bpf` is the attach point,
+    `apps` below it is where test processes run, as every process on a host runs below
+    the root cgroup."""
+
+    uplink: Uplink
+    cgroups: CgroupFactory
+    tmp: Path
+    port: int = field(default_factory=free_port)
+
+    def __post_init__(self) -> None:
+        self.bpf_cg = self.cgroups("bpf")
+        self.apps = self.cgroups("bpf/apps")
+        self.state = self.tmp / "state"
+        self.policy_path = self.tmp / "policy.toml"
+
+    @property
+    def client(self) -> str:
+        return self.uplink.client
+
+    def policy(self, extra: str = "", **kw: Any) -> str:
+        return self.uplink.policy(
+            f'[bpf]\ncgroup = "{self.cgroups.rel(self.bpf_cg)}"\n[metrics]\nlisten = "127.0.0.1:{self.port}"\n' + extra, **kw
+        )
+
+    def write_policy(self, text: str, mode: int = 0o600) -> Path:
+        tmp = self.policy_path.with_suffix(".new")
+        tmp.write_text(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, self.policy_path)
+        return self.policy_path
+
+    def ksctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return ksctl(*args, netns=self.client, state_dir=str(self.state))
+
+    def engine(self) -> LinuxEngine:
+        return LinuxEngine(netns=self.client, state_dir=state_dir_for(self.client, self.state))
+
+    def nft_rules(self, chain: str = "output") -> list[dict[str, Any]]:
+        out = sh("nft", "-j", "-a", "list", "chain", "inet", "ksbpf", chain, netns=self.client, check=False).stdout
+        return [o["rule"] for o in json.loads(out or '{"nftables": []}')["nftables"] if "rule" in o]
+
+    def has_table(self) -> bool:
+        return sh("nft", "list", "table", "inet", "ksbpf", netns=self.client, check=False).returncode == 0
+
+
+@dataclass
+class Daemon:
+    world: World
+    proc: subprocess.Popen[str]
+    notify: NotifyListener
+    log: Path
+
+    @property
+    def port(self) -> int:
+        return self.world.port
+
+    def scrape(self) -> Metrics:
+        return scrape(self.port)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        r = self.world.ksctl("status", "--json")
+        assert r.returncode in (0, 1), r.stderr
+        return dict(json.loads(r.stdout))
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+class DaemonFactory:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.started: list[Daemon] = []
+
+    def __call__(self, policy: str | None = None, *args: str, env: dict[str, str] | None = None,
+                 wait_ready: bool = True, on_message: Callable[[dict[str, str]], None] | None = None) -> Daemon:
+        w = self.world
+        if policy is not None or not w.policy_path.exists():
+            w.write_policy(policy if policy is not None else w.policy())
+        notify = NotifyListener(on_message)
+        log = w.tmp / f"ksbpfd-{len(self.started)}.log"
+        base = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "NOTIFY_SOCKET")}
+        full_env = {**base, "NOTIFY_SOCKET": notify.path, "PYTHONPATH": str(REPO), **(env or {})}
+        argv = [sys.executable, "-m", "ksbpf.daemon", "--config", str(w.policy_path), "--netns", w.client,
+                "--state-dir", str(w.state), "--log-target", "stderr", *args]
+        with open(log, "w") as f:
+            proc = subprocess.Popen(argv, env=full_env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        d = Daemon(w, proc, notify, log)
+        self.started.append(d)
+        if wait_ready:
+            try:
+                wait_for(lambda: notify.received("READY", "1") or proc.poll() is not None, "READY=1", timeout=90)
+            finally:
+                if proc.poll() is not None:
+                    raise AssertionError(f"ksbpfd exited {proc.returncode}:\n{d.log_text()[-3000:]}")
+        return d
+
+    def cleanup(self) -> None:
+        for d in self.started:
+            d.stop()  # by its pid, SIGTERM then SIGKILL
+            d.notify.close()
+        try:
+            self.world.engine().down()
+        except Exception as e:  # cleanup goes on; the namespace goes anyway
+            print(f"cleanup: ksbpf down failed: {e}", file=sys.stderr)
+
+
+@pytest.fixture
+def world(make_netns: NetnsFactory, make_cgroup: CgroupFactory, tmp_path: Path) -> World:
+    return World(build_uplink(make_netns), make_cgroup, tmp_path)
+
+
+@pytest.fixture
+def daemon(world: World) -> Iterator[DaemonFactory]:
+    f = DaemonFactory(world)
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+def bpf_engaged(m: Metrics) -> bool:
+    return sample(m, "ksbpf_layer_engaged", layer="bpf") == 1.0
+
+
+# =========================================================================== start, notify
+
+
+def test_ready_only_once_enforcing_with_status_and_watchdog_pings(world: World, daemon: DaemonFactory) -> None:
+    at_ready: dict[str, Any] = {}
+
+    def look(fields: dict[str, str]) -> None:
+        if fields.get("READY") == "1" and not at_ready:
+            at_ready["table"] = world.has_table()
+            at_ready["rule"] = "lookup 19283" in sh("ip", "rule", netns=world.client).stdout
+            try:
+                at_ready["metrics"] = "ksbpf_layer_engaged" in str(scrape(world.port))
+            except OSError as e:
+                at_ready["metrics"] = str(e)
+
+    watchdog_s = 1.0
+    d = daemon(None, env={"WATCHDOG_USEC": str(int(watchdog_s * 1e6))}, on_message=look)
+    assert at_ready == {"table": True, "rule": True, "metrics": True}
+    ready_t, ready = d.notify.received("READY", "1")[0]
+    assert "enforcing: nftables+routing" in ready["STATUS"] and "tunnel" in ready["STATUS"]
+
+    # Pings at least twice per WatchdogSec (systemd's advice), measured as a ratio.
+    pings = d.notify.wait("WATCHDOG", "1", count=4, timeout=10 * watchdog_s)
+    times = [ready_t] + [t for t, _ in pings]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) / watchdog_s < 1.0, gaps
+    assert d.proc.poll() is None
+
+
+def test_no_watchdog_pings_unless_asked(world: World, daemon: DaemonFactory) -> None:
+    d = daemon()
+    status_before = len(d.notify.received("STATUS"))
+    d.signal(signal.SIGHUP)  # something to wait for instead of a fixed sleep
+    d.notify.wait("READY", "1", count=2)
+    assert len(d.notify.received("STATUS")) > status_before
+    assert d.notify.received("WATCHDOG") == []
+
+
+def test_policy_writable_by_others_is_refused_at_start(world: World, daemon: DaemonFactory) -> None:
+    for mode, owner, needle in [(0o664, 0, "writable by group or others"), (0o602, 0, "writable by group or others"),
+                                (0o600, 65534, "owned by uid 65534")]:
+        path = world.write_policy(world.policy(), mode)
+        os.chown(path, owner, 0)
+        d = daemon(None, wait_ready=False)
+        assert d.proc.wait(timeout=60) == 2
+        assert needle in d.log_text() and str(path) in d.log_text()
+        assert not d.notify.received("READY")
+        assert not world.has_table(), "nothing may be engaged from a refused policy"
+        assert "refusing to start" in d.notify.wait("STATUS")[0][1]["STATUS"]
+
+
+# =========================================================================== metrics
+
+
+def test_drop_counters_rise_by_exactly_the_blocked_packets(world: World, daemon: DaemonFactory) -> None:
+    d = daemon()
+    u = world.uplink
+    before, far0 = d.scrape(), u.far_count()
+    assert sample(before, "ksbpf_layer_engaged", layer="nftables") == 1.0
+    assert sample(before, "ksbpf_tunnel_up", interface=u.tun_if) == 1.0
+
+    # Sent out of the uplink on purpose (SO_BINDTODEVICE), from the test cgroup.
+    n = 37
+    r = send(world.client, world.apps, "192.0.2.1", 9, n, dev=u.up_if)
+    assert r == {"sent": 0, "errors": {"EPERM": n}}
+    # Another resolver, through the tunnel: DNS only to the configured one.
+    n_dns = 11
+    r = send(world.client, world.apps, "203.0.113.53", 53, n_dns)
+    assert r["errors"] == {"EPERM": n_dns}
+
+    after = d.scrape()
+    key = {"layer": "nftables", "reason": "no_tunnel", "family": "ipv4", "cgroup": ""}
+    delta = lambda name, **k: sample(after, name, **k) - sample(before, name, **k)  # noqa: E731
+    assert delta("ksbpf_dropped_packets_total", **key) == n
+    assert delta("ksbpf_dropped_bytes_total", **key) == n * UDP4_PACKET_BYTES
+    dns = {**key, "reason": "dns"}
+    assert delta("ksbpf_dropped_packets_total", **dns) == n_dns
+    assert delta("ksbpf_dropped_bytes_total", **dns) == n_dns * UDP4_PACKET_BYTES
+    assert u.far_count() == far0
+    assert sample(after, "ksbpf_exemptions") == 0
+    assert sample(after, "ksbpf_policy_apply_seconds_count") == 1
+    assert sample(after, "ksbpf_build_info", version=__import__("ksbpf").__version__,
+                  python=__import__("platform").python_version(), kernel=os.uname().release) == 1
+
+
+def test_bpf_drops_carry_the_cgroup_path(world: World, daemon: DaemonFactory) -> None:
+    """The endpoint's cgroup half is the BPF layer's: marked traffic to the endpoint from a
+    cgroup that is not the VPN client's passes nftables and is dropped (and counted per
+    cgroup) by BPF."""
+    vpn = world.cgroups("bpf/vpn-client")
+    policy = world.policy().replace(
+        "endpoint_mark = 0xca6c", f'endpoint_mark = 0xca6c\nendpoint_cgroups = ["{world.cgroups.rel(vpn)}"]'
+    )
+    d = daemon(policy)
+    before = d.scrape()
+    if not bpf_engaged(before):
+        pytest.skip("the BPF layer is not engaged here: " + json.dumps(d.status()["layers"]["bpf"]))
+    n = 23
+    r = send(world.client, world.apps, "192.0.2.1", 51820, n, mark=0xCA6C)
+    assert r["errors"] == {"EPERM": n}, r
+    after = d.scrape()
+    key = {"layer": "bpf", "reason": "endpoint_unauthorized", "family": "", "cgroup": world.cgroups.rel(world.apps)}
+    assert sample(after, "ksbpf_dropped_packets_total", **key) - sample(before, "ksbpf_dropped_packets_total", **key) == n
+    assert sample(after, "ksbpf_dropped_bytes_total", **key) - sample(before, "ksbpf_dropped_bytes_total", **key) == n * UDP4_PACKET_BYTES
+    # The VPN client's own cgroup may.
+    f0 = world.uplink.far_count()
+    assert send(world.client, vpn, "192.0.2.1", 51820, 5, mark=0xCA6C)["sent"] == 5
+    assert world.uplink.far_count() - f0 >= 5
+
+
+# =========================================================================== drift
+
+
+def _detach_bpf_egress(world: World) -> None:
+    path = str(world.bpf_cg)
+    progs = json.loads(subprocess.run(["bpftool", "-j", "cgroup", "show", path], capture_output=True, text=True, check=True).stdout)
+    ids = [p["id"] for p in progs if p.get("attach_type") in ("cgroup_inet_egress", "egress")]
+    assert ids, progs
+    for i in ids:
+        subprocess.run(["bpftool", "cgroup", "detach", path, "cgroup_inet_egress", "id", str(i)], check=True)
+
+
+def _bpf_egress_attached(world: World) -> bool:
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(world.bpf_cg)], capture_output=True, text=True).stdout
+    return any(p.get("attach_type") in ("cgroup_inet_egress", "egress") for p in json.loads(out.strip() or "[]"))
+
+
+def _delete_first_output_rule(world: World) -> None:
+    handle = world.nft_rules("output")[0]["handle"]
+    sh("nft", "delete", "rule", "inet", "ksbpf", "output", "handle", str(handle), netns=world.client)
+
+
+def _flush_table(world: World) -> None:
+    sh("nft", "flush", "table", "inet", "ksbpf", netns=world.client)
+
+
+def _delete_table(world: World) -> None:
+    sh("nft", "delete", "table", "inet", "ksbpf", netns=world.client)
+
+
+def _delete_ip_rule(world: World) -> None:
+    sh("ip", "-4", "rule", "del", "pref", "10100", netns=world.client)  # the catch-all into table 19283
+
+
+DRIFTS: dict[str, tuple[str, Callable[[World], None]]] = {
+    "table-flushed": ("nftables", _flush_table),
+    "table-deleted": ("nftables", _delete_table),
+    "rule-removed": ("nftables", _delete_first_output_rule),
+    "ip-rule-deleted": ("routing", _delete_ip_rule),
+    "bpf-detached": ("bpf", _detach_bpf_egress),
+}
+
+
+def _kernel_state(world: World) -> dict[str, Any]:
+    return {
+        "output_rules": len(world.nft_rules("output")),
+        "input_rules": len(world.nft_rules("input")),
+        "ip_rules": sorted(line for line in sh("ip", "rule", netns=world.client).stdout.splitlines() if "19283" in line or "0x4b" in line),
+        "bpf": _bpf_egress_attached(world),
+    }
+
+
+@pytest.mark.parametrize("drift", list(DRIFTS))
+def test_drift_is_repaired_logged_and_counted(world: World, daemon: DaemonFactory, drift: str) -> None:
+    layer, do = DRIFTS[drift]
+    d = daemon()
+    m0 = d.scrape()
+    if layer == "bpf" and not bpf_engaged(m0):
+        pytest.skip("the BPF layer is not engaged here")
+    want = _kernel_state(world)
+    key = ("ksbpf_drift_repairs_total", (("layer", layer),))
+    assert m0[key] == 0
+
+    do(world)
+    assert _kernel_state(world) != want, "the drift did not happen"
+    wait_for(lambda: d.scrape()[key] >= 1, f"{layer} drift to be repaired")
+    wait_for(lambda: _kernel_state(world) == want, "the kernel state to be back")
+    assert f"drift repaired in {layer}" in d.log_text()
+    # Repaired once, and no other layer was "repaired" along the way.
+    d.signal(signal.SIGHUP)  # a full round through the main loop before looking again
+    d.notify.wait("READY", "1", count=2)
+    m1 = d.scrape()
+    assert {k[1][0][1]: v for k, v in m1.items() if k[0] == "ksbpf_drift_repairs_total"} == {
+        n: (1.0 if n == layer else 0.0) for n in ("nftables", "routing", "bpf")
+    }
+    # And it enforces: blocked traffic is still blocked and counted.
+    assert send(world.client, world.apps, "192.0.2.1", 9, 3, dev=world.uplink.up_if)["errors"] == {"EPERM": 3}
+
+
+def test_ksctl_down_is_not_drift(world: World, daemon: DaemonFactory) -> None:
+    """Without the daemon's help, `ksctl down` removes the layers and then the applied
+    record: the daemon must not fight it (and must say it is idle)."""
+    d = daemon()
+    r = world.ksctl("down")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: "ksctl down" in d.log_text(), "the daemon to notice `ksctl down`")
+    wait_for(lambda: sample(d.scrape(), "ksbpf_enforcing") == 0.0, "the daemon to go idle")
+    gone = {"output_rules": 0, "input_rules": 0, "ip_rules": [], "bpf": False}
+    assert _kernel_state(world) == gone and not world.has_table()
+    assert sum(v for k, v in d.scrape().items() if k[0] == "ksbpf_drift_repairs_total") == 0
+    d.signal(signal.SIGHUP)  # reload re-engages
+    d.notify.wait("READY", "1", count=2)
+    assert world.has_table()
+    assert sample(d.scrape(), "ksbpf_enforcing") == 1.0
+
+
+# =========================================================================== links, cgroups
+
+
+def _route_table(world: World) -> str:
+    return sh("ip", "route", "show", "table", "19283", netns=world.client).stdout
+
+
+def test_recreated_tunnel_is_followed_by_routing_and_bpf(world: World, daemon: DaemonFactory,
+                                                         record_property: Callable[[str, object], None]) -> None:
+    d = daemon()
+    u = world.uplink
+    old = int(json.loads(sh("ip", "-j", "link", "show", u.tun_if, netns=u.client).stdout)[0]["ifindex"])
+    sh("ip", "link", "del", u.tun_if, netns=u.client)
+    wait_for(lambda: f"dev {u.tun_if}" not in _route_table(world), "the route via the old tunnel to go")
+    assert send(u.client, world.apps, "203.0.113.9", 9, 3)["sent"] == 0  # blackhole: blocked while gone
+
+    # Poll the route table as closely as we can from outside while the tunnel comes back.
+    seen: dict[str, float] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        from pyroute2 import IPRoute
+
+        from ksbpf.linux.netns import netns
+
+        with netns(u.client), IPRoute() as ipr:
+            while not stop.is_set():
+                if any(r.get_attr("RTA_OIF") and r["type"] != 6 for r in ipr.get_routes(table=19283)):
+                    seen["route"] = time.monotonic()
+                    return
+                time.sleep(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        add_tunnel(u)  # new veth, same name, new ifindex; `ip link set up` is its last step
+        up_at = time.monotonic()
+        t.join(timeout=10)
+    finally:
+        stop.set()
+        t.join()
+    new = int(json.loads(sh("ip", "-j", "link", "show", u.tun_if, netns=u.client).stdout)[0]["ifindex"])
+    assert new != old
+    assert "route" in seen, _route_table(world)
+    outside_ms = max(0.0, seen["route"] - up_at) * 1000
+    status = d.status()
+    inside_ms = status["last_tunnel_follow_ms"]
+    record_property("tunnel_follow_ms_daemon", inside_ms)
+    record_property("tunnel_follow_ms_observed", round(outside_ms, 1))
+    print(f"tunnel recreated: followed in {inside_ms} ms by the daemon's clock, observed {outside_ms:.1f} ms after link up")
+    assert inside_ms is not None and inside_ms < 500, "goal 100 ms; checked generously on a shared 2-core VM"
+    if bpf_engaged(d.scrape()):
+        wait_for(lambda: f"tunnel ifindexes [{new}]" in d.status()["layers"]["bpf"]["detail"], "the BPF tunnel map")
+    t0 = u.tunnel_count()
+    assert send(u.client, world.apps, "203.0.113.9", 9, 5)["sent"] == 5
+    assert u.tunnel_count() - t0 >= 5
+    assert sum(v for k, v in d.scrape().items() if k[0] == "ksbpf_drift_repairs_total") == 0
+
+
+def test_new_interface_gets_its_egress_chain(world: World, daemon: DaemonFactory, make_netns: NetnsFactory) -> None:
+    d = daemon()
+    other = make_netns("ko")
+    sh("ip", "link", "add", "lan9", "netns", world.client, "type", "veth", "peer", "name", "eth0", "netns", other)
+    idx = int(json.loads(sh("ip", "-j", "link", "show", "lan9", netns=world.client).stdout)[0]["ifindex"])
+
+    def chains() -> str:
+        return sh("nft", "list", "table", "netdev", "ksbpf", netns=world.client).stdout
+
+    wait_for(lambda: f"chain egress_if{idx}" in chains(), "an egress chain on the new interface")
+    assert 'device "lan9"' in chains()
+    assert "netdev egress chains follow the interfaces: added lan9" in d.log_text()
+    sh("ip", "link", "del", "lan9", netns=world.client)
+    wait_for(lambda: f"chain egress_if{idx}" not in chains(), "the chain of the removed interface to go")
+    assert sum(v for k, v in d.scrape().items() if k[0] == "ksbpf_drift_repairs_total") == 0
+
+
+def test_restarted_exempt_service_keeps_its_exemption(world: World, daemon: DaemonFactory) -> None:
+    svc = world.cgroups("bpf/svc.service")
+    rel = world.cgroups.rel(svc)
+    d = daemon(world.policy(f'[[exempt]]\ncgroup = "{rel}"\nallow = ["udp/9"]\nto = ["192.0.2.1/32"]\n'))
+    if not bpf_engaged(d.scrape()):
+        pytest.skip("exempt sockets are marked by the BPF layer, which is not engaged here")
+    assert sample(d.scrape(), "ksbpf_exemptions") == 1
+    u = world.uplink
+    f0 = u.far_count()
+    assert send(u.client, svc, "192.0.2.1", 9, 4)["sent"] == 4
+    assert u.far_count() - f0 >= 4
+    old_id = d.status()["cgroup_ids"][rel]
+
+    svc.rmdir()  # the unit stops: its cgroup goes ...
+    svc.mkdir()  # ... and comes back with a new id
+    new_id = os.stat(svc).st_ino
+    assert new_id != old_id
+    wait_for(lambda: d.status()["cgroup_ids"][rel] == new_id, "the exemption to follow the new cgroup id")
+    assert "exemption follows its cgroup" in d.log_text()
+    f1 = u.far_count()
+    assert send(u.client, svc, "192.0.2.1", 9, 4)["sent"] == 4
+    assert u.far_count() - f1 >= 4
+    assert send(u.client, world.apps, "192.0.2.1", 9, 4, dev=u.up_if)["sent"] == 0  # others still not
+
+
+# =========================================================================== reload
+
+
+def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: DaemonFactory) -> None:
+    d = daemon()
+    ruleset = lambda: sh("nft", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
+    before = ruleset()
+    for n, (text, mode) in enumerate([("[tunnel\n", 0o600), (world.policy("surprise = 1\n"), 0o600),
+                                      (world.policy(), 0o666)], start=1):
+        world.write_policy(text, mode)
+        d.signal(signal.SIGHUP)
+        reloading = d.notify.wait("RELOADING", "1", count=n)
+        ready = d.notify.wait("READY", "1", count=n + 1)
+        assert reloading[-1][0] <= ready[-1][0]
+        assert "MONOTONIC_USEC" in reloading[-1][1]
+        assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="refused") == n
+        assert ruleset() == before
+    assert "reload (SIGHUP) refused" in d.log_text()
+    assert d.proc.poll() is None
+    assert send(world.client, world.apps, "192.0.2.1", 9, 3, dev=world.uplink.up_if)["errors"] == {"EPERM": 3}
+
+    # A good policy is taken, atomically, and says so.
+    world.write_policy(world.policy().replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.53"]'))
+    d.signal(signal.SIGHUP)
+    d.notify.wait("READY", "1", count=5)
+    assert "10.64.0.53" in ruleset()
+    m = d.scrape()
+    assert sample(m, "ksbpf_policy_reloads_total", result="ok") == 1
+    assert sample(m, "ksbpf_policy_apply_seconds_count") == 2
+
+
+def test_stop_and_kill_leave_enforcement_in_the_kernel(world: World, daemon: DaemonFactory) -> None:
+    u = world.uplink
+    d = daemon()
+    state = _kernel_state(world)
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", u.client, sys.executable, "-c",
+         "import socket,time\na=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+         f"b=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nb.setsockopt(socket.SOL_SOCKET,socket.SO_BINDTODEVICE,b'{u.up_if}')\n"
+         "end=time.time()+60\n"
+         "while time.time()<end:\n  for s,d in ((a,'203.0.113.9'),(a,'192.0.2.1'),(b,'192.0.2.1')):\n"
+         "    try: s.sendto(b'x',(d,9))\n    except OSError: pass\n  time.sleep(0.0005)\n"],
+        preexec_fn=lambda: (world.apps / "cgroup.procs").write_text(str(os.getpid())),
+    )
+    try:
+        f0, t0 = u.far_count(), u.tunnel_count()
+        d.proc.kill()  # kill -9, by pid
+        d.proc.wait()
+        wait_for(lambda: u.tunnel_count() > t0 + 50, "traffic through the tunnel")
+        sh("ip", "link", "del", u.tun_if, netns=u.client)  # and then the tunnel goes, with no daemon
+        time.sleep(0.5)
+        assert u.far_count() == f0, "leaked with the daemon killed"
+        assert _kernel_state(world) == state
+
+        # A new daemon adopts what is there.
+        d2 = daemon()
+        assert d2.status()["pid"] == d2.proc.pid
+        assert d2.stop() == 0
+        assert _kernel_state(world)["output_rules"] == state["output_rules"]
+        assert world.has_table() and _bpf_egress_attached(world) == state["bpf"]
+        assert u.far_count() == f0
+    finally:
+        flood.kill()
+        flood.wait()
+
+
+# =========================================================================== control socket
+
+
+def test_control_socket_serves_ksctl_and_refuses_bad_requests(world: World, daemon: DaemonFactory) -> None:
+    from ksbpf.control import socket_path
+
+    d = daemon()
+    path = socket_path(world.client)
+    st = os.stat(path)
+    assert oct(st.st_mode & 0o777) == oct(0o600) and st.st_uid == 0
+    assert os.stat(path.parent).st_mode & 0o077 == 0
+
+    status = d.status()
+    assert status["pid"] == d.proc.pid and status["enforcing"] is True
+
+    svc = world.cgroups("bpf/svc.service")
+    rel = world.cgroups.rel(svc)
+    r = world.ksctl("exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32")
+    assert r.returncode == 0, r.stderr
+    assert [e["cgroup"] for e in d.status()["exemptions"]] == [rel]
+    assert sample(d.scrape(), "ksbpf_exemptions") == 1
+    ruleset = lambda: sh("nft", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
+    before = ruleset()
+
+    def raw(payload: bytes) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(payload)
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+            return dict(json.loads(buf))
+
+    for bad in [b"not json\n", b"[1, 2]\n", b'{"op": "format-disk"}\n', b'{"op": "status", "x": 1}\n',
+                b'{"op": "exempt", "exemption": {"cgroup": "../../etc", "allow": ["udp/9"]}}\n',
+                b'{"op": "exempt", "exemption": {"cgroup": "a", "allow": ["udp/99999"]}}\n',
+                b'{"op": "exempt", "exemption": {"cgroup": "a; rm -rf /", "allow": ["udp/9"]}}\n',
+                b'{"op": "unexempt", "cgroup": ""}\n', b'{"op": "unexempt"}\n', b'{"op": "unexempt", "cgroup": "never/exempted"}\n']:
+        reply = raw(bad)
+        assert reply.get("code") == "bad_request", (bad, reply)
+    assert ruleset() == before
+    assert [e["cgroup"] for e in d.status()["exemptions"]] == [rel]
+
+    r = world.ksctl("exempt", "--cgroup", rel, "--allow", "udp/99999")
+    assert r.returncode == 2 and "99999" in r.stderr
+    r = world.ksctl("unexempt", "--cgroup", "never/exempted")
+    assert r.returncode == 2, r.stderr
+    r = world.ksctl("unexempt", "--cgroup", rel)
+    assert r.returncode == 0, r.stderr
+    assert d.status()["exemptions"] == []
+
+    # Not root: the socket itself refuses (0600), and ksctl says so.
+    r = subprocess.run([sys.executable, "-m", "ksbpf.cli", "--netns", world.client, "status"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, user=65534, group=65534, cwd="/")
+    assert r.returncode != 0 and "permission denied" in r.stderr.lower(), r.stderr
+
+    reply = raw(b'{"op": "reload"}\n')
+    assert reply.get("ok") is True and reply["layers"]["nftables"]["engaged"] is True
