@@ -311,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--icmp-type", type=int)
     e.set_defaults(func=cmd_explain)
 
-    a = sub.add_parser("audit", help="active leak self-test")
+    a = sub.add_parser("audit", help="active leak self-test (exit 0 pass, 1 leak, 3 warning, 4 could not run)")
     a.add_argument("--config", default=str(DEFAULT_POLICY_PATH))
     a.add_argument("--json", action="store_true")
+    a.add_argument("--target", action="append", metavar="ADDR", help="also probe this address over every interface")
+    a.add_argument("--timeout", type=float, default=1.0, metavar="S", help="wait this long for answers (default 1)")
     a.set_defaults(func=cmd_audit)
 
     d = sub.add_parser("doctor", help="can every layer work here?")
