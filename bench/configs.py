@@ -45,9 +45,10 @@ class Engager:
     kernel_source: str | None = None
     _minimal: MinimalCgroupProgram | None = field(default=None, init=False)
 
-    def policy_text(self, n: int, extra_endpoints: int = 0) -> str:
+    def policy_text(self, n: int, extra_endpoints: int = 0, metrics_listen: str | None = None) -> str:
         return policies.policy_text(CLIENT_IF, SERVER_ADDR, self.topo.cgroup_rel, n,
-                                    kernel_source=self.kernel_source, extra_endpoints=extra_endpoints)
+                                    kernel_source=self.kernel_source, extra_endpoints=extra_endpoints,
+                                    metrics_listen=metrics_listen)
 
     def _engine(self) -> Any:
         from ksbpf.linux.engine import LinuxEngine

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -180,39 +181,101 @@ class ControlPlane:
         return {"ksctl_version_s": sorted(walls)[len(walls) // 2], "python_bare_s": bare,
                 "import_s": imports, "importtime_top_ms": parse_importtime(r.stderr)}
 
-    def daemon_rss(self, n: int, settle_s: float = 5.0) -> dict[str, Any]:
-        """Start ksbpfd for the client netns, let it settle, read VmRSS; end it by pid."""
+    def daemon_round(self, n: int, rnd: int, settle_s: float = 3.0) -> list[dict[str, Any]]:
+        """The same operations through a running ksbpfd: start until its control socket
+        answers (it binds after engaging), RSS at rest, `ksctl exempt`/`unexempt` (which
+        go to the daemon when one serves the netns), and reload requests with the same
+        and a changed policy file. Ends the daemon by pid, then `ksctl down`."""
         try:
-            import ksbpf.daemon  # noqa: F401
+            from ksbpf.control import ControlClient
         except ImportError as e:
-            return {"n": n, "error": f"ksbpf.daemon not available: {e}"}
+            return [{"op": "daemon_start", "n": n, "round": rnd, "error": f"ksbpf.control not available: {e}"}]
+        self._ksctl("down")
+        conf = self.workdir / f"daemon-policy-{n}.toml"
+        conf.write_text(self.engager.policy_text(n, metrics_listen=_free_port_listen()))
         exe = Path(sys.executable).with_name("ksbpfd")
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "ksbpf.daemon"]
-        argv += ["--netns", self.topo.client_ns, "--state-dir", str(self.engager.state_dir),
-                 "--config", str(self._policy_file(n))]
-        env = {**os.environ, "NOTIFY_SOCKET": ""}
-        p = subprocess.Popen([*argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        argv += ["--netns", self.topo.client_ns, "--state-dir", str(self.engager.state_dir), "--config", str(conf),
+                 "--log-target", "stderr"]
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        logf = (self.workdir / f"ksbpfd-{n}-{rnd}.log").open("w")
+        out: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        base = {"n": n, "round": rnd}
         try:
+            status = None
+            while time.monotonic() - t0 < 180 and p.poll() is None:
+                client = ControlClient.connect_if_running(self.topo.client_ns)
+                if client is not None:
+                    with client:
+                        status = client.request({"op": "status"})
+                    break
+                time.sleep(0.01)
+            if status is None:
+                logf.flush()
+                tail = (self.workdir / f"ksbpfd-{n}-{rnd}.log").read_text()[-400:]
+                return [{**base, "op": "daemon_start", "error": f"ksbpfd did not answer (exit {p.poll()}): {tail}"}]
+            layers = {k: bool(v.get("engaged")) for k, v in status.get("layers", {}).items()}
+            out.append({**base, "op": "daemon_start", "wall_s": time.monotonic() - t0, "layers": layers,
+                        **({"partial": "not engaged: " + ", ".join(k for k, v in layers.items() if not v)}
+                           if not all(layers.values()) else {})})
             time.sleep(settle_s)
-            if p.poll() is not None:
-                _, err = p.communicate()
-                return {"n": n, "error": f"ksbpfd exited {p.returncode}: {err.strip()[-300:]}", "argv": argv}
-            rss = hwm = 0
-            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("VmHWM:"):
-                    hwm = int(line.split()[1])
-            return {"n": n, "rss_kb": rss, "peak_rss_kb": hwm, "argv": argv}
+            out.append({**base, "op": "daemon_rss", **_rss(p.pid)})
+            cg = f"{self.topo.cgroup_rel}/ex/runtime"
+            (self.topo.cgroup_root / "ex" / "runtime").mkdir(parents=True, exist_ok=True)
+            out.append(self._sample("exempt_daemon", n, rnd, "exempt", "--cgroup", cg, "--allow", "tcp/443"))
+            out.append(self._sample("unexempt_daemon", n, rnd, "unexempt", "--cgroup", cg))
+            for op, req in (("exempt_rpc", {"op": "exempt", "exemption": {"cgroup": cg, "allow": ["tcp/443"]}}),
+                            ("unexempt_rpc", {"op": "unexempt", "cgroup": cg}),
+                            ("reload_same_rpc", {"op": "reload"})):
+                out.append(self._rpc(ControlClient, op, req, base))
+            conf.write_text(self.engager.policy_text(n, extra_endpoints=1, metrics_listen=_free_port_listen()))
+            out.append(self._rpc(ControlClient, "reload_rpc", {"op": "reload"}, base))
+            time.sleep(settle_s)
+            out.append({**base, "op": "daemon_rss_after_reload", **_rss(p.pid)})
+            return out
         finally:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:
-                    p.wait(timeout=10)
+                    p.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            logf.close()
             self._ksctl("down")
+
+    def _rpc(self, client_cls: Any, op: str, req: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        """One control-socket request from this process: the daemon's own time, no ksctl start-up."""
+        t0 = time.monotonic()
+        try:
+            client = client_cls.connect_if_running(self.topo.client_ns)
+            if client is None:
+                return {**base, "op": op, "error": "no daemon answers"}
+            with client:
+                reply = client.request(req)
+        except (KsbpfError, OSError) as e:
+            return {**base, "op": op, "error": str(e)[-300:]}
+        s: dict[str, Any] = {**base, "op": op, "wall_s": time.monotonic() - t0}
+        if not reply.get("ok", True):
+            s["error"] = str(reply)[-300:]
+        return s
+
+
+def _free_port_listen() -> str:
+    """A loopback port nobody listens on now: other daemons on this machine use 9477."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _rss(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out["rss_kb" if line.startswith("VmRSS") else "peak_rss_kb"] = int(line.split()[1])
+    return out
 
 
 def have_ksctl() -> bool:

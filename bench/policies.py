@@ -44,6 +44,7 @@ def policy_text(
     n: int,
     kernel_source: str | None = None,
     extra_endpoints: int = 0,
+    metrics_listen: str | None = None,
 ) -> str:
     """A policy with n (+ extra) endpoints and n exemptions, exemption i for the cgroup
     <bpf_cgroup>/ex/i allowing tcp/443 to its own /32."""
@@ -62,6 +63,8 @@ def policy_text(
     ]
     if kernel_source:
         lines.append(f"kernel_source = {json.dumps(kernel_source)}")
+    if metrics_listen:
+        lines += ["", "[metrics]", f"listen = {json.dumps(metrics_listen)}"]
     for i in range(n):
         lines += [
             "",

@@ -129,16 +129,25 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 n = max(flat, default=n_max)
                 who = "ksbpf" if config == "ksbpf" else "ksbpf nftables alone"
                 refused = f" (refused n={n_max:,})" if n != n_max else ""
+                v = flat.get(n) if n != n0 else None
                 add(f"{who} at n={n:,} within 3% of n={n0}{refused}: {name}, ratio n={n:,} ÷ n={n0}",
-                    flat.get(n) if n != n0 else None, None if n == n0 else abs(flat[n] - 1) <= FLAT_TOLERANCE)
+                    v, None if v is None else abs(v - 1) <= FLAT_TOLERANCE)
     ctl = _control_by(stats.summarize_control(results.get("control", [])))
     for op, n, limit, label in (("up_warm", n0, WARM_UP_S, f"warm `ksctl up` (n={n0})"),
                                 ("up_warm", n_max, WARM_UP_S, f"warm `ksctl up` (n={n_max:,})"),
+                                ("reload_same_rpc", n0, WARM_UP_S, f"warm up through ksbpfd (n={n0})"),
+                                ("reload_same_rpc", n_max, WARM_UP_S, f"warm up through ksbpfd (n={n_max:,})"),
                                 ("exempt", n0, EXEMPT_S, f"`ksctl exempt` (n={n0})"),
                                 ("exempt", n_max, EXEMPT_S, f"`ksctl exempt` (n={n_max:,})"),
-                                ("reload", n_max, RELOAD_S, f"reload of a {n_max:,}-entry policy")):
+                                ("exempt_daemon", n0, EXEMPT_S, f"`ksctl exempt` through ksbpfd (n={n0})"),
+                                ("exempt_daemon", n_max, EXEMPT_S, f"`ksctl exempt` through ksbpfd (n={n_max:,})"),
+                                ("reload", n_max, RELOAD_S, f"reload of a {n_max:,}+{n_max:,}-entry policy"),
+                                ("reload_rpc", n_max, RELOAD_S,
+                                 f"reload of a {n_max:,}+{n_max:,}-entry policy through ksbpfd")):
         r = ctl.get((op, n))
-        v = r["median"].get("wall_s") if r else None
+        if r is None:
+            continue
+        v = r["median"].get("wall_s")
         add(f"{label} ≤ {limit * 1000:.0f} ms", v, None if v is None else v <= limit, "s")
     return out
 
@@ -250,6 +259,14 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
            ("exempt", "`ksctl exempt`", "wall_s"),
            ("unexempt", "`ksctl unexempt`", "wall_s"),
            ("down", "`ksctl down`", "wall_s"),
+           ("daemon_start", "ksbpfd start → control socket answers (engaged)", "wall_s"),
+           ("exempt_daemon", "`ksctl exempt` with ksbpfd running", "wall_s"),
+           ("unexempt_daemon", "`ksctl unexempt` with ksbpfd running", "wall_s"),
+           ("exempt_rpc", "  exempt request to ksbpfd (no ksctl start)", "wall_s"),
+           ("reload_same_rpc", "  reload request, same policy (warm up)", "wall_s"),
+           ("reload_rpc", "  reload request, one endpoint more", "wall_s"),
+           ("daemon_rss", "ksbpfd RSS at rest, MiB", "rss_kb"),
+           ("daemon_rss_after_reload", "ksbpfd RSS after a reload, MiB", "rss_kb"),
            ("breakdown", "  parse the policy", "parse_s"),
            ("breakdown", "  render nft JSON", "nft_render_s"),
            ("breakdown", "  nft apply (first)", "nft_apply_cold_s"),
@@ -267,7 +284,12 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
         for n in ns:
             r = by.get((op, n))
             v = r["median"].get(key) if r else None
-            cells.append(_fmt(v, 0 if v is not None and v >= 0.1 else 1, 1000) if v is not None else "–")
+            if v is None:
+                cells.append("–")
+            elif key == "rss_kb":
+                cells.append(_fmt(v / 1024, 1))
+            else:
+                cells.append(_fmt(v, 0 if v >= 0.1 else 1, 1000))
         if any(c != "–" for c in cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     proc = results.get("process")
@@ -275,10 +297,14 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
         imports = ", ".join(f"`import {m}` {v * 1000:.0f} ms" for m, v in proc.get("import_s", {}).items())
         lines.append(f"\nProcess floor: `ksctl --version` {proc['ksctl_version_s'] * 1000:.0f} ms, "
                      f"bare `python -c pass` {proc['python_bare_s'] * 1000:.0f} ms; {imports}.")
-    d = results.get("daemon")
-    if d:
-        lines.append(f"\nDaemon RSS at rest: {d['rss_kb'] / 1024:.1f} MiB (peak {d['peak_rss_kb'] / 1024:.1f} MiB)"
-                     if "rss_kb" in d else f"\nDaemon RSS at rest: not measured ({d.get('error', '?')[:160]}).")
+    daemon_errs = sorted({s["error"][:160] for s in results.get("control", [])
+                          if s.get("op", "").startswith(("daemon", "exempt_rpc", "reload")) and "error" in s})
+    for e in daemon_errs:
+        lines.append(f"\nksbpfd: `{e}`")
+    partial = sorted({(s["op"], s["n"]) for s in results.get("control", []) if "partial" in s})
+    if partial:
+        lines.append("\nPartial (a layer refused, the time is without it): " +
+                     ", ".join(f"{op} n={n:,}" for op, n in partial) + ".")
     return lines
 
 

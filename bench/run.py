@@ -166,6 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-seconds", type=float, default=3.0)
     p.add_argument("--skip-dataplane", action="store_true")
     p.add_argument("--skip-control", action="store_true")
+    p.add_argument("--no-daemon", action="store_true", help="skip the control plane through ksbpfd")
+    p.add_argument("--reuse-dataplane", type=Path, metavar="JSON",
+                   help="take data-plane samples and profiles from this earlier results file (implies "
+                        "--skip-dataplane); its machine and params are kept under dataplane_run")
     p.add_argument("--udp-size", type=int, default=64, help="UDP payload bytes (default 64)")
     p.add_argument("--udp-batch", type=int, default=32, help="datagrams per sendmmsg (default 32)")
     p.add_argument("--sender-cpu", type=int, default=0)
@@ -181,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.n == list(DEFAULT_NS):
             args.n = [1, 1000]
         args.no_readme = True
+    if args.reuse_dataplane:
+        args.skip_dataplane = True
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
@@ -213,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [],
     }
     out_path = report.results_path(args.results, started, platform.release(), quick=args.quick)
+    if args.reuse_dataplane:
+        earlier = json.loads(args.reuse_dataplane.read_text())
+        results["dataplane"], results["profile"] = earlier["dataplane"], earlier.get("profile", [])
+        results["dataplane_run"] = {k: earlier.get(k) for k in ("date", "finished", "machine", "params")}
+        for key in ("rounds", "seconds", "n", "configs", "udp_size", "udp_batch"):
+            results["params"][key] = earlier["params"].get(key)
+        results["notes"].append(f"data plane and profiles from the run of {earlier.get('date')} "
+                                f"(commit {earlier.get('machine', {}).get('ksbpf_commit')}); control plane from this run")
     try:
         udpbench = compile_udpbench(work)
         with Topology() as topo:
@@ -242,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                             log(f"control round {rnd} n={n}")
                             results["control"] += cp.round(n, rnd)
                             results["control"] += cp.breakdown(n, rnd)
+                            if not args.no_daemon:
+                                results["control"] += cp.daemon_round(n, rnd)
                         report.write_results(results, out_path)
-                    results["daemon"] = cp.daemon_rss(min(args.n))
             finally:
                 eng.reset_all()
     finally:

@@ -178,10 +178,12 @@ def _results() -> dict[str, object]:
     samples.append({"round": 0, "seq": 99, "config": "bpf", "n": 10000, "metrics": {}, "error": "E2BIG ks_endpoints"})
     control = [{"op": "up_warm", "n": n, "round": 0, "wall_s": 0.25} for n in (1, 10000)]
     control += [{"op": "exempt", "n": n, "round": 0, "wall_s": 0.04} for n in (1, 10000)]
-    control += [{"op": "reload", "n": 10000, "round": 0, "wall_s": 0.9}]
+    control += [{"op": "reload", "n": 10000, "round": 0, "wall_s": 0.9},
+                {"op": "daemon_rss", "n": 1, "round": 0, "rss_kb": 46080, "peak_rss_kb": 50000},
+                {"op": "reload_rpc", "n": 10000, "round": 0, "wall_s": 0.15},
+                {"op": "daemon_start", "n": 10000, "round": 0, "error": "ksbpfd did not answer"}]
     return {"date": "2026-01-01T00:00:00+00:00", "kernel": "6.18.0", "machine": {"cpu": "X", "cpus": 2},
-            "params": {"n": [1, 10000], "rounds": 1, "seconds": 2.0}, "dataplane": samples, "control": control,
-            "daemon": {"n": 1, "error": "ksbpf.daemon not available"}}
+            "params": {"n": [1, 10000], "rounds": 1, "seconds": 2.0}, "dataplane": samples, "control": control}
 
 
 def test_targets() -> None:
@@ -204,7 +206,9 @@ def test_render_markdown_has_every_table_and_names_refusals() -> None:
     assert "| ksbpf cgroup-bpf alone | 0.980 (0.980) | refused |" in md
     assert "E2BIG ks_endpoints" in md
     assert "| reload (`up` with one endpoint more) | – | 900 |" in md
-    assert "Daemon RSS at rest: not measured" in md
+    assert "| ksbpfd RSS at rest, MiB | 45.0 | – |" in md
+    assert "ksbpfd: `ksbpfd did not answer`" in md
+    assert "| reload of a 10,000+10,000-entry policy through ksbpfd ≤ 200 ms | 150 ms | yes |" in md
     assert "`bench/results/2026-01-01-6.18.0.json`" in md
     assert "| **no** |" in md
 
