@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     for rnd in range(args.control_rounds):
                         for n in args.n:
                             log(f"control round {rnd} n={n}")
+                            topo.set_exempt_cgroups(n)
                             results["control"] += cp.round(n, rnd)
                             results["control"] += cp.breakdown(n, rnd)
                             if not args.no_daemon:

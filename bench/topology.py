@@ -120,6 +120,15 @@ class Topology:
         for i in range(n):
             (ex / str(i)).mkdir(exist_ok=True)
 
+    def set_exempt_cgroups(self, n: int) -> None:
+        """Exactly n exemption cgroups (0..n-1): control-plane times that walk the cgroup
+        tree then grow with n, not with the largest n of the run."""
+        assert self.cgroup_root is not None
+        self.make_exempt_cgroups(n)
+        for d in (self.cgroup_root / "ex").iterdir():
+            if d.is_dir() and d.name.isdigit() and int(d.name) >= n:
+                remove_cgroup_tree(d)
+
     def down(self) -> None:
         for ns in reversed(self.created_ns):
             out = subprocess.run(["ip", "netns", "pids", ns], text=True, capture_output=True).stdout
