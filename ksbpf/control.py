@@ -126,6 +126,7 @@ class ControlServer:
         self.handler = handler
         self.allowed_uid = allowed_uid
         self._sock: socket.socket | None = None
+        self._bound_ino = -1
         self._thread: threading.Thread | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
 
@@ -146,6 +147,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self._bound_ino = os.stat(self.path).st_ino
         sock.listen(16)
         self._sock = sock
 
@@ -162,7 +164,7 @@ class ControlServer:
         if self._sock is not None:
             # Unlink only our own socket: a successor may have bound the path meanwhile.
             with contextlib.suppress(OSError):
-                if os.stat(self.path).st_ino == os.fstat(self._sock.fileno()).st_ino:
+                if os.stat(self.path).st_ino == self._bound_ino:
                     self.path.unlink()
             self._sock.close()
             self._sock = None
@@ -293,7 +295,10 @@ class ControlClient:
 
     def request(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
-            self._sock.sendall(json.dumps(req).encode() + b"\n")
+            try:
+                self._sock.sendall(json.dumps(req).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a server that refuses us answers first and closes: read why
             while b"\n" not in self._buf:
                 chunk = self._sock.recv(65536)
                 if not chunk:
