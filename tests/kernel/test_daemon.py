@@ -727,3 +727,37 @@ def test_control_socket_serves_ksctl_and_refuses_bad_requests(world: World, daem
 
     reply = raw(b'{"op": "reload"}\n')
     assert reply.get("ok") is True and reply["layers"]["nftables"]["engaged"] is True
+
+
+# =========================================================================== boot lockdown
+
+
+def test_lockdown_holds_until_the_daemon_takes_over_without_a_gap(world: World, daemon: DaemonFactory) -> None:
+    """nft/lockdown.nft as units/ksbpf-lockdown.service loads it at boot; then ksbpfd
+    starts, enforces its own table and removes the lockdown. A flood that would leave
+    through the uplink's default route without either is counted on the far side."""
+    u = world.uplink
+    for _ in range(2):  # loading it again (a restarted unit) replaces it
+        sh("nft", "-f", str(REPO / "nft" / "lockdown.nft"), netns=u.client)
+    assert "table inet ksbpf_lockdown" in sh("nft", "list", "tables", netns=u.client).stdout
+    assert send(u.client, world.apps, "203.0.113.9", 9, 3)["errors"] == {"EPERM": 3}
+    assert send(u.client, world.apps, "10.64.0.1", 9, 3)["errors"] == {"EPERM": 3}
+    assert send(u.client, world.apps, "127.0.0.1", 9, 3)["sent"] == 3
+
+    f0 = u.far_count()
+    flood = subprocess.Popen(
+        ["ip", "netns", "exec", u.client, sys.executable, "-c",
+         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nend=time.time()+60\n"
+         "while time.time()<end:\n  try: s.sendto(b'x',('203.0.113.9',9))\n  except OSError: pass\n  time.sleep(0.0005)\n"],
+        preexec_fn=lambda: (world.apps / "cgroup.procs").write_text(str(os.getpid())),
+    )
+    try:
+        d = daemon()
+        wait_for(lambda: "ksbpf_lockdown" not in sh("nft", "list", "tables", netns=u.client).stdout, "the lockdown to go")
+        assert "lockdown table inet ksbpf_lockdown removed" in d.log_text()
+        t0 = u.tunnel_count()
+        wait_for(lambda: u.tunnel_count() > t0 + 20, "the flood to go through the tunnel now")
+    finally:
+        flood.kill()
+        flood.wait()
+    assert u.far_count() == f0, "something left between the lockdown and the daemon"
