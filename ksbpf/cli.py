@@ -69,13 +69,18 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     client = _control(args)
     if client is not None:
-        status = client.request({"op": "status"})
+        with client:
+            status = client.request({"op": "status"})
         if args.json:
             print(json.dumps(status, indent=1))
         else:
             for name, st in status["layers"].items():
                 print(f"  {name:<9} {'engaged' if st['engaged'] else 'NOT ENGAGED':<12} {st['detail']}")
-            print(f"  daemon    pid {status.get('pid')}")
+            tunnels = ", ".join(f"{n} {'up' if up else 'down'}" for n, up in sorted(status.get("tunnels", {}).items()))
+            print(f"  tunnel    {tunnels or 'none'}")
+            repairs = ", ".join(f"{n} {c}" for n, c in status.get("drift_repairs", {}).items() if c)
+            print(f"  daemon    pid {status.get('pid')}, exemptions in force: {len(status.get('exemptions', []))}"
+                  + (f", drift repaired: {repairs}" if repairs else "") + (f"; {status['note']}" if status.get("note") else ""))
         return EXIT_OK if all(s["engaged"] for s in status["layers"].values()) else EXIT_FAILED
     eng = _engine(args)
     layers = eng.status()
