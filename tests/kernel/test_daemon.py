@@ -604,7 +604,7 @@ def test_restarted_exempt_service_keeps_its_exemption(world: World, daemon: Daem
 
 def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: DaemonFactory) -> None:
     d = daemon()
-    ruleset = lambda: sh("nft", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
+    ruleset = lambda: sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
     before = ruleset()
     for n, (text, mode) in enumerate([("[tunnel\n", 0o600), (world.policy("surprise = 1\n"), 0o600),
                                       (world.policy(), 0o666)], start=1):
@@ -628,6 +628,27 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: Dae
     m = d.scrape()
     assert sample(m, "ksbpf_policy_reloads_total", result="ok") == 1
     assert sample(m, "ksbpf_policy_apply_seconds_count") == 2
+
+    # A new [metrics] listen moves the endpoint.
+    old_port, world.port = world.port, free_port()
+    world.write_policy(world.policy())
+    d.signal(signal.SIGHUP)
+    d.notify.wait("READY", "1", count=6)
+    assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="ok") == 2
+    with pytest.raises(OSError):
+        scrape(old_port)
+
+
+def test_a_policy_refused_at_start_falls_back_to_the_last_applied_one(world: World, daemon: DaemonFactory) -> None:
+    d = daemon()
+    before = sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout
+    assert d.stop() == 0
+    world.write_policy("[tunnel\n")
+    d2 = daemon(None)
+    status = d2.notify.received("READY", "1")[0][1]["STATUS"]
+    assert "refused" in status and "TOML syntax error" in d2.log_text()
+    assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout == before
+    assert d2.status()["enforcing"] is True
 
 
 def test_stop_and_kill_leave_enforcement_in_the_kernel(world: World, daemon: DaemonFactory) -> None:
@@ -686,7 +707,7 @@ def test_control_socket_serves_ksctl_and_refuses_bad_requests(world: World, daem
     assert r.returncode == 0, r.stderr
     assert [e["cgroup"] for e in d.status()["exemptions"]] == [rel]
     assert sample(d.scrape(), "ksbpf_exemptions") == 1
-    ruleset = lambda: sh("nft", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
+    ruleset = lambda: sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
     before = ruleset()
 
     def raw(payload: bytes) -> dict[str, Any]:
