@@ -449,9 +449,9 @@ class Daemon:
         for e in events:
             if e.kind == "overflow":
                 log.warning("events lost (%s): checking everything", e.detail)
-        if "link" in kinds or overflow:
-            since = min(e.at for e in events if e.kind in ("link", "overflow"))
-            self._guard(self._links, since)
+        # Links first, always (one dump): a check must judge against the current interfaces.
+        since = min((e.at for e in events if e.kind in ("link", "overflow")), default=None)
+        self._guard(self._links, since)
         if "nft" in kinds or overflow:
             self._guard(self._report_repair, "nftables", self.rec.check_nft)
         if "routing" in kinds or overflow:
@@ -482,10 +482,12 @@ class Daemon:
         except KsbpfError as e:
             log.error("reconciling failed: %s (retrying at the next event or check)", e)
 
-    def _links(self, since: float) -> None:
-        for line in self.rec.on_links(since):
+    def _links(self, since: float | None) -> None:
+        done = self.rec.on_links(since)
+        for line in done:
             log.info("%s", line, extra={"KSBPF_EVENT": "link"})
-        self.notifier.status(self.status_line())
+        if done:
+            self.notifier.status(self.status_line())
 
     def _report_repair(self, layer: str, check: Any) -> None:
         what = check()

@@ -568,10 +568,19 @@ class Reconciler:
             return "a rule, set or element was changed"
         return None
 
+    def _uplinks_moved(self) -> bool:
+        """Interfaces came or went since the last apply: the kernel removes a deleted
+        device's netdev chain itself. That is on_links' business, not drift."""
+        assert self.policy is not None
+        with netns(self.netns):
+            return read_links(self.policy).uplinks != self._applied_uplinks
+
     def check_nft(self) -> str | None:
         """Repair nftables drift; returns what was repaired, or None."""
         what = self.nft_drift()
         if what is None or not self._confirm_drift(lambda: self.nft_drift() is not None):
+            return None
+        if self._uplinks_moved():
             return None
         assert self.policy is not None
         what = self.nft_drift() or what
