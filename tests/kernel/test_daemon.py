@@ -436,11 +436,16 @@ def _delete_ip_rule(world: World) -> None:
     sh("ip", "-4", "rule", "del", "pref", "10100", netns=world.client)  # the catch-all into table 19283
 
 
+def _delete_blackhole(world: World) -> None:
+    sh("ip", "-6", "route", "del", "blackhole", "default", "table", "19283", "metric", "4294967295", netns=world.client)
+
+
 DRIFTS: dict[str, tuple[str, Callable[[World], None]]] = {
     "table-flushed": ("nftables", _flush_table),
     "table-deleted": ("nftables", _delete_table),
     "rule-removed": ("nftables", _delete_first_output_rule),
     "ip-rule-deleted": ("routing", _delete_ip_rule),
+    "blackhole-deleted": ("routing", _delete_blackhole),
     "bpf-detached": ("bpf", _detach_bpf_egress),
 }
 
@@ -450,6 +455,8 @@ def _kernel_state(world: World) -> dict[str, Any]:
         "output_rules": len(world.nft_rules("output")),
         "input_rules": len(world.nft_rules("input")),
         "ip_rules": sorted(line for line in sh("ip", "rule", netns=world.client).stdout.splitlines() if "19283" in line or "0x4b" in line),
+        "blackholes": [sh("ip", fam, "route", "show", "table", "19283", "type", "blackhole", netns=world.client).stdout
+                       for fam in ("-4", "-6")],
         "bpf": _bpf_egress_attached(world),
     }
 
@@ -489,7 +496,7 @@ def test_ksctl_down_is_not_drift(world: World, daemon: DaemonFactory) -> None:
     assert r.returncode == 0, r.stderr
     wait_for(lambda: "ksctl down" in d.log_text(), "the daemon to notice `ksctl down`")
     wait_for(lambda: sample(d.scrape(), "ksbpf_enforcing") == 0.0, "the daemon to go idle")
-    gone = {"output_rules": 0, "input_rules": 0, "ip_rules": [], "bpf": False}
+    gone = {"output_rules": 0, "input_rules": 0, "ip_rules": [], "blackholes": ["", ""], "bpf": False}
     assert _kernel_state(world) == gone and not world.has_table()
     assert sum(v for k, v in d.scrape().items() if k[0] == "ksbpf_drift_repairs_total") == 0
     d.signal(signal.SIGHUP)  # reload re-engages
