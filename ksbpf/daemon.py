@@ -201,7 +201,6 @@ class Daemon:
         self.cgroup_watcher: Any = None
         self._bpf_retry_at: float | None = None
         self._bpf_backoff = BPF_RETRY_S[0]
-        self._state_lock = threading.Lock()
         self._last_note = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -239,7 +238,7 @@ class Daemon:
 
     def _fail(self, message: str, code: int) -> int:
         log.error("%s", message)
-        self.notifier.notify(STATUS=f"failed: {message}", ERRNO=code)
+        self.notifier.notify(STATUS=f"failed: {message}")
         self._shutdown()
         return code
 
@@ -696,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return daemon.run()
     except PolicyError as e:
         log.error("refusing to start: %s", e)
-        Notifier().notify(STATUS=f"refusing to start: {e}", ERRNO=EXIT_BAD_CONFIG)
+        Notifier().notify(STATUS=f"refusing to start: {e}")
         return EXIT_BAD_CONFIG
     except KsbpfError as e:
         log.error("cannot start: %s", e)
