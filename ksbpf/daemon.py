@@ -225,7 +225,6 @@ class Daemon:
             self._engage(policy, text, why="start")
         except KsbpfError as e:
             return self._fail(f"cannot engage: {e}", EXIT_FAILED)
-        self._remove_lockdown()
         self.metrics.start()
         self.control.start()
         log.info("ready: metrics on http://%s/metrics, control socket %s", self.metrics.listen, self.control.path)
@@ -333,6 +332,7 @@ class Daemon:
         if not self.args.no_bpf and (bpf is None or not bpf.engaged):
             self._bpf_backoff = BPF_RETRY_S[0]
             self._bpf_retry_at = time.monotonic() + self._bpf_backoff
+        self._remove_lockdown()
 
     def _remove_lockdown(self) -> None:
         """units/ksbpf-lockdown.service blocked everything at boot with its own table; our
