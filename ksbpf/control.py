@@ -166,6 +166,8 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == self._bound_ino:
                     self.path.unlink()
+                    if self.path.parent != RUN_DIR:
+                        self.path.parent.rmdir()  # a namespace's own directory, if empty
             self._sock.close()
             self._sock = None
         for fd in (self._stop_r, self._stop_w):

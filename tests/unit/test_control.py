@@ -4,6 +4,7 @@ error codes ksctl turns into exit codes. Real sockets in a temporary directory."
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -204,7 +205,7 @@ def test_a_non_root_peer_is_refused_by_its_credentials(tmp_path: Path) -> None:
         assert reply["code"] == "forbidden"
     finally:
         server.close()
-        run.rmdir()
+        shutil.rmtree(run, ignore_errors=True)
     assert rec.calls == []
 
 
