@@ -4,8 +4,8 @@ error codes ksctl turns into exit codes. Real sockets in a temporary directory."
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import socket
 import subprocess
 import sys
