@@ -789,3 +789,21 @@ def test_lockdown_holds_until_the_daemon_takes_over_without_a_gap(world: World, 
         flood.kill()
         flood.wait()
     assert u.far_count() == f0, "something left between the lockdown and the daemon"
+
+
+def test_without_bpf_the_other_layers_enforce_and_bpf_is_reported_down(world: World, daemon: DaemonFactory) -> None:
+    """BPF cannot load (no usable kernel headers): nftables and routing still enforce,
+    READY still comes, and the layer is reported as not engaged everywhere."""
+    d = daemon(world.policy().replace("[bpf]\n", '[bpf]\nkernel_source = "/nonexistent/kernel-headers"\n'))
+    status = d.notify.received("READY", "1")[0][1]["STATUS"]
+    assert "enforcing: nftables+routing" in status and "NOT ENGAGED: bpf" in status
+    m = d.scrape()
+    assert [sample(m, "ksbpf_layer_engaged", layer=n) for n in ("nftables", "routing", "bpf")] == [1, 1, 0]
+    st = d.status()
+    assert st["layers"]["bpf"]["engaged"] is False and st["layers"]["nftables"]["engaged"] is True
+    assert "bpf NOT ENGAGED" in d.log_text()
+    r = world.ksctl("status")
+    assert r.returncode == 1 and "NOT ENGAGED" in r.stdout
+    f0 = world.uplink.far_count()
+    assert send(world.client, world.apps, "192.0.2.1", 9, 5, dev=world.uplink.up_if)["errors"] == {"EPERM": 5}
+    assert world.uplink.far_count() == f0
