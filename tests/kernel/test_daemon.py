@@ -524,9 +524,9 @@ def test_recreated_tunnel_is_followed_by_routing_and_bpf(world: World, daemon: D
     wait_for(lambda: f"dev {u.tun_if}" not in _route_table(world), "the route via the old tunnel to go")
     assert send(u.client, world.apps, "203.0.113.9", 9, 3)["sent"] == 0  # blackhole: blocked while gone
 
-    # Poll the route table as closely as we can from outside while the tunnel comes back.
+    # Watch from outside, every 2 ms: when the new link is up, and when a route uses it.
     seen: dict[str, float] = {}
-    stop = threading.Event()
+    stop, looking = threading.Event(), threading.Event()
 
     def watch() -> None:
         from pyroute2 import IPRoute
@@ -535,30 +535,41 @@ def test_recreated_tunnel_is_followed_by_routing_and_bpf(world: World, daemon: D
 
         with netns(u.client), IPRoute() as ipr:
             while not stop.is_set():
+                now = time.monotonic()
+                if "up" not in seen:
+                    if any(link.get_attr("IFLA_IFNAME") == u.tun_if and link["flags"] & 1 for link in ipr.get_links()):
+                        seen["up"] = now
+                    else:
+                        seen["not_up"] = now
+                        looking.set()
                 if any(r.get_attr("RTA_OIF") and r["type"] != 6 for r in ipr.get_routes(table=19283)):
-                    seen["route"] = time.monotonic()
+                    seen["route"] = now
                     return
                 time.sleep(0.002)
 
     t = threading.Thread(target=watch)
     t.start()
     try:
-        add_tunnel(u)  # new veth, same name, new ifindex; `ip link set up` is its last step
-        up_at = time.monotonic()
+        assert looking.wait(10)
+        add_tunnel(u)  # new veth, same name, new ifindex
         t.join(timeout=10)
     finally:
         stop.set()
         t.join()
     new = int(json.loads(sh("ip", "-j", "link", "show", u.tun_if, netns=u.client).stdout)[0]["ifindex"])
     assert new != old
-    assert "route" in seen, _route_table(world)
-    outside_ms = max(0.0, seen["route"] - up_at) * 1000
+    assert "route" in seen and "up" in seen, (seen, _route_table(world))
+    # Upper bound: from the last look that found the link not yet up to the first look
+    # that found the route (0 ms: the route was there at the first look the link was up).
+    outside_ms = (seen["route"] - seen.get("not_up", seen["up"])) * 1000
     status = d.status()
     inside_ms = status["last_tunnel_follow_ms"]
     record_property("tunnel_follow_ms_daemon", inside_ms)
     record_property("tunnel_follow_ms_observed", round(outside_ms, 1))
-    print(f"tunnel recreated: followed in {inside_ms} ms by the daemon's clock, observed {outside_ms:.1f} ms after link up")
+    print(f"tunnel recreated: followed in {inside_ms} ms by the daemon's clock; from outside, the route was in "
+          f"at most {outside_ms:.1f} ms after the last look that found the link not yet up")
     assert inside_ms is not None and inside_ms < 500, "goal 100 ms; checked generously on a shared 2-core VM"
+    assert outside_ms < 500, "goal 100 ms, as observed from outside; checked generously"
     if bpf_engaged(d.scrape()):
         wait_for(lambda: f"tunnel ifindexes [{new}]" in d.status()["layers"]["bpf"]["detail"], "the BPF tunnel map")
     t0 = u.tunnel_count()
