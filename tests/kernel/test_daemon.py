@@ -241,14 +241,16 @@ class DaemonFactory:
     def __init__(self, world: World) -> None:
         self.world = world
         self.started: list[Daemon] = []
+        self.listeners: list[NotifyListener] = []
 
     def __call__(self, policy: str | None = None, *args: str, env: dict[str, str] | None = None,
                  wait_ready: bool = True, on_message: Callable[[dict[str, str]], None] | None = None) -> Daemon:
         w = self.world
         if policy is not None or not w.policy_path.exists():
             w.write_policy(policy if policy is not None else w.policy())
-        notify = NotifyListener(on_message)
         log = w.tmp / f"ksbpfd-{len(self.started)}.log"
+        notify = NotifyListener(on_message)
+        self.listeners.append(notify)
         base = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID", "NOTIFY_SOCKET")}
         full_env = {**base, "NOTIFY_SOCKET": notify.path, "PYTHONPATH": str(REPO), **(env or {})}
         argv = [sys.executable, "-m", "ksbpf.daemon", "--config", str(w.policy_path), "--netns", w.client,
@@ -268,7 +270,8 @@ class DaemonFactory:
     def cleanup(self) -> None:
         for d in self.started:
             d.stop()  # by its pid, SIGTERM then SIGKILL
-            d.notify.close()
+        for n in self.listeners:
+            n.close()
         try:
             self.world.engine().down()
         except Exception as e:  # cleanup goes on; the namespace goes anyway
