@@ -129,7 +129,7 @@ def test_up_is_idempotent_and_leak_free_under_traffic(uplink: Uplink, tmp_path: 
 
 def test_bad_policy_is_refused_and_changes_nothing(uplink: Uplink, tmp_path: Path) -> None:
     _up(uplink, tmp_path, uplink.policy())
-    snapshot = lambda: (sh("nft", "list", "ruleset", netns=uplink.client).stdout, sh("ip", "rule", netns=uplink.client).stdout)  # noqa: E731
+    snapshot = lambda: (sh("nft", "-s", "list", "ruleset", netns=uplink.client).stdout, sh("ip", "rule", netns=uplink.client).stdout)  # noqa: E731
     before = snapshot()
     bad = tmp_path / "bad.toml"
     for text, needle in [
