@@ -150,8 +150,12 @@ class LinuxEngine:
         # nftables first: one atomic transaction, so a failure leaves the old ruleset.
         self.nft.apply(effective)
         result.layers["nftables"] = self.nft.status()
-        self.routing.apply(effective)
-        result.layers["routing"] = self.routing.status()
+        # Routing and BPF failures are reported, not raised: nftables already holds.
+        try:
+            self.routing.apply(effective)
+            result.layers["routing"] = self.routing.status()
+        except BackendError as e:
+            result.layers["routing"] = LayerStatus(False, e.reason)
         result.layers["bpf"] = self._apply_bpf(effective)
         if policy_text is not None:
             self._record(policy_text)

@@ -19,6 +19,20 @@ from ksbpf.verdict import interface_matches
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
+SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
+
+
+def _enable_src_valid_mark() -> None:
+    """Reverse-path filtering must judge a reply by the mark nftables restores for it
+    (see the prerouting chain), as wg-quick arranges too. /proc/sys/net follows the
+    calling thread's network namespace."""
+    try:
+        with open(SRC_VALID_MARK, "w") as f:
+            f.write("1\n")
+    except OSError as e:
+        raise BackendError("routing", f"cannot set {SRC_VALID_MARK}: {e.strerror}") from None
+
+
 def _port(value: Any) -> int:
     if not value:
         return 0
@@ -68,9 +82,17 @@ def _route_args(r: RouteSpec) -> dict[str, Any]:
     return args
 
 
+IFF_UP = 0x1
+
+
 def tunnel_links(ipr: Any, policy: Policy) -> dict[int, str]:
-    links = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-    return {i: n for i, n in links.items() if interface_matches(n, policy.tunnel.interfaces)}
+    """Tunnel interfaces that are up: the kernel refuses a route via a down link, and a
+    down tunnel must leave only the blackhole anyway."""
+    return {
+        link["index"]: link.get_attr("IFLA_IFNAME")
+        for link in ipr.get_links()
+        if link["flags"] & IFF_UP and interface_matches(link.get_attr("IFLA_IFNAME"), policy.tunnel.interfaces)
+    }
 
 
 class RoutingLayer:
@@ -114,6 +136,7 @@ class RoutingLayer:
         with netns(self.netns), self._ipr() as ipr:
             plan = render_routing(policy, tunnel_links(ipr, policy))
             self._sync(ipr, plan)
+            _enable_src_valid_mark()
 
     def _sync(self, ipr: Any, plan: RoutingPlan) -> None:
         have_rules, have_routes = self._current(ipr)
@@ -138,7 +161,9 @@ class RoutingLayer:
         try:
             fn(*args, **kwargs)
         except NetlinkError as e:
-            if e.code in (errno.EEXIST, errno.ENOENT, errno.ESRCH):
+            # ENETDOWN/ENODEV: the tunnel went away between listing and adding; the
+            # blackhole behind it holds, and the next link event re-adds the route.
+            if e.code in (errno.EEXIST, errno.ENOENT, errno.ESRCH, errno.ENETDOWN, errno.ENODEV):
                 return
             raise BackendError("routing", f"{args[0]} failed: {e}") from None
 

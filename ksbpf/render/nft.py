@@ -157,10 +157,10 @@ class _Builder:
     def add(self, kind: str, body: Json) -> None:
         self.cmds.append({"add": {kind: {"family": self.family, "table": TABLE, **body}}})
 
-    def chain(self, name: str, hook: str | None = None, prio: int = 0, dev: str | None = None) -> None:
+    def chain(self, name: str, hook: str | None = None, prio: int = 0, dev: str | None = None, policy: str = "drop") -> None:
         body: Json = {"name": name}
         if hook:
-            body.update({"type": "filter", "hook": hook, "prio": prio, "policy": "drop"})
+            body.update({"type": "filter", "hook": hook, "prio": prio, "policy": policy})
             if dev is not None:
                 body["dev"] = dev
         self.add("chain", body)
@@ -223,6 +223,18 @@ def _mark_in_exempt_range(mark_key: Json) -> Json:
     return _match({"&": [mark_key, EXEMPT_MARK_MASK]}, EXEMPT_MARK_BASE)
 
 
+def _tcp_minisock_chain(b: _Builder, name: str, action: Json) -> None:
+    """The handshake's last ACK finds a SYN_RECV request sock and a closing peer's FIN a
+    TIME_WAIT sock; neither has a readable `socket mark` (the rule breaks). Such a sock is
+    found by the packet's full 4-tuple and exists only for a flow the input chain admitted:
+    its SYN passed exempt_in, the LAN rule or the tunnel, and a packet for the tunnel's
+    address arriving elsewhere is dropped before (the CVE-2019-14899 rule)."""
+    b.chain(name)
+    # A full socket answers `socket mark`: it is judged by its own mark.
+    b.rule(name, [_match({"socket": {"key": "mark"}}, 0, ">="), {"return": None}])
+    b.rule(name, [action])
+
+
 def _tunnel_chain(b: _Builder) -> None:
     """Checks for traffic leaving through the tunnel (output and forward)."""
     p = b.policy
@@ -274,6 +286,30 @@ def _endpoint_key(fam: int, outbound: bool) -> Json:
     ]}
 
 
+def _prerouting(b: _Builder) -> None:
+    """Give packets for exempt sockets, and replies from the endpoints, a mark that routes
+    the physical way. With src_valid_mark=1 (set by the routing layer, as wg-quick does)
+    the reverse-path check then looks them up in main instead of in the ksbpf table, whose
+    blackhole makes rp_filter (1 or 2, systemd's default) drop them while the tunnel is
+    down. The mark only steers that lookup: exempt_in matches the socket's own mark."""
+    b.chain("prerouting", hook="prerouting", prio=-150, policy="accept")
+    for pattern in b.policy.tunnel.interfaces:
+        b.rule("prerouting", [_ifname_matches("iifname", pattern), ACCEPT])
+    # A constant: nft 1.0.6's JSON parser refuses `socket mark` as a statement value,
+    # and any mark in the exempt range takes the exempt routing rule.
+    mark_physical = {"mangle": {"key": _meta("mark"), "value": EXEMPT_MARK_BASE}}
+    b.rule("prerouting", [
+        _match(_meta("l4proto"), _set(["tcp", "udp"])), _mark_in_exempt_range({"socket": {"key": "mark"}}), mark_physical,
+    ])
+    _tcp_minisock_chain(b, "prerouting_minisock", mark_physical)
+    b.rule("prerouting", [_match(_meta("l4proto"), "tcp"), _match({"socket": {"key": "transparent"}}, 0), _jump("prerouting_minisock")])
+    for fam in (4, 6):
+        b.rule("prerouting", [
+            _nfproto(fam), _match(_endpoint_key(fam, outbound=False), f"@endpoints{fam}"),
+            {"mangle": {"key": _meta("mark"), "value": b.policy.endpoint_mark}},
+        ])
+
+
 def _inet(policy: Policy, counter_seeds: Mapping[str, tuple[int, int]]) -> list[Json]:
     b = _Builder(policy, INET)
     b.counters(counter_seeds)
@@ -281,9 +317,11 @@ def _inet(policy: Policy, counter_seeds: Mapping[str, tuple[int, int]]) -> list[
     b.chain("output", hook="output")
     b.chain("input", hook="input")
     b.chain("forward", hook="forward")
+    _prerouting(b)
     _tunnel_chain(b)
     _exempt_rules(b, "exempt_out", _meta("mark"), inbound=False)
     _exempt_rules(b, "exempt_in", {"socket": {"key": "mark"}}, inbound=True)
+    _tcp_minisock_chain(b, "input_minisock", ACCEPT)
 
     # ---- output
     _tunnel_fast_path(b, "output", "oifname")
@@ -326,6 +364,7 @@ def _inet(policy: Policy, counter_seeds: Mapping[str, tuple[int, int]]) -> list[
         b.rule("input", [_nfproto(fam), _match(_endpoint_key(fam, outbound=False), f"@endpoints{fam}"), ACCEPT])
     sock_mark = {"socket": {"key": "mark"}}
     b.rule("input", [_match(_meta("l4proto"), _set(["tcp", "udp"])), _mark_in_exempt_range(sock_mark), _jump("exempt_in")])
+    b.rule("input", [_match(_meta("l4proto"), "tcp"), _match({"socket": {"key": "transparent"}}, 0), _jump("input_minisock")])
     if policy.lan.allow:
         for fam in (4, 6):
             b.rule("input", [_nfproto(fam), _match(_payload(FAMILIES[fam][0], "saddr"), f"@lan{fam}"), ACCEPT])

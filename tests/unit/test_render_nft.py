@@ -79,3 +79,25 @@ def test_exemption_update_touches_only_exemption_sets() -> None:
 def test_reset_deletes_both_tables() -> None:
     cmds = render_nft_reset()["nftables"]
     assert [next(iter(c)) for c in cmds[1:]] == ["add", "delete", "add", "delete"]
+
+
+def test_reverse_path_marks_and_minisocks_are_handled_before_the_inbound_drop() -> None:
+    """rp_filter would drop replies to exempt sockets while the tunnel is down (see
+    _prerouting); TCP request and TIME_WAIT socks have no readable mark (see
+    _tcp_minisock_chain). The kernel tests in test_exemptions.py show both matter."""
+    b = render_nft(P)
+    chains = {c["name"]: c for c in _adds(b, "chain")}
+    assert chains["prerouting"]["hook"] == "prerouting" and chains["prerouting"]["policy"] == "accept"
+    rules = _adds(b, "rule")
+    pre = [r["expr"] for r in rules if r["chain"] == "prerouting"]
+    assert pre[0][0]["match"]["left"] == {"meta": {"key": "iifname"}}, "tunnel traffic skips the socket lookups"
+    marks = [e["mangle"]["value"] for r in pre for e in r if "mangle" in e]
+    assert marks == [0x4B000000, P.endpoint_mark, P.endpoint_mark]
+    inbound = [r["expr"] for r in rules if r["chain"] == "input"]
+    jumps = [e["jump"]["target"] for r in inbound for e in r if "jump" in e]
+    assert jumps == ["exempt_in", "input_minisock"]
+    assert any("drop" in e for e in inbound[-1]), "the final inbound drop comes after them"
+    for name, action in (("input_minisock", {"accept": None}), ("prerouting_minisock", {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 0x4B000000}})):
+        first, second = (r["expr"] for r in rules if r["chain"] == name)
+        assert first == [{"match": {"op": ">=", "left": {"socket": {"key": "mark"}}, "right": 0}}, {"return": None}]
+        assert second == [action]
