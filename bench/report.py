@@ -26,8 +26,9 @@ EXEMPT_S = 0.050
 RELOAD_S = 0.200
 
 
-def results_path(directory: Path, when: dt.datetime, kernel: str, quick: bool = False) -> Path:
-    name = f"{when.strftime('%Y-%m-%d')}-{kernel}{'-quick' if quick else ''}.json"
+def results_path(directory: Path, when: dt.datetime, kernel: str, quick: bool = False, tag: str = "") -> Path:
+    suffix = "".join(f"-{t}" for t in (tag, "quick" if quick else "") if t)
+    name = f"{when.strftime('%Y-%m-%d')}-{kernel}{suffix}.json"
     return directory / name
 
 
@@ -164,13 +165,15 @@ def render_markdown(results: Mapping[str, Any], json_path: Path | None = None,
     n0 = ns[0] if ns else 1
     lines = [
         f"Recorded {results.get('date', '?')[:10]} on {m.get('cpu', '?')} ({m.get('cpus', '?')} vCPUs, "
-        f"{m.get('virtualization', '?')}), kernel {results.get('kernel', '?')}, {m.get('nft', '')}; "
+        f"{m.get('virtualization', '?')}), kernel {results.get('kernel', '?')}, {m.get('nft', '')}, "
+        f"ksbpf commit {m.get('ksbpf_commit', '?')}; "
         f"{p.get('rounds', '?')} interleaved rounds of {p.get('seconds', '?')} s per workload, medians; "
         f"in brackets: ratio to no filtering, taken against the no-filtering samples measured right before "
         f"and after each sample. Sender and receiver pinned to different CPUs; the client's veth plays the "
         f"tunnel. UDP: {p.get('udp_size', 64)}-byte payloads, sendmmsg batches of {p.get('udp_batch', 32)}; "
         f"per CPU-second: packets per second of the sender's CPU time (the whole path runs there), "
         f"robust to other load on a shared machine.",
+        *(f"\n{note[0].upper()}{note[1:]}." for note in results.get("notes", [])),
         "",
         f"**Data plane** (n = {n0} endpoint and exemption)",
         "",

@@ -108,20 +108,24 @@ def dataplane_round(args: argparse.Namespace, eng: Engager, wl: Workloads, rnd: 
             s["engage"] = eng.engage(config, n)
             try:
                 m: dict[str, float] = {}
-                m.update(wl.tcp_stream(args.seconds))
-                m.update(wl.udp_pps(args.seconds, size=args.udp_size, batch=args.udp_batch))
-                m.update(wl.rr(args.seconds, size=args.udp_size))
+                if "tcp" in args.workloads:
+                    m.update(wl.tcp_stream(args.seconds))
+                if "udp" in args.workloads:
+                    m.update(wl.udp_pps(args.seconds, size=args.udp_size, batch=args.udp_batch))
+                if "rr" in args.workloads:
+                    m.update(wl.rr(args.seconds, size=args.udp_size))
                 s["metrics"] = m
             finally:
                 eng.reset(config)
         except (ConfigError, WorkloadError, KsbpfError) as e:
             s["error"] = str(e)[-500:]
             s["metrics"] = {}
+        m = s["metrics"]
         log(f"round {rnd} {config:>8} n={n:<6} " + (
-            f"ERROR {s['error'][:120]}" if "error" in s else
-            f"tcp {s['metrics']['tcp_gbps']:.2f} Gb/s  udp {s['metrics']['udp_tx_pps'] / 1e3:.0f} kpps "
-            f"({s['metrics']['udp_pps_per_cpu'] / 1e3:.0f}/cpu-s)  rr p50 {s['metrics']['rr_p50_us']:.1f} "
-            f"p99 {s['metrics']['rr_p99_us']:.1f} us"))
+            f"ERROR {s['error'][:120]}" if "error" in s else "  ".join(filter(None, (
+                f"tcp {m['tcp_gbps']:.2f} Gb/s ({m.get('tcp_gbps_per_cpu', 0):.2f}/cpu-s)" if "tcp_gbps" in m else "",
+                f"udp {m['udp_tx_pps'] / 1e3:.0f} kpps ({m['udp_pps_per_cpu'] / 1e3:.0f}/cpu-s)" if "udp_tx_pps" in m else "",
+                f"rr p50 {m['rr_p50_us']:.1f} p99 {m['rr_p99_us']:.1f} us" if "rr_p50_us" in m else "")))))
         samples.append(s)
     return samples
 
@@ -170,6 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse-dataplane", type=Path, metavar="JSON",
                    help="take data-plane samples and profiles from this earlier results file (implies "
                         "--skip-dataplane); its machine and params are kept under dataplane_run")
+    p.add_argument("--workloads", type=lambda s: s.split(","), default=["tcp", "udp", "rr"],
+                   help="data-plane workloads, comma-separated (default tcp,udp,rr)")
+    p.add_argument("--tag", default="", help="suffix of the results file name, e.g. tcp-long")
     p.add_argument("--udp-size", type=int, default=64, help="UDP payload bytes (default 64)")
     p.add_argument("--udp-batch", type=int, default=32, help="datagrams per sendmmsg (default 32)")
     p.add_argument("--sender-cpu", type=int, default=0)
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "control": [],
         "notes": [],
     }
-    out_path = report.results_path(args.results, started, platform.release(), quick=args.quick)
+    out_path = report.results_path(args.results, started, platform.release(), quick=args.quick, tag=args.tag)
     if args.reuse_dataplane:
         earlier = json.loads(args.reuse_dataplane.read_text())
         results["dataplane"], results["profile"] = earlier["dataplane"], earlier.get("profile", [])
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("rounds", "seconds", "n", "configs", "udp_size", "udp_batch"):
             results["params"][key] = earlier["params"].get(key)
         results["notes"].append(f"data plane and profiles from the run of {earlier.get('date')} "
-                                f"(commit {earlier.get('machine', {}).get('ksbpf_commit')}); control plane from this run")
+                                f"(commit {earlier.get('machine', {}).get('ksbpf_commit')}); control plane from this run "
+                                f"(commit {results['machine']['ksbpf_commit']})")
     try:
         udpbench = compile_udpbench(work)
         with Topology() as topo:

@@ -219,6 +219,7 @@ def test_results_path() -> None:
     when = dt.datetime(2026, 3, 4, tzinfo=dt.UTC)
     assert report.results_path(Path("r"), when, "6.18.0") == Path("r/2026-03-04-6.18.0.json")
     assert report.results_path(Path("r"), when, "6.18.0", quick=True).name == "2026-03-04-6.18.0-quick.json"
+    assert report.results_path(Path("r"), when, "6.18.0", tag="tcp").name == "2026-03-04-6.18.0-tcp.json"
 
 
 # ------------------------------------------------------------------ profiles
