@@ -15,6 +15,7 @@ from ksbpf.render.nft import (
     TABLE,
     counter_names,
     egress_chain_name,
+    render_exemption_change,
     render_exemption_update,
     render_nft,
     render_nft_reset,
@@ -82,8 +83,24 @@ class NftLayer:
             raise BackendError("nftables", f"applied, but the kernel lacks chains: {', '.join(missing)}")
 
     def update_exemptions(self, policy: Policy) -> None:
+        """Flush and refill every exemption set: O(all exemptions)."""
         with netns(self.netns):
             _run_json(_nft(), render_exemption_update(policy))
+
+    def change_exemptions(self, before: Policy, after: Policy) -> None:
+        """Only what changed from `before` (what the kernel should hold now) to `after`:
+        O(changed). If an element to delete is missing (someone edited the sets), the
+        transaction changes nothing and the sets are refilled whole instead."""
+        batch = render_exemption_change(before, after)
+        with netns(self.netns):
+            nft = _nft()
+            if batch is not None:
+                try:
+                    _run_json(nft, batch)
+                    return
+                except BackendError:
+                    pass
+            _run_json(nft, render_exemption_update(after))
 
     def reset(self) -> None:
         with netns(self.netns):

@@ -471,5 +471,32 @@ def render_exemption_update(policy: Policy) -> Json:
     return {"nftables": cmds}
 
 
+def render_exemption_change(before: Policy, after: Policy) -> Json | None:
+    """Only the elements of the exemptions that differ between `before` and `after`, in one
+    transaction: the old elements go, the new ones come (a packet sees one or the other).
+    None when an exemption that stays would change its id (a rare crc collision shuffled
+    them): then the sets must be refilled whole (render_exemption_update)."""
+    ids_before = exemption_ids([e.cgroup for e in before.exemptions])
+    ids_after = exemption_ids([e.cgroup for e in after.exemptions])
+    if any(ids_before[c] != ids_after[c] for c in ids_before.keys() & ids_after.keys()):
+        return None
+    old = {e.cgroup: e for e in before.exemptions}
+    new = {e.cgroup: e for e in after.exemptions}
+    changed = sorted(c for c in old.keys() | new.keys() if old.get(c) != new.get(c))
+    cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
+    for verb, side, ids in (("delete", old, ids_before), ("add", new, ids_after)):
+        for table_family in (INET, NETDEV):
+            for fam in (4, 6):
+                for kind in ("allow", "listen"):
+                    elems = [
+                        el for c in changed if c in side
+                        for el in exempt_elements(side[c], exempt_mark(ids[c]), fam, kind)
+                    ]
+                    if elems:
+                        ref = {"family": table_family, "table": TABLE, "name": f"exempt_{kind}{fam}"}
+                        cmds.append({verb: {"element": {**ref, "elem": elems}}})
+    return {"nftables": cmds}
+
+
 def to_json(batch: Json) -> str:
     return json.dumps(batch, indent=1)

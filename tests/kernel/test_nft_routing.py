@@ -230,3 +230,51 @@ def test_routed_namespace_leaks_nothing_with_the_tunnel_gone(uplink: Uplink, mak
     send_udp(guest, "203.0.113.9", 9, 10)
     assert uplink.far_count() == f0
     assert _nft_counter(c, "drop_forward_ip4") >= 10
+
+
+def _exempt_sets(netns: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for family in ("inet", "netdev"):
+        for o in json.loads(sh("nft", "-j", "list", "table", family, "ksbpf", netns=netns).stdout)["nftables"]:
+            s = o.get("set")
+            if s and s["name"].startswith("exempt_"):
+                out[f"{family} {s['name']}"] = sorted(json.dumps(e, sort_keys=True) for e in s.get("elem", []))
+    return out
+
+
+def test_exemption_changes_touch_only_their_elements_and_match_a_full_apply(uplink: Uplink, tmp_path: Path) -> None:
+    """`ksctl exempt`/`unexempt` change only the elements of the exemption they name; what
+    the kernel holds afterwards is exactly what a full `up` renders for the same
+    exemptions, also after someone removed an element behind ksbpf's back."""
+    c, state = uplink.client, str(tmp_path / "state")
+    policy = uplink.policy('[[exempt]]\ncgroup = "system.slice/a.service"\nallow = ["tcp/443"]\nto = ["198.51.100.0/24"]\n')
+    _up(uplink, tmp_path, policy)
+
+    def run(*args: str) -> None:
+        r = ksctl(*args, netns=c, state_dir=state)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    run("exempt", "--cgroup", "system.slice/b.service", "--allow", "udp/123", "--to", "192.0.2.0/24")
+    run("exempt", "--cgroup", "system.slice/c.service", "--listen", "tcp/22", "--from", "10.0.0.0/8", "--from", "2001:db8::/32")
+    # b changes (its old elements must go), the file's a is overridden, c goes
+    run("exempt", "--cgroup", "system.slice/b.service", "--allow", "udp/123-124", "--to", "192.0.2.128/25")
+    run("exempt", "--cgroup", "system.slice/a.service", "--listen", "tcp/8080")
+    run("unexempt", "--cgroup", "system.slice/c.service")
+    incremental = _exempt_sets(c)
+    assert any("8080" in e for e in incremental["inet exempt_listen4"])
+    assert not any("443" in e for e in incremental["inet exempt_allow4"]), "a's old grant is gone"
+    assert not any("2001:db8::" in e for e in incremental["inet exempt_listen6"]), "c's IPv6 grant is gone"
+
+    _up(uplink, tmp_path, policy)  # a full apply of the same policy and run-time exemptions
+    assert _exempt_sets(c) == incremental
+
+    # drift: one of a's elements removed by hand; changing a still leaves the sets exact
+    elem = json.loads(next(e for e in incremental["inet exempt_listen4"] if "8080" in e))
+    sh("nft", "-j", "-f", "-", netns=c, input=json.dumps({"nftables": [{"delete": {"element": {
+        "family": "inet", "table": "ksbpf", "name": "exempt_listen4", "elem": [elem]}}}]}))
+    assert _exempt_sets(c) != incremental
+    run("unexempt", "--cgroup", "system.slice/a.service")  # a's run-time override goes: the file's a is back
+    after = _exempt_sets(c)
+    _up(uplink, tmp_path, policy)
+    assert _exempt_sets(c) == after
+    assert any("443" in e for e in after["inet exempt_allow4"]) and any("123" in e for e in after["inet exempt_allow4"])

@@ -101,3 +101,62 @@ def test_reverse_path_marks_and_minisocks_are_handled_before_the_inbound_drop() 
         first, second = (r["expr"] for r in rules if r["chain"] == name)
         assert first == [{"match": {"op": ">=", "left": {"socket": {"key": "mark"}}, "right": 0}}, {"return": None}]
         assert second == [action]
+
+
+def _elements(batch: dict, verb: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for c in batch["nftables"]:
+        if verb in c:
+            e = c[verb]["element"]
+            out.setdefault(f"{e['family']} {e['name']}", []).extend(e["elem"])
+    return out
+
+
+def test_exemption_change_carries_only_the_changed_exemptions() -> None:
+    from ksbpf.marks import exemption_ids, exempt_mark
+    from ksbpf.render.nft import render_exemption_change
+
+    base = loads_policy('[tunnel]\ninterfaces = ["wg0"]\n')
+    many = tuple(Exemption(f"s.slice/u{i}.service", allow=(PortSpec("tcp", 443, 443),)) for i in range(1000))
+    before = base.with_exemptions(many)
+    new = Exemption("s.slice/new.service", listen=(PortSpec("tcp", 22, 22),))
+    after = base.with_exemptions((*many[1:], new))  # u0 goes, new comes, 999 stay
+    batch = render_exemption_change(before, after)
+    assert batch is not None
+    ids = exemption_ids([e.cgroup for e in after.exemptions])
+    gone, came = _elements(batch, "delete"), _elements(batch, "add")
+    assert set(gone) == {"inet exempt_allow4", "netdev exempt_allow4", "inet exempt_allow6", "netdev exempt_allow6"}
+    old_mark = exempt_mark(exemption_ids([e.cgroup for e in before.exemptions])["s.slice/u0.service"])
+    assert all(el["concat"][0] == old_mark for els in gone.values() for el in els)
+    assert set(came) == {"inet exempt_listen4", "netdev exempt_listen4", "inet exempt_listen6", "netdev exempt_listen6"}
+    assert all(el["concat"][0] == exempt_mark(ids["s.slice/new.service"]) for els in came.values() for el in els)
+    deletes_first = [next(iter(c)) for c in batch["nftables"][1:]]
+    assert deletes_first == sorted(deletes_first, key=lambda v: v != "delete")
+    nothing = render_exemption_change(after, after)
+    assert nothing is not None and nothing["nftables"][1:] == []
+
+
+def test_exemption_change_refuses_when_ids_would_move() -> None:
+    """Ids probe upward in sorted order on a crc collision: a new cgroup that collides with
+    one in force and sorts before it would move that one's id (its sockets' marks)."""
+    import zlib
+
+    from ksbpf.marks import EXEMPT_ID_MASK
+    from ksbpf.render.nft import render_exemption_change
+
+    seen: dict[int, str] = {}
+    i = 0
+    while True:
+        name = f"s.slice/c{i}.service"
+        h = zlib.crc32(name.encode()) & EXEMPT_ID_MASK
+        if h in seen:
+            break
+        seen[h] = name
+        i += 1
+    first, second = sorted([seen[h], name])
+    base = loads_policy('[tunnel]\ninterfaces = ["wg0"]\n')
+    tcp = (PortSpec("tcp", 443, 443),)
+    before = base.with_exemptions((Exemption(second, allow=tcp),))
+    after = base.with_exemptions((Exemption(first, allow=tcp), Exemption(second, allow=tcp)))
+    assert render_exemption_change(before, after) is None
+    assert render_exemption_change(after, base.with_exemptions((Exemption(first, allow=tcp), Exemption(second, listen=tcp)))) is not None
