@@ -106,32 +106,36 @@ class NftLayer:
         with netns(self.netns):
             _run_json(_nft(), render_nft_reset())
 
-    def _missing_chains(self, nft: Any) -> list[str]:
-        chains = {
+    @staticmethod
+    def _chains(nft: Any, family: str) -> dict[str, dict[str, Any]]:
+        # `list chains` reads chains only; `list table` would fetch every set element too
+        # (0.2 s at 10,000 exemptions).
+        return {
             o["chain"]["name"]: o["chain"]
-            for o in _list(nft, f"list table inet {TABLE}")
-            if "chain" in o
+            for o in _list(nft, f"list chains {family}")
+            if "chain" in o and o["chain"].get("table") == TABLE
         }
+
+    def _missing_chains(self, nft: Any) -> list[str]:
+        chains = self._chains(nft, "inet")
         return [c for c in REQUIRED_CHAINS if chains.get(c, {}).get("policy") != "drop"]
+
+    @classmethod
+    def _egress_chains(cls, nft: Any) -> list[str]:
+        return [name for name, c in cls._chains(nft, NETDEV).items() if c.get("hook") == "egress"]
 
     def status(self) -> LayerStatus:
         with netns(self.netns):
             nft = _nft()
             missing = self._missing_chains(nft)
-            egress = [
-                o["chain"]["name"] for o in _list(nft, f"list table {NETDEV} {TABLE}")
-                if "chain" in o and o["chain"].get("hook") == "egress"
-            ]
+            egress = self._egress_chains(nft)
         if missing:
             return LayerStatus(False, f"table inet {TABLE} missing or incomplete ({', '.join(missing)})")
         return LayerStatus(True, f"table inet {TABLE} enforcing; netdev egress chains: {len(egress)}")
 
     def egress_chains(self) -> list[str]:
         with netns(self.netns):
-            return [
-                o["chain"]["name"] for o in _list(_nft(), f"list table {NETDEV} {TABLE}")
-                if "chain" in o and o["chain"].get("hook") == "egress"
-            ]
+            return self._egress_chains(_nft())
 
     def _counters(self, nft: Any) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
