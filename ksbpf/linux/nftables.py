@@ -9,8 +9,10 @@ from typing import Any
 from ksbpf.errors import BackendError
 from ksbpf.linux.layer import LayerStatus
 from ksbpf.linux.netns import netns
+from ksbpf.linux.nftcounters import read_counters
 from ksbpf.policy import Policy
 from ksbpf.render.nft import (
+    INET,
     NETDEV,
     TABLE,
     counter_names,
@@ -76,7 +78,7 @@ class NftLayer:
     def apply(self, policy: Policy) -> None:
         with netns(self.netns):
             nft = _nft()
-            batch = render_nft(policy, uplink_interfaces(policy), self._counters(nft))
+            batch = render_nft(policy, uplink_interfaces(policy), self._counters())
             _run_json(nft, batch)
             missing = self._missing_chains(nft)
         if missing:
@@ -137,19 +139,18 @@ class NftLayer:
         with netns(self.netns):
             return self._egress_chains(_nft())
 
-    def _counters(self, nft: Any) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        for fam in ("inet", NETDEV):
-            for o in _list(nft, f"list counters table {fam} {TABLE}"):
-                c = o.get("counter")
-                if c:
-                    out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-        return out
+    @staticmethod
+    def _counters() -> dict[str, tuple[int, int]]:
+        try:
+            return {**read_counters(INET, TABLE), **read_counters(NETDEV, TABLE)}
+        except OSError as e:
+            raise BackendError("nftables", f"reading the named counters: {e}") from None
 
     def read_counters(self) -> dict[str, tuple[int, int]]:
-        """Named drop counters, by name -> (packets, bytes); read without listing rules."""
+        """Named drop counters, by name -> (packets, bytes); read without listing rules
+        or sets."""
         with netns(self.netns):
-            return self._counters(_nft())
+            return self._counters()
 
     def drops(self) -> list[tuple[Reason, int, int, int]]:
         """(reason, family, packets, bytes) for every named drop counter."""

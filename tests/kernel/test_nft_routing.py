@@ -278,3 +278,25 @@ def test_exemption_changes_touch_only_their_elements_and_match_a_full_apply(upli
     _up(uplink, tmp_path, policy)
     assert _exempt_sets(c) == after
     assert any("443" in e for e in after["inet exempt_allow4"]) and any("123" in e for e in after["inet exempt_allow4"])
+
+
+def test_counters_read_from_the_kernel_match_nft(uplink: Uplink, tmp_path: Path) -> None:
+    from ksbpf.linux.nftables import NftLayer
+
+    _up(uplink, tmp_path, uplink.policy())
+    send_udp(uplink.client, "203.0.113.9", 53, 6)  # dns via the tunnel to another resolver
+    send_udp(uplink.client, "192.0.2.1", 51820, 3)  # unmarked to the endpoint: into the tunnel
+    sh(sys.executable, "-c", RAW_SEND, uplink.up_if, "4", netns=uplink.client)
+    want: dict[str, tuple[int, int]] = {}
+    for family in ("inet", "netdev"):
+        for o in json.loads(sh("nft", "-j", "list", "counters", "table", family, "ksbpf", netns=uplink.client).stdout)["nftables"]:
+            if "counter" in o:
+                want[o["counter"]["name"]] = (o["counter"]["packets"], o["counter"]["bytes"])
+    have = NftLayer(uplink.client).read_counters()
+    assert have == want
+    assert have["drop_dns_ip4"][0] == 6 and have["drop_raw_egress_ip4"][0] == 4
+    sh("nft", "delete", "table", "netdev", "ksbpf", netns=uplink.client)
+    # the netdev table's counter is gone; the inet table's unused one of that name remains
+    assert NftLayer(uplink.client).read_counters()["drop_raw_egress_ip4"] == (0, 0)
+    sh("nft", "delete", "table", "inet", "ksbpf", netns=uplink.client)
+    assert NftLayer(uplink.client).read_counters() == {}
