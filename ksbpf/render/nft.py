@@ -184,26 +184,38 @@ class _Builder:
             packets, nbytes = seeds.get(name, (0, 0))
             self.add("counter", {"name": name, "packets": packets, "bytes": nbytes})
 
-    def shared_sets(self) -> None:
-        """Everything that grows lives in sets: a packet costs the same with 1 or 10,000
-        endpoints or exemptions, and an exemption is a set update, not a new rule."""
-        p = self.policy
-        ids = exemption_ids([e.cgroup for e in p.exemptions])
-        for fam in (4, 6):
-            addr_t = FAMILIES[fam][2]
-            self.set(
-                f"endpoints{fam}",
-                [addr_t, "inet_proto", "inet_service"],
-                [{"concat": [str(e.address), e.proto, e.port]} for e in sorted(p.endpoints(fam))],
-            )
-            for kind in ("allow", "listen"):
-                elems = [
-                    el
-                    for ex in p.exemptions
-                    for el in exempt_elements(ex, exempt_mark(ids[ex.cgroup]), fam, kind)
-                ]
-                self.set(f"exempt_{kind}{fam}", ["mark", addr_t, "inet_proto", "inet_service"], elems, interval=True)
-            self.set(f"lan{fam}", addr_t, [_net(n) for n in _collapse(p.lan_networks(fam))], interval=True)
+    def shared_sets(self, sets: list[SetSpec]) -> None:
+        for name, typ, elems, interval in sets:
+            self.set(name, typ, elems, interval)
+
+
+# (name, type, elements, interval)
+SetSpec = tuple[str, "str | list[str]", list[Any], bool]
+
+
+def shared_sets(p: Policy) -> list[SetSpec]:
+    """Everything that grows lives in sets: a packet costs the same with 1 or 10,000
+    endpoints or exemptions, and an exemption is a set update, not a new rule. Both
+    tables hold the same sets; built once for both."""
+    ids = exemption_ids([e.cgroup for e in p.exemptions])
+    out: list[SetSpec] = []
+    for fam in (4, 6):
+        addr_t = FAMILIES[fam][2]
+        out.append((
+            f"endpoints{fam}",
+            [addr_t, "inet_proto", "inet_service"],
+            [{"concat": [str(e.address), e.proto, e.port]} for e in sorted(p.endpoints(fam))],
+            False,
+        ))
+        for kind in ("allow", "listen"):
+            elems = [
+                el
+                for ex in p.exemptions
+                for el in exempt_elements(ex, exempt_mark(ids[ex.cgroup]), fam, kind)
+            ]
+            out.append((f"exempt_{kind}{fam}", ["mark", addr_t, "inet_proto", "inet_service"], elems, True))
+        out.append((f"lan{fam}", addr_t, [_net(n) for n in _collapse(p.lan_networks(fam))], True))
+    return out
 
 
 def _exempt_rules(b: _Builder, chain: str, mark_key: Json, inbound: bool) -> None:
@@ -310,10 +322,10 @@ def _prerouting(b: _Builder) -> None:
         ])
 
 
-def _inet(policy: Policy, counter_seeds: Mapping[str, tuple[int, int]]) -> list[Json]:
+def _inet(policy: Policy, counter_seeds: Mapping[str, tuple[int, int]], sets: list[SetSpec]) -> list[Json]:
     b = _Builder(policy, INET)
     b.counters(counter_seeds)
-    b.shared_sets()
+    b.shared_sets(sets)
     b.chain("output", hook="output")
     b.chain("input", hook="input")
     b.chain("forward", hook="forward")
@@ -393,7 +405,9 @@ def egress_chain_name(ifindex: int) -> str:
     return f"egress_if{ifindex}"
 
 
-def _netdev(policy: Policy, uplinks: Mapping[int, str], counter_seeds: Mapping[str, tuple[int, int]]) -> list[Json]:
+def _netdev(
+    policy: Policy, uplinks: Mapping[int, str], counter_seeds: Mapping[str, tuple[int, int]], sets: list[SetSpec]
+) -> list[Json]:
     """The last line against raw (AF_PACKET) senders: a netdev egress chain on every
     non-tunnel interface passes only ARP, DHCP, ND, endpoint, exempt and LAN traffic."""
     b = _Builder(policy, NETDEV)
@@ -401,7 +415,7 @@ def _netdev(policy: Policy, uplinks: Mapping[int, str], counter_seeds: Mapping[s
         name = counter_name(Reason.RAW_EGRESS, fam)
         packets, nbytes = counter_seeds.get(name, (0, 0))
         b.add("counter", {"name": name, "packets": packets, "bytes": nbytes})
-    b.shared_sets()
+    b.shared_sets(sets)
     b.chain("egress_filter")
     f = "egress_filter"
     b.rule(f, [_match(_meta("protocol"), "arp"), ACCEPT])
@@ -442,8 +456,9 @@ def render_nft(
         table = {"family": fam, "name": TABLE}
         # add-then-delete: the delete cannot fail with ENOENT on the first run.
         cmds += [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
-    cmds += _inet(policy, seeds)
-    cmds += _netdev(policy, uplinks or {}, seeds)
+    sets = shared_sets(policy)
+    cmds += _inet(policy, seeds, sets)
+    cmds += _netdev(policy, uplinks or {}, seeds, sets)
     return {"nftables": cmds}
 
 
