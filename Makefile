@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# An editable install leaves bytecode to the first import, which PYTHONDONTWRITEBYTECODE
+	# forbids: every ksctl would compile the package again.
+	$(PY) -m compileall -q ksbpf
 	$(VENV)/bin/ksctl doctor --prepare-headers $(HEADERS) || true
 	touch $(STAMP)
 
