@@ -113,7 +113,7 @@ def _elements(batch: dict, verb: str) -> dict[str, list]:
 
 
 def test_exemption_change_carries_only_the_changed_exemptions() -> None:
-    from ksbpf.marks import exemption_ids, exempt_mark
+    from ksbpf.marks import exempt_mark, exemption_ids
     from ksbpf.render.nft import render_exemption_change
 
     base = loads_policy('[tunnel]\ninterfaces = ["wg0"]\n')
