@@ -5,9 +5,11 @@
  *   ks_egress       cgroup_skb/egress: drop what would leave outside the tunnel, and count it
  *   ks_sock_create  cgroup/sock_create: mark sockets of exempt and endpoint cgroups
  *
- * The policy reaches the program through maps only (filled by the loader before attach);
- * constants (drop reason numbers, pin paths, netns mode) arrive as -D cflags. The checks
- * run in the order of ksbpf.verdict._outbound, which is the oracle the tests compare with.
+ * The policy reaches the program through maps only (filled by the loader before attach and
+ * updated in place after, one whole version at a time: see struct ks_config); constants
+ * (drop reason numbers, capacities, pin paths, netns mode) arrive as -D cflags. The checks
+ * run in the order of ksbpf.verdict._outbound, which is the oracle the tests compare with;
+ * tunnel packets, the common case, take a short path with no helper call.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -18,11 +20,16 @@
 #error "drop reason numbers come from ksbpf.verdict.DROP_REASONS as -D cflags"
 #endif
 
-BPF_ARRAY(ks_config, struct ks_config, 1);
-BPF_HASH(ks_tunnels, u32, u8, KS_MAX_TUNNELS);
-BPF_HASH(ks_endpoints, struct ks_endpoint_key, u8, KS_MAX_ENDPOINTS);
-BPF_HASH(ks_dns, struct ks_addr_key, u8, KS_MAX_DNS);
-BPF_F_TABLE("hash", u64, struct ks_cgroup, ks_cgroups, KS_MAX_CGROUPS, BPF_F_NO_PREALLOC);
+BPF_ARRAY(ks_active, u32, 1);
+BPF_ARRAY(ks_config, struct ks_config, 2);
+// ifindex -> bit b set: a tunnel for the versions using tunnel bank b. An array for the
+// usual small ifindexes (the verifier inlines its lookup), a hash of (ifindex, bank) for the rest.
+BPF_ARRAY(ks_tunnels, u8, KS_TUNNEL_INDEX);
+BPF_F_TABLE("hash", struct ks_tunnel_key, u8, ks_tunnels_big, KS_MAX_TUNNELS, BPF_F_NO_PREALLOC);
+// No preallocation: sized for the largest policy, these cost memory as they fill.
+BPF_F_TABLE("hash", struct ks_endpoint_key, u8, ks_endpoints, KS_MAX_ENDPOINTS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct ks_addr_key, u8, ks_dns, KS_MAX_DNS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct ks_cgroup_key, struct ks_cgroup, ks_cgroups, KS_MAX_CGROUPS, BPF_F_NO_PREALLOC);
 BPF_LPM_TRIE(ks_ports, struct ks_port_key, u8, KS_MAX_RULES);
 BPF_LPM_TRIE(ks_nets, struct ks_net_key, u8, KS_MAX_RULES);
 
@@ -93,14 +100,49 @@ static __always_inline void ks_l4(struct __sk_buff *skb, struct ks_pkt *p, u32 o
     }
 }
 
+// ks_l4 straight from the packet; 0 when the bytes are not in its linear part.
+static __always_inline int ks_l4_direct(struct ks_pkt *p, void *l4, void *end)
+{
+    if (p->proto == KS_IPPROTO_TCP || p->proto == KS_IPPROTO_UDP) {
+        __be16 *ports = l4;
+
+        if ((void *)(ports + 2) > end)
+            return 0;
+        p->sport = ports[0];
+        p->dport = ports[1];
+        p->has_ports = 1;
+    } else if (p->proto == KS_IPPROTO_ICMPV6) {
+        u8 *type = l4;
+
+        if ((void *)(type + 1) > end)
+            return 0;
+        p->icmp_type = *type;
+    }
+    return 1;
+}
+
+static __always_inline int ks_is_ipv6_ext(u8 next)
+{
+    return next == KS_IPV6_HOP || next == KS_IPV6_ROUTING || next == KS_IPV6_DSTOPTS || next == KS_IPV6_FRAGMENT;
+}
+
 // At cgroup egress skb->data points at the network header, and the packet is whole:
-// fragmentation and GSO segmentation happen after this hook.
+// fragmentation and GSO segmentation happen after this hook. Headers are read in place
+// (direct packet access) when the linear part holds them, which it does for packets a
+// socket built; bpf_skb_load_bytes copies them otherwise.
 static __always_inline void ks_parse(struct __sk_buff *skb, struct ks_pkt *p)
 {
-    if (skb->protocol == bpf_htons(ETH_P_IP)) {
-        struct ks_iphdr ip;
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
 
-        if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        struct ks_iphdr *in = data;
+        struct ks_iphdr ip;
+        u32 off;
+
+        if ((void *)(in + 1) <= end)
+            __builtin_memcpy(&ip, in, sizeof(ip));
+        else if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
             return;
         p->family = 4;
         p->proto = ip.protocol;
@@ -108,18 +150,34 @@ static __always_inline void ks_parse(struct __sk_buff *skb, struct ks_pkt *p)
         // A raw sender's later fragments carry no ports; they match no port rule.
         if (ip.frag_off & bpf_htons(KS_IP_OFFSET))
             return;
-        ks_l4(skb, p, (ip.ver_ihl & 0x0f) * 4);
+        off = (ip.ver_ihl & 0x0f) * 4;
+        if (!ks_l4_direct(p, data + off, end))
+            ks_l4(skb, p, off);
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
-        struct ks_ipv6hdr ip6;
+        struct ks_ipv6hdr *in = data;
         u8 ext[2];
-        u32 off = sizeof(ip6);
+        u32 off = sizeof(*in);
         u8 next;
 
-        if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
-            return;
+        if ((void *)(in + 1) <= end) {
+            next = in->nexthdr;
+            __builtin_memcpy(p->daddr, in->daddr, 16);
+        } else {
+            struct ks_ipv6hdr ip6;
+
+            if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+                return;
+            next = ip6.nexthdr;
+            __builtin_memcpy(p->daddr, ip6.daddr, 16);
+        }
         p->family = 6;
-        __builtin_memcpy(p->daddr, ip6.daddr, 16);
-        next = ip6.nexthdr;
+        if (!ks_is_ipv6_ext(next)) {
+            p->proto = next;
+            if (!ks_l4_direct(p, data + sizeof(*in), end))
+                ks_l4(skb, p, off);
+            return;
+        }
+        // Extension headers are rare: copy them.
 #pragma unroll
         for (int i = 0; i < KS_MAX_IPV6_EXT; i++) {
             if (next == KS_IPV6_HOP || next == KS_IPV6_ROUTING || next == KS_IPV6_DSTOPTS) {
@@ -175,10 +233,11 @@ static __always_inline int ks_is_dns(struct ks_pkt *p)
     return p->has_ports && (p->dport == bpf_htons(53) || p->dport == bpf_htons(853));
 }
 
-static __always_inline int ks_dns_allowed(struct ks_pkt *p)
+static __always_inline int ks_dns_allowed(struct ks_pkt *p, u32 tag)
 {
     struct ks_addr_key k = {};
 
+    k.tag = tag;
     k.family = p->family;
     __builtin_memcpy(k.addr, p->daddr, 16);
     return ks_dns.lookup(&k) != NULL;
@@ -198,12 +257,13 @@ static __always_inline int ks_is_nd(struct ks_pkt *p)
     return p->family == 6 && p->proto == KS_IPPROTO_ICMPV6 && p->icmp_type >= 133 && p->icmp_type <= 136;
 }
 
-static __always_inline int ks_is_endpoint(struct ks_pkt *p)
+static __always_inline int ks_is_endpoint(struct ks_pkt *p, u32 tag)
 {
     struct ks_endpoint_key k = {};
 
     if (!p->has_ports)
         return 0;
+    k.tag = tag;
     k.family = p->family;
     k.proto = p->proto;
     k.port = p->dport;
@@ -214,19 +274,22 @@ static __always_inline int ks_is_endpoint(struct ks_pkt *p)
 // Ancestor-aware: walk from the root down to the socket's cgroup. The deepest exemption
 // wins (as ksbpf.verdict.exemption_for); any endpoint cgroup on the way counts. Cgroups
 // deeper than KS_MAX_DEPTH are not seen, so exemptions there fail closed.
-static __always_inline void ks_skb_cgroups(struct __sk_buff *skb, u32 *slot, u32 *endpoint)
+static __always_inline void ks_skb_cgroups(struct __sk_buff *skb, u32 tag, u32 *rules, u32 *endpoint)
 {
+    struct ks_cgroup_key k = {};
+
+    k.tag = tag;
 #pragma unroll
     for (int level = 0; level <= KS_MAX_DEPTH; level++) {
-        u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
         struct ks_cgroup *cg;
 
-        if (!id)
+        k.id = bpf_skb_ancestor_cgroup_id(skb, level);
+        if (!k.id)
             break;
-        cg = ks_cgroups.lookup(&id);
+        cg = ks_cgroups.lookup(&k);
         if (cg) {
-            if (cg->slot)
-                *slot = cg->slot;
+            if (cg->rules)
+                *rules = cg->rules;
             *endpoint |= cg->endpoint;
         }
     }
@@ -254,74 +317,111 @@ static __always_inline u64 ks_skb_netns(struct __sk_buff *skb, u64 target)
 #endif
 }
 
+// Attached to a cgroup, the program sees that cgroup's sockets in every netns; the
+// ifindexes in the maps are the target netns's, so only its packets are judged.
+static __always_inline int ks_judged(struct __sk_buff *skb, struct ks_config *cfg)
+{
+    return ks_skb_netns(skb, cfg->netns_cookie) == cfg->netns_cookie;
+}
+
+static __always_inline int ks_is_tunnel(u32 ifindex, u32 bank)
+{
+    u8 *mask;
+
+    if (ifindex < KS_TUNNEL_INDEX) {
+        mask = ks_tunnels.lookup(&ifindex);
+        // Keeps clang from merging the two lookups into one call with a chosen map, which
+        // the verifier could not inline.
+        asm volatile("" ::: "memory");
+        return mask && ((*mask >> (bank & 1)) & 1);
+    } else {
+        struct ks_tunnel_key k = {.ifindex = ifindex, .bank = bank & 1};
+
+        return ks_tunnels_big.lookup(&k) != NULL;
+    }
+}
+
 int ks_egress(struct __sk_buff *skb)
 {
-    u32 zero = 0;
-    struct ks_config *cfg = ks_config.lookup(&zero);
+    u32 zero = 0, slot;
+    u32 *active;
+    struct ks_config *cfg;
     struct ks_pkt p = {};
     u32 ifindex = skb->ifindex;
-    u32 slot = 0, endpoint = 0;
+    u32 rules = 0, endpoint = 0;
 
-    if (!cfg)
-        return 0;
-    // Attached to a cgroup, the program sees that cgroup's sockets in every netns; the
-    // ifindexes in the maps are the target netns's, so only its packets are judged.
-    if (ks_skb_netns(skb, cfg->netns_cookie) != cfg->netns_cookie)
-        return 1;
+    // Loopback is ifindex 1 in every netns, so this needs no netns check.
     if (ifindex == KS_LOOPBACK_IFINDEX)
         return 1;
+    active = ks_active.lookup(&zero);
+    if (!active)
+        return 0;
+    // Read once: everything below comes from this one version.
+    slot = *active & 1;
+    cfg = ks_config.lookup(&slot);
+    if (!cfg)
+        return 0;
 
     ks_parse(skb, &p);
 
-    if (ks_tunnels.lookup(&ifindex)) {
+    if (ks_is_tunnel(ifindex, cfg->tunnel_bank)) {
+        // Passing needs no netns check (another netns's packets pass too); dropping does.
         if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
-            return ks_drop(skb, KS_R_IPV6_BLOCKED);
+            return ks_judged(skb, cfg) ? ks_drop(skb, KS_R_IPV6_BLOCKED) : 1;
         // DNS only to the configured resolvers, even inside the tunnel.
-        if (ks_is_dns(&p) && !ks_dns_allowed(&p))
-            return ks_drop(skb, KS_R_DNS);
+        if (ks_is_dns(&p) && !ks_dns_allowed(&p, cfg->dns_tag))
+            return ks_judged(skb, cfg) ? ks_drop(skb, KS_R_DNS) : 1;
         return 1;
     }
+    if (!ks_judged(skb, cfg))
+        return 1;
     if (ks_is_nd(&p) || ks_is_dhcp(&p))
         return 1;
     if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
         return ks_drop(skb, KS_R_IPV6_BLOCKED);
 
-    if (ks_is_endpoint(&p)) {
+    if (ks_is_endpoint(&p, cfg->endpoints_tag)) {
         if ((cfg->flags & KS_F_ENDPOINT_MARK) && skb->mark != cfg->endpoint_mark)
             return ks_drop(skb, KS_R_ENDPOINT_UNAUTHORIZED);
         if (cfg->flags & KS_F_ENDPOINT_CGROUPS) {
-            ks_skb_cgroups(skb, &slot, &endpoint);
+            ks_skb_cgroups(skb, cfg->cgroups_tag, &rules, &endpoint);
             if (!endpoint)
                 return ks_drop(skb, KS_R_ENDPOINT_UNAUTHORIZED);
         }
         return 1;
     }
 
-    ks_skb_cgroups(skb, &slot, &endpoint);
-    if (slot && p.has_ports) {
+    ks_skb_cgroups(skb, cfg->cgroups_tag, &rules, &endpoint);
+    if (rules && p.has_ports) {
         // allow: remote port and `to` networks; listen: our port (replies) and `from` networks.
-        if (ks_port_match(KS_SCOPE(slot, KS_KIND_ALLOW), p.proto, p.dport) &&
-            ks_net_match(KS_SCOPE(slot, KS_KIND_ALLOW), &p))
+        if (ks_port_match(KS_SCOPE(rules, KS_KIND_ALLOW), p.proto, p.dport) &&
+            ks_net_match(KS_SCOPE(rules, KS_KIND_ALLOW), &p))
             return 1;
-        if (ks_port_match(KS_SCOPE(slot, KS_KIND_LISTEN), p.proto, p.sport) &&
-            ks_net_match(KS_SCOPE(slot, KS_KIND_LISTEN), &p))
+        if (ks_port_match(KS_SCOPE(rules, KS_KIND_LISTEN), p.proto, p.sport) &&
+            ks_net_match(KS_SCOPE(rules, KS_KIND_LISTEN), &p))
             return 1;
     }
     // DNS outside the tunnel is dropped before LAN: a LAN resolver is still a leak.
     if (ks_is_dns(&p))
         return ks_drop(skb, KS_R_DNS);
-    if (p.family && ks_net_match(KS_SCOPE_LAN, &p))
+    if (p.family && cfg->lan_rules && ks_net_match(KS_SCOPE(cfg->lan_rules, KS_KIND_ALLOW), &p))
         return 1;
     return ks_drop(skb, KS_R_NO_TUNNEL);
 }
 
 int ks_sock_create(struct bpf_sock *sk)
 {
-    u32 zero = 0;
-    struct ks_config *cfg = ks_config.lookup(&zero);
+    u32 zero = 0, slot;
+    struct ks_cgroup_key k = {};
+    u32 *active = ks_active.lookup(&zero);
+    struct ks_config *cfg;
     u64 cookie = bpf_get_netns_cookie(sk);
     u32 mark = 0;
 
+    if (!active)
+        return 1;
+    slot = *active & 1;
+    cfg = ks_config.lookup(&slot);
     if (!cfg)
         return 1;
 #ifdef KS_NETNS_SK_STORAGE
@@ -331,15 +431,16 @@ int ks_sock_create(struct bpf_sock *sk)
 #endif
     if (cookie != cfg->netns_cookie)
         return 1;
+    k.tag = cfg->cgroups_tag;
     // The socket belongs to the creating task's cgroup; deepest mark wins.
 #pragma unroll
     for (int level = 0; level <= KS_MAX_DEPTH; level++) {
-        u64 id = bpf_get_current_ancestor_cgroup_id(level);
         struct ks_cgroup *cg;
 
-        if (!id)
+        k.id = bpf_get_current_ancestor_cgroup_id(level);
+        if (!k.id)
             break;
-        cg = ks_cgroups.lookup(&id);
+        cg = ks_cgroups.lookup(&k);
         if (cg && cg->mark)
             mark = cg->mark;
     }

@@ -8,23 +8,28 @@
 
 #define KS_LOOPBACK_IFINDEX 1
 
+/* Capacities arrive as -D cflags from ksbpf.linux.bpf.Capacity (the defaults only make the
+ * header compile alone). Maps holding policy hold two versions of it during an update. */
 #ifndef KS_MAX_DEPTH
 #define KS_MAX_DEPTH 31
 #endif
+#ifndef KS_TUNNEL_INDEX
+#define KS_TUNNEL_INDEX 4096    /* ifindexes below this are an array index, the rest hashed */
+#endif
 #ifndef KS_MAX_TUNNELS
-#define KS_MAX_TUNNELS 256
+#define KS_MAX_TUNNELS 1024
 #endif
 #ifndef KS_MAX_ENDPOINTS
-#define KS_MAX_ENDPOINTS 1024
+#define KS_MAX_ENDPOINTS 2048
 #endif
 #ifndef KS_MAX_DNS
-#define KS_MAX_DNS 256
+#define KS_MAX_DNS 512
 #endif
 #ifndef KS_MAX_CGROUPS
 #define KS_MAX_CGROUPS 65536
 #endif
 #ifndef KS_MAX_RULES
-#define KS_MAX_RULES 65536
+#define KS_MAX_RULES 262144
 #endif
 #ifndef KS_MAX_DROP_KEYS
 #define KS_MAX_DROP_KEYS 4096
@@ -36,11 +41,11 @@
 #define KS_F_ENDPOINT_MARK 0x2
 #define KS_F_ENDPOINT_CGROUPS 0x4
 
-/* Rule scopes in ks_ports / ks_nets: LAN, or an exemption slot's allow or listen half. */
-#define KS_SCOPE_LAN 0
+/* Rule scopes in ks_ports / ks_nets: a rule set's allow or listen half. Rule set ids are
+ * never reused within a generation; LAN networks are a rule set of their own. */
 #define KS_KIND_ALLOW 0
 #define KS_KIND_LISTEN 1
-#define KS_SCOPE(slot, kind) (((slot) << 1) | (kind))
+#define KS_SCOPE(rules, kind) (((rules) << 1) | (kind))
 
 /* LPM prefix bits before the port / address: scope (32) + proto or family (8). */
 #define KS_PORT_PREFIX_BASE 40
@@ -55,23 +60,53 @@
 #define KS_IPV6_FRAGMENT 44
 #define KS_IPV6_DSTOPTS 60
 
+/*
+ * A policy version. ks_config holds two; ks_active (one u32, 0 or 1) says which one packets
+ * use, and is written last, so a packet sees one version whole. Endpoint, DNS and cgroup
+ * keys carry the tag of the version that wrote them, rule scopes their rule set id, and
+ * ks_tunnels has two banks: a new version writes under fresh tags, rule set ids and the
+ * bank the live one does not use (new keys only, never an entry the live version reads),
+ * and shares whatever did not change.
+ */
 struct ks_config {
     u64 netns_cookie;
     u64 generation;
     u64 cgroup_id;      /* where this generation is attached */
     u32 flags;
     u32 endpoint_mark;
+    u32 version;
+    u32 endpoints_tag;
+    u32 dns_tag;
+    u32 cgroups_tag;
+    u32 lan_rules;      /* rule set of the LAN networks (0: none) */
+    u32 next_rules;     /* loader bookkeeping: the first rule set id never used */
+    u8 tunnel_bank;
+    u8 pad[7];
+    u64 digests[4];     /* loader bookkeeping: endpoints, dns, lan, cgroups as written */
+    u8 build[32];       /* loader bookkeeping: what the programs were built from */
     char instance[64];  /* lets the loader recognise its own programs on a cgroup */
 };
 
+struct ks_tunnel_key {  /* ks_tunnels_big, for ifindexes from KS_TUNNEL_INDEX on */
+    u32 ifindex;
+    u32 bank;
+};
+
+struct ks_cgroup_key {
+    u64 id;
+    u32 tag;
+    u32 pad;
+};
+
 struct ks_cgroup {
-    u32 slot;           /* exemption rules (0: not exempt) */
+    u32 rules;          /* exemption rule set (0: not exempt) */
     u32 mark;           /* given to sockets created below this cgroup (0: none) */
     u32 endpoint;       /* 1: an endpoint cgroup */
     u32 pad;
 };
 
 struct ks_endpoint_key {
+    u32 tag;
     u8 family;
     u8 proto;
     __be16 port;
@@ -79,6 +114,7 @@ struct ks_endpoint_key {
 };
 
 struct ks_addr_key {
+    u32 tag;
     u8 family;
     u8 pad[3];
     u8 addr[16];

@@ -18,8 +18,19 @@ Design, in short (the why of each is next to the code that does it):
                    generations so counters survive reloads and restarts
       sk_netns     socket -> netns cookie (only on kernels without the cgroup_skb helper)
       g<N>/        one generation: egress, sock_create and its own policy maps
-  A new policy is a new generation: its maps are filled before it is attached, so a
-  program never sees a half-written policy.
+  A generation is one build of the programs. Its maps are filled before it is attached,
+  so a program never sees a half-written policy.
+- A new policy whose programs would be built exactly as the live generation's (same source,
+  cflags, header tree, netns mode; see build_digest) and attach to the same cgroup updates
+  the live generation's maps in place, with no compile: the maps hold two policy versions
+  (struct ks_config in bpf/killswitch.h), the new one is written beside the live one,
+  sharing what did not change, and one u32 flips packets over to it, so a packet is judged
+  by one version whole. The old version's entries go after an RCU grace period, when no
+  packet can still be reading them. The same policy again writes nothing.
+- Capacity: a policy the maps cannot hold is refused before anything is touched
+  (check_capacity). Hash maps allocate their buckets up front even without preallocated
+  elements, so the endpoint map is sized from the policy in powers of two (Capacity); a
+  policy outgrowing its generation's size is built anew, one that shrinks keeps it.
 - Replacement: BPF_PROG_ATTACH with BPF_F_REPLACE swaps the old generation's program for
   the new one in place (atomic: never zero, never two). When that is impossible (the
   attach cgroup changed) the new one is attached first and the old one detached after
@@ -44,6 +55,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import importlib.resources
 import ipaddress
 import json
@@ -52,21 +64,23 @@ import re
 import resource
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import ksbpf
 from ksbpf.errors import BpfError, KsbpfError
 from ksbpf.linux import headers
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.netns import netns
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
-from ksbpf.policy import IPNetwork, Policy, PortSpec
+from ksbpf.policy import IPNetwork, Policy, PortSpec, normalize_cgroup
 from ksbpf.verdict import DROP_REASONS, Reason, interface_matches
 
 BPFFS = Path("/sys/fs/bpf")
@@ -74,21 +88,34 @@ PIN_ROOT = BPFFS / "ksbpf"
 SOURCE = "killswitch.c"
 
 PROGS = {"egress": "ks_egress", "sock_create": "ks_sock_create"}
-GEN_MAPS = ("ks_config", "ks_tunnels", "ks_endpoints", "ks_dns", "ks_cgroups", "ks_ports", "ks_nets")
+GEN_MAPS = ("ks_active", "ks_config", "ks_tunnels", "ks_tunnels_big", "ks_endpoints", "ks_dns", "ks_cgroups",
+            "ks_ports", "ks_nets")
 DROPS_PIN = "drops"
 SK_NETNS_PIN = "sk_netns"
 
 MAX_CGROUP_DEPTH = 31
 MAX_DROP_KEYS = 4096
 
+# What one policy may hold (check_capacity). Maps of policy are twice this: during an
+# update they hold the live version and the next one.
+MAX_ENDPOINTS = 65536
+MIN_ENDPOINT_TIER = 1024
+MAX_DNS = 256
+MAX_CGROUPS = 32768  # exempt and endpoint cgroups
+MAX_RULES = 131072  # LPM keys of exemptions (and LAN), each of ks_ports and ks_nets
+TUNNEL_INDEX = 4096  # ifindexes below it are looked up in an array (inlined), the rest hashed
+MAX_BIG_TUNNELS = 1024
+
 # Map layouts of bpf/killswitch.h.
-CONFIG_FMT = "<QQQII64s"
+CONFIG_FMT = "<QQQIIIIIIIIB7x4Q32s64s"
+LEGACY_CONFIG_FMT = "<QQQII64s"  # before policy versions
+CGROUP_KEY_FMT = "<QII"
 CGROUP_FMT = "<IIII"
+TUNNEL_KEY_FMT = "<II"
 DROP_KEY_FMT = "<IIQ"
 DROP_VAL_FMT = "<QQ"
 F_IPV6_BLOCK, F_ENDPOINT_MARK, F_ENDPOINT_CGROUPS = 0x1, 0x2, 0x4
 KIND_ALLOW, KIND_LISTEN = 0, 1
-SCOPE_LAN = 0
 PORT_PREFIX_BASE = NET_PREFIX_BASE = 40
 IPPROTO = {"tcp": 6, "udp": 17}
 
@@ -118,6 +145,9 @@ _BPF_PROG_GET_FD_BY_ID = 13
 _BPF_MAP_GET_FD_BY_ID = 14
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_PROG_QUERY = 16
+_BPF_MAP_LOOKUP_BATCH = 24
+_BPF_MAP_UPDATE_BATCH = 26
+_BPF_MAP_DELETE_BATCH = 27
 
 BPF_F_ALLOW_MULTI = 2
 BPF_F_REPLACE = 4
@@ -132,6 +162,10 @@ MAP_SK_STORAGE = 24
 PROG_CGROUP_SKB = 8
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+_NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "armv7l": 389, "ppc64le": 365, "s390x": 356, "riscv64": 283}
+_MEMBARRIER_CMD_GLOBAL = 1
+# A batch command the map type does not have: EINVAL, EOPNOTSUPP, or the kernel's ENOTSUPP.
+_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)
 _SO_NETNS_COOKIE = 71
 _BPF_FUNC_GET_NETNS_COOKIE = 122
 
@@ -152,6 +186,17 @@ def _sys_bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
 
 def _attr() -> ctypes.Array[ctypes.c_char]:
     return ctypes.create_string_buffer(128)
+
+
+def rcu_grace_period() -> None:
+    """Wait until every BPF program run that started before now has ended: programs run
+    under rcu_read_lock, and membarrier(MEMBARRIER_CMD_GLOBAL) is synchronize_rcu().
+    Where it is missing (nohz_full, unknown arch) a pause stands in; a run takes microseconds."""
+    nr = _NR_MEMBARRIER.get(os.uname().machine)
+    if nr is not None and _libc.syscall(ctypes.c_long(nr), ctypes.c_int(_MEMBARRIER_CMD_GLOBAL),
+                                        ctypes.c_uint(0), ctypes.c_int(0)) == 0:
+        return
+    time.sleep(0.05)
 
 
 def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
@@ -329,7 +374,7 @@ class BpfMap:
             raise
         return True
 
-    def keys(self) -> list[bytes]:
+    def _keys_one_by_one(self) -> list[bytes]:
         out: list[bytes] = []
         prev: ctypes.Array[ctypes.c_char] | None = None
         nxt = ctypes.create_string_buffer(self.info.key_size)
@@ -345,8 +390,62 @@ class BpfMap:
             out.append(nxt.raw)
             prev = ctypes.create_string_buffer(nxt.raw, self.info.key_size)
 
+    def _batch_attr(self, keys: ctypes.Array[ctypes.c_char], values: ctypes.Array[ctypes.c_char] | None,
+                    count: int, in_batch: ctypes.Array[ctypes.c_char] | None = None,
+                    out_batch: ctypes.Array[ctypes.c_char] | None = None) -> ctypes.Array[ctypes.c_char]:
+        a = _attr()
+        struct.pack_into("<QQQQII", a, 0, _addr(in_batch), _addr(out_batch), ctypes.addressof(keys),
+                         _addr(values), count, self.fd)
+        return a
+
+    def _items_batched(self) -> list[tuple[bytes, bytes]] | None:
+        """Every entry with BPF_MAP_LOOKUP_BATCH (a syscall per thousands of entries), or
+        None where the kernel has no batch lookup for this map type."""
+        ks, vs = self.info.key_size, self.info.value_size
+        chunk = max(64, min(self.info.max_entries, 8192))
+        # The resume token is a bucket number for hash maps, a key for the others.
+        tokens = [ctypes.create_string_buffer(max(ks, 8)) for _ in range(2)]
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while True:
+            keys = ctypes.create_string_buffer(ks * chunk)
+            values = ctypes.create_string_buffer(vs * chunk)
+            a = self._batch_attr(keys, values, chunk, None if first else tokens[0], tokens[1])
+            done = False
+            try:
+                _sys_bpf(_BPF_MAP_LOOKUP_BATCH, a, f"read {self.info.name}")
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    done = True
+                elif e.errno == errno.ENOSPC:  # one hash bucket holds more than `chunk`
+                    chunk *= 4
+                    continue
+                elif first and e.errno in _NO_BATCH:
+                    return None
+                else:
+                    raise
+            n = struct.unpack_from("<I", a, 32)[0]
+            kr, vr = keys.raw, values.raw
+            out.extend((kr[i * ks:(i + 1) * ks], vr[i * vs:(i + 1) * vs]) for i in range(n))
+            if done:
+                return out
+            ctypes.memmove(tokens[0], tokens[1], len(tokens[1]))
+            first = False
+
+    def keys(self) -> list[bytes]:
+        if not self.percpu:
+            batched = self._items_batched()
+            if batched is not None:
+                return [k for k, _ in batched]
+        return self._keys_one_by_one()
+
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        for k in self.keys():
+        if not self.percpu:
+            batched = self._items_batched()
+            if batched is not None:
+                yield from batched
+                return
+        for k in self._keys_one_by_one():
             v = self.lookup(k)
             if v is not None:
                 yield k, v
@@ -354,14 +453,57 @@ class BpfMap:
     def percpu_values(self, raw: bytes) -> list[bytes]:
         return [raw[i * self.value_stride : i * self.value_stride + self.info.value_size] for i in range(self.ncpus)]
 
-    def sync(self, wanted: dict[bytes, bytes]) -> None:
-        """Make the map hold exactly `wanted`: add and update first, delete after, so an
-        entry that stays is never missing in between."""
-        for k, v in wanted.items():
+    def update_many(self, entries: Mapping[bytes, bytes]) -> None:
+        """Write entries, thousands per syscall where the kernel batches for this map type."""
+        if not entries:
+            return
+        ks, vs = self.info.key_size, self.info.value_size
+        if not self.percpu:
+            items = list(entries.items())
+            for k, v in items:
+                if len(k) != ks or len(v) != vs:
+                    raise ValueError(f"map {self.info.name}: entry of {len(k)}+{len(v)} bytes, map wants {ks}+{vs}")
+            done = 0
+            while done < len(items):
+                part = items[done:done + 8192]
+                keys = ctypes.create_string_buffer(b"".join(k for k, _ in part), ks * len(part))
+                values = ctypes.create_string_buffer(b"".join(v for _, v in part), vs * len(part))
+                a = self._batch_attr(keys, values, len(part))
+                try:
+                    _sys_bpf(_BPF_MAP_UPDATE_BATCH, a, f"update {self.info.name}")
+                except OSError as e:
+                    if done == 0 and e.errno in _NO_BATCH and struct.unpack_from("<I", a, 32)[0] == 0:
+                        break
+                    raise
+                done += len(part)
+            else:
+                return
+        for k, v in entries.items():
             self.update(k, v)
-        for k in self.keys():
-            if k not in wanted:
-                self.delete(k)
+
+    def delete_many(self, keys: Iterable[bytes]) -> None:
+        """Delete keys that are there (a batch stops at the first missing one)."""
+        todo = list(keys)
+        if not todo:
+            return
+        ks = self.info.key_size
+        while todo:
+            part = todo[:8192]
+            buf = ctypes.create_string_buffer(b"".join(part), ks * len(part))
+            a = self._batch_attr(buf, None, len(part))
+            try:
+                _sys_bpf(_BPF_MAP_DELETE_BATCH, a, f"delete from {self.info.name}")
+            except OSError as e:
+                n = struct.unpack_from("<I", a, 32)[0]
+                if e.errno == errno.ENOENT:  # skip the missing key and go on
+                    todo = todo[n + 1:]
+                    continue
+                if e.errno in _NO_BATCH:
+                    for k in todo[n:]:
+                        self.delete(k)
+                    return
+                raise
+            todo = todo[len(part):]
 
 
 def probe_netns_cookie_helper() -> bool:
@@ -413,14 +555,15 @@ class ExemptionRules:
 
 @dataclass(frozen=True)
 class BpfPlan:
-    """What a policy means to the BPF maps, before cgroup paths become ids. Pure."""
+    """What a policy means to the BPF maps, before cgroup paths become ids and before
+    version tags and rule set ids are chosen. Pure."""
 
     flags: int
     endpoint_mark: int
     tunnel_patterns: tuple[str, ...]
-    endpoints: tuple[bytes, ...]
-    dns: tuple[bytes, ...]
-    lan: tuple[bytes, ...]
+    endpoints: tuple[bytes, ...]  # endpoint_key()s, untagged
+    dns: tuple[bytes, ...]  # addr_key()s, untagged
+    lan: tuple[IPNetwork, ...]
     exemptions: tuple[ExemptionRules, ...]
     endpoint_cgroups: tuple[str, ...]
     # the mark sock_create gives endpoint cgroups' sockets (0: the VPN client sets its own)
@@ -432,11 +575,27 @@ def _addr16(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 
 
 def endpoint_key(family: int, proto: str, port: int, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """struct ks_endpoint_key without its leading tag (see tagged)."""
     return struct.pack("<BB", family, IPPROTO[proto]) + port.to_bytes(2, "big") + _addr16(addr)
 
 
 def addr_key(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """struct ks_addr_key without its leading tag (see tagged)."""
     return struct.pack("<B3x", addr.version) + _addr16(addr)
+
+
+def tagged(tag: int, key: bytes) -> bytes:
+    """An endpoint or DNS key of the policy version with this tag."""
+    return struct.pack("<I", tag) + key
+
+
+def key_tag(key: bytes) -> int:
+    return int(struct.unpack_from("<I", key)[0])
+
+
+def cgroup_key(cgroup_id: int, tag: int) -> bytes:
+    """struct ks_cgroup_key: a cgroup id in the policy version with this tag."""
+    return struct.pack(CGROUP_KEY_FMT, cgroup_id, tag, 0)
 
 
 def net_key(scope: int, net: IPNetwork) -> bytes:
@@ -447,6 +606,11 @@ def net_key(scope: int, net: IPNetwork) -> bytes:
 
 def port_key(scope: int, proto: str, port: int, prefix: int) -> bytes:
     return struct.pack("<IIB", PORT_PREFIX_BASE + prefix, scope, IPPROTO[proto]) + port.to_bytes(2, "big") + b"\0"
+
+
+def rule_set_of(lpm_key: bytes) -> int:
+    """The rule set id of a ks_ports or ks_nets key."""
+    return int(struct.unpack_from("<I", lpm_key, 4)[0]) >> 1
 
 
 def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
@@ -461,8 +625,8 @@ def port_prefixes(first: int, last: int) -> list[tuple[int, int]]:
     return out
 
 
-def scope(slot: int, kind: int) -> int:
-    return (slot << 1) | kind
+def scope(rules: int, kind: int) -> int:
+    return (rules << 1) | kind
 
 
 def render(policy: Policy) -> BpfPlan:
@@ -481,8 +645,9 @@ def render(policy: Policy) -> BpfPlan:
             mark=exempt_mark(ids[e.cgroup]),
             allow=e.allow,
             listen=e.listen,
-            to=e.to_networks(4) + e.to_networks(6),
-            from_=e.from_networks(4) + e.from_networks(6),
+            # Networks only where there are ports for them (rule_keys ignores the others).
+            to=e.to_networks(4) + e.to_networks(6) if e.allow else (),
+            from_=e.from_networks(4) + e.from_networks(6) if e.listen else (),
         )
         for e in policy.exemptions
     )
@@ -490,33 +655,88 @@ def render(policy: Policy) -> BpfPlan:
         flags=flags,
         endpoint_mark=t.endpoint_mark or 0,
         tunnel_patterns=t.interfaces,
-        endpoints=tuple(endpoint_key(ep.family, ep.proto, ep.port, ep.address) for ep in t.endpoints),
-        dns=tuple(addr_key(a) for a in policy.dns.servers),
-        lan=tuple(net_key(SCOPE_LAN, n) for n in policy.lan_networks(4) + policy.lan_networks(6)),
+        endpoints=tuple(dict.fromkeys(endpoint_key(ep.family, ep.proto, ep.port, ep.address) for ep in t.endpoints)),
+        dns=tuple(dict.fromkeys(addr_key(a) for a in policy.dns.servers)),
+        lan=policy.lan_networks(4) + policy.lan_networks(6),
         exemptions=exemptions,
         endpoint_cgroups=t.endpoint_cgroups,
         endpoint_cgroup_mark=DEFAULT_ENDPOINT_MARK if t.endpoint_cgroups and t.endpoint_mark is None else 0,
     )
 
 
-def rule_keys(rules: ExemptionRules, slot: int) -> tuple[list[bytes], list[bytes]]:
-    """ks_ports and ks_nets keys of one exemption under `slot`."""
+def rule_keys(rules: ExemptionRules, rule_set: int) -> tuple[list[bytes], list[bytes]]:
+    """ks_ports and ks_nets keys of one exemption as rule set `rule_set`."""
     ports: list[bytes] = []
     nets: list[bytes] = []
     for kind, specs, networks in ((KIND_ALLOW, rules.allow, rules.to), (KIND_LISTEN, rules.listen, rules.from_)):
         if not specs:
             continue
-        sc = scope(slot, kind)
+        sc = scope(rule_set, kind)
         for spec in specs:
             ports.extend(port_key(sc, spec.proto, p, n) for p, n in port_prefixes(spec.first, spec.last))
         nets.extend(net_key(sc, n) for n in networks)
     return ports, nets
 
 
-def cflags(netns_mode: str, pin_dir: Path | None) -> list[str]:
+def lan_keys(networks: Iterable[IPNetwork], rule_set: int) -> list[bytes]:
+    return [net_key(scope(rule_set, KIND_ALLOW), n) for n in networks]
+
+
+def check_capacity(plan: BpfPlan) -> None:
+    """Refuse a policy the maps cannot hold, naming the limit, before anything is touched."""
+    cgroups = len(set(plan.endpoint_cgroups) | {e.cgroup for e in plan.exemptions})
+    ports, nets = 0, len(plan.lan)
+    for rules in plan.exemptions:  # as rule_keys, counted
+        for specs, networks in ((rules.allow, rules.to), (rules.listen, rules.from_)):
+            if specs:
+                ports += sum(len(port_prefixes(s.first, s.last)) for s in specs)
+                nets += len(networks)
+    for what, count, unit, limit in (
+        ("tunnel.endpoints", len(plan.endpoints), "endpoints", MAX_ENDPOINTS),
+        ("dns.servers", len(plan.dns), "servers", MAX_DNS),
+        ("exempt", cgroups, "exempt and endpoint cgroups", MAX_CGROUPS),
+        ("exempt", ports, "port rules (a port range takes one per aligned block)", MAX_RULES),
+        ("exempt and lan.networks", nets, "network rules", MAX_RULES),
+    ):
+        if count > limit:
+            raise BpfError(f"{what}: {count} {unit}, the BPF layer holds at most {limit}")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many endpoints one policy version of a build may hold. A hash map allocates its
+    buckets for max_entries up front (16 bytes each) even without preallocated elements,
+    so the endpoint map grows with the policy in powers of two instead of being 2 MiB for
+    one endpoint; every other map is fixed (small, or an LPM trie, which allocates per entry)."""
+
+    endpoints: int = MIN_ENDPOINT_TIER
+
+    @classmethod
+    def for_plan(cls, plan: BpfPlan) -> Capacity:
+        tier = MIN_ENDPOINT_TIER
+        while tier < len(plan.endpoints):
+            tier *= 2
+        return cls(tier)
+
+    def holds(self, plan: BpfPlan) -> bool:
+        return len(plan.endpoints) <= self.endpoints
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-DKS_MAX_ENDPOINTS={2 * self.endpoints}",
+            f"-DKS_MAX_DNS={2 * MAX_DNS}",
+            f"-DKS_MAX_CGROUPS={2 * MAX_CGROUPS}",
+            f"-DKS_MAX_RULES={2 * MAX_RULES}",
+            f"-DKS_TUNNEL_INDEX={TUNNEL_INDEX}",
+            f"-DKS_MAX_TUNNELS={MAX_BIG_TUNNELS}",
+        ]
+
+
+def cflags(netns_mode: str, pin_dir: Path | None, capacity: Capacity | None = None) -> list[str]:
     """Constants for the C source. Policy never goes here: it goes into maps."""
     flags = [f"-DKS_R_{r.value.upper()}={REASON_NUMBERS[r]}" for r in DROP_REASONS]
     flags += [f"-DKS_MAX_DEPTH={MAX_CGROUP_DEPTH}", f"-DKS_MAX_DROP_KEYS={MAX_DROP_KEYS}"]
+    flags += (capacity or Capacity()).cflags()
     if netns_mode == "sk_storage":
         flags.append("-DKS_NETNS_SK_STORAGE")
     if pin_dir is not None:
@@ -524,6 +744,158 @@ def cflags(netns_mode: str, pin_dir: Path | None) -> list[str]:
         if netns_mode == "sk_storage":
             flags.append(f'-DKS_SK_NETNS_PIN="{pin_dir / SK_NETNS_PIN}"')
     return flags
+
+
+def build_digest(source_dir: Path, flags: list[str], source: headers.KernelSource, netns_mode: str) -> bytes:
+    """What a build of the programs depends on, as 32 bytes: equal digests, equal programs."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in source_dir.iterdir() if p.suffix in (".c", ".h")):
+        data = path.read_bytes()
+        h.update(f"{path.name}\0{len(data)}\0".encode())
+        h.update(data)
+    h.update(json.dumps([flags, str(source.path), source.release, source.env, netns_mode, ksbpf.__version__]).encode())
+    return h.digest()
+
+
+# ---------------------------------------------------------------- policy versions (pure)
+
+
+@dataclass(frozen=True)
+class CgroupEntry:
+    """A ks_cgroups value (struct ks_cgroup)."""
+
+    rules: int = 0
+    mark: int = 0
+    endpoint: int = 0
+
+    def pack(self) -> bytes:
+        return struct.pack(CGROUP_FMT, self.rules, self.mark, self.endpoint, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> CgroupEntry:
+        r, m, e, _ = struct.unpack(CGROUP_FMT, raw)
+        return cls(r, m, e)
+
+
+@dataclass(frozen=True)
+class CgroupWant:
+    """What one cgroup id is in a policy: its exemption (if any), mark, endpoint flag."""
+
+    rules: ExemptionRules | None
+    mark: int
+    endpoint: bool
+
+
+def cgroup_wants(plan: BpfPlan, ids: Mapping[str, int | None]) -> dict[int, CgroupWant]:
+    """ks_cgroups entries of a plan, by the cgroup ids its paths resolved to (None: not there)."""
+    out: dict[int, CgroupWant] = {}
+    for rules in plan.exemptions:
+        cid = ids.get(rules.cgroup)
+        if cid is not None:
+            out[cid] = CgroupWant(rules, rules.mark, False)
+    for path in plan.endpoint_cgroups:
+        cid = ids.get(path)
+        if cid is None:
+            continue
+        e = out.get(cid, CgroupWant(None, 0, False))
+        # One cgroup both exempt and endpoint: the endpoint mark wins, the VPN needs it.
+        out[cid] = CgroupWant(e.rules, plan.endpoint_cgroup_mark or e.mark, True)
+    return out
+
+
+def _digest(items: Iterable[bytes]) -> int:
+    """Of a set of byte strings, as 64 bits."""
+    data = b"".join(len(item).to_bytes(4, "little") + item for item in sorted(set(items)))
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+DIGESTS = ("endpoints", "dns", "lan", "cgroups")
+
+
+@dataclass(frozen=True)
+class Version:
+    """A policy version as the maps should hold it, before tags, rule set ids and banks are
+    chosen. A part left None is kept as the live version has it. Pure."""
+
+    header: Config | None = None  # its cookie, generation, cgroup, flags, mark, build, instance
+    endpoints: tuple[bytes, ...] | None = None
+    dns: tuple[bytes, ...] | None = None
+    lan: tuple[IPNetwork, ...] | None = None
+    cgroups: Mapping[int, CgroupWant] | None = None
+    tunnels: frozenset[int] | None = None
+
+    def digest(self, part: str) -> int | None:
+        if part == "endpoints" and self.endpoints is not None:
+            return _digest(self.endpoints)
+        if part == "dns" and self.dns is not None:
+            return _digest(self.dns)
+        if part == "lan" and self.lan is not None:
+            return _digest(net_key(0, n) for n in self.lan)
+        if part == "cgroups" and self.cgroups is not None:
+            return _digest(f"{cid}|{w.mark}|{int(w.endpoint)}|{w.rules!r}".encode() for cid, w in self.cgroups.items())
+        return None
+
+
+_HEADER_FIELDS = ("netns_cookie", "generation", "cgroup_id", "flags", "endpoint_mark", "build", "instance")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One update of a generation's maps: the config to flip to and what to write first."""
+
+    config: Config
+    changed: tuple[str, ...]  # of "config", "tunnels", *DIGESTS
+    exemption_rules: Mapping[int, int]  # cgroup id -> its new rule set id, when "cgroups" changed
+
+
+def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version) -> Step:
+    """Decide an update from the live version (None: a new generation, nothing written yet)
+    and the wanted one. Parts that differ get the new version's tag, fresh rule set ids or
+    the other tunnel bank; the rest is shared with the live version. Pure."""
+    if live is None:
+        if want.header is None:
+            raise ValueError("a new generation needs a whole version")
+        base = replace(want.header, version=0, endpoints_tag=0, dns_tag=0, cgroups_tag=0, lan_rules=0,
+                       next_rules=1, tunnel_bank=1, digests=(0, 0, 0, 0))
+    else:
+        base = live
+    version = base.version + 1
+    cfg = replace(base, version=version)
+    changed: list[str] = []
+    if want.header is not None and live is not None:
+        if any(getattr(want.header, f) != getattr(live, f) for f in _HEADER_FIELDS):
+            changed.append("config")
+    if want.header is not None:
+        cfg = replace(cfg, **{f: getattr(want.header, f) for f in _HEADER_FIELDS})
+    if want.tunnels is not None and (live is None or want.tunnels != live_tunnels):
+        changed.append("tunnels")
+        cfg = replace(cfg, tunnel_bank=1 - base.tunnel_bank)
+    digests = list(base.digests)
+    next_rules = base.next_rules
+    rules: dict[int, int] = {}
+    for i, part in enumerate(DIGESTS):
+        d = want.digest(part)
+        if d is None or (live is not None and d == live.digests[i]):
+            continue
+        changed.append(part)
+        digests[i] = d
+        if part == "endpoints":
+            cfg = replace(cfg, endpoints_tag=version)
+        elif part == "dns":
+            cfg = replace(cfg, dns_tag=version)
+        elif part == "lan":
+            lan_rules = 0
+            if want.lan:
+                lan_rules, next_rules = next_rules, next_rules + 1
+            cfg = replace(cfg, lan_rules=lan_rules)
+        else:
+            assert want.cgroups is not None
+            for cid, w in sorted(want.cgroups.items()):
+                if w.rules is not None:
+                    rules[cid], next_rules = next_rules, next_rules + 1
+            cfg = replace(cfg, cgroups_tag=version)
+    cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]), next_rules=next_rules)
+    return Step(cfg, tuple(changed), rules)
 
 
 # =========================================================================== loader child
@@ -537,17 +909,21 @@ class LoadStats:
     peak_rss_kb: int  # the child's VmHWM
     netns_mode: str
 
+    @classmethod
+    def nothing(cls, netns_mode: str) -> LoadStats:
+        """An apply that reused the live generation: no loader ran."""
+        return cls(0.0, 0.0, 0.0, 0, netns_mode)
+
 
 def _source_dir() -> Path:
     # Editable and wheel installs both give a real directory; zipped installs are unsupported.
     return Path(str(importlib.resources.files("ksbpf.bpf")))
 
 
-def _run_loader(source: headers.KernelSource, netns_mode: str, instance_dir: Path | None,
-                gen_dir: Path | None) -> LoadStats:
+def _run_loader(source: headers.KernelSource, netns_mode: str, flags: list[str], gen_dir: Path | None) -> LoadStats:
     request = {
         "source_dir": str(_source_dir()),
-        "cflags": cflags(netns_mode, instance_dir),
+        "cflags": flags,
         "gen_dir": str(gen_dir) if gen_dir else None,
     }
     env = {k: v for k, v in os.environ.items() if k != headers.ENV_VAR}
@@ -648,21 +1024,49 @@ def _bpffs_mounted() -> bool:
 
 @dataclass(frozen=True)
 class Config:
+    """struct ks_config: one policy version, and the loader's bookkeeping about it."""
+
     netns_cookie: int
     generation: int
     cgroup_id: int
     flags: int
     endpoint_mark: int
     instance: str
+    version: int = 0
+    endpoints_tag: int = 0
+    dns_tag: int = 0
+    cgroups_tag: int = 0
+    lan_rules: int = 0
+    next_rules: int = 1
+    tunnel_bank: int = 0
+    digests: tuple[int, int, int, int] = (0, 0, 0, 0)  # as DIGESTS
+    build: bytes = b"\0" * 32
 
     def pack(self) -> bytes:
         return struct.pack(CONFIG_FMT, self.netns_cookie, self.generation, self.cgroup_id, self.flags,
-                           self.endpoint_mark, self.instance.encode())
+                           self.endpoint_mark, self.version, self.endpoints_tag, self.dns_tag, self.cgroups_tag,
+                           self.lan_rules, self.next_rules, self.tunnel_bank, *self.digests, self.build,
+                           self.instance.encode())
 
     @classmethod
     def unpack(cls, raw: bytes) -> Config:
-        c, g, cg, fl, m, inst = struct.unpack_from(CONFIG_FMT, raw)
-        return cls(c, g, cg, fl, m, inst.split(b"\0", 1)[0].decode(errors="replace"))
+        (c, g, cg, fl, m, ver, etag, dtag, ctag, lan, nxt, tbank, d0, d1, d2, d3, build,
+         inst) = struct.unpack_from(CONFIG_FMT, raw)
+        return cls(c, g, cg, fl, m, inst.split(b"\0", 1)[0].decode(errors="replace"), ver, etag, dtag, ctag, lan,
+                   nxt, tbank, (d0, d1, d2, d3), build)
+
+
+_KEY0 = struct.pack("<I", 0)
+
+
+def _active_config(active: BpfMap, configs: BpfMap) -> tuple[int, Config] | None:
+    """(slot, config) of the version packets use now."""
+    raw = active.lookup(_KEY0)
+    if raw is None:
+        return None
+    slot = struct.unpack("<I", raw)[0] & 1
+    cfg = configs.lookup(struct.pack("<I", slot))
+    return (slot, Config.unpack(cfg)) if cfg else None
 
 
 @dataclass
@@ -673,13 +1077,30 @@ class Generation:
     def map(self, name: str) -> BpfMap:
         return BpfMap.pinned(self.path / name)
 
-    def config(self) -> Config | None:
+    def active(self) -> tuple[int, Config] | None:
         try:
-            with self.map("ks_config") as m:
-                raw = m.lookup(struct.pack("<I", 0))
+            with self.map("ks_active") as a, self.map("ks_config") as c:
+                return _active_config(a, c)
         except OSError:
             return None
-        return Config.unpack(raw) if raw else None
+
+    def config(self) -> Config | None:
+        live = self.active()
+        if live is None and not (self.path / "ks_active").exists():
+            try:
+                with self.map("ks_config") as c:
+                    return _legacy_config(c)
+            except OSError:
+                return None
+        return live[1] if live else None
+
+    def capacity(self) -> Capacity | None:
+        """What the generation was built to hold, from its endpoint map's size."""
+        try:
+            with self.map("ks_endpoints") as m:
+                return Capacity(m.info.max_entries // 2)
+        except OSError:
+            return None
 
     def prog_fd(self, kind: str) -> int:
         return obj_get(self.path / kind)
@@ -705,8 +1126,20 @@ class Attached:
     cgroup: Path
 
 
+def _legacy_config(configs: BpfMap) -> Config | None:
+    """The one-version ks_config of programs from before policy versions: recognised, so
+    that an upgrade replaces and `down` removes them."""
+    if configs.info.value_size != struct.calcsize(LEGACY_CONFIG_FMT):
+        return None
+    raw = configs.lookup(_KEY0)
+    if raw is None:
+        return None
+    c, g, cg, fl, m, inst = struct.unpack_from(LEGACY_CONFIG_FMT, raw)
+    return Config(c, g, cg, fl, m, inst.split(b"\0", 1)[0].decode(errors="replace"))
+
+
 def _prog_config(prog_id: int) -> Config | None:
-    """The ks_config of an attached program, if it is one of ksbpf's."""
+    """The live ks_config of an attached program, if it is one of ksbpf's."""
     try:
         fd = _fd_by_id(_BPF_PROG_GET_FD_BY_ID, prog_id, f"open program id {prog_id}")
     except OSError:
@@ -717,24 +1150,41 @@ def _prog_config(prog_id: int) -> Config | None:
         os.close(fd)
     if info.name not in PROGS.values():
         return None
-    for mid in info.map_ids:
-        try:
-            with BpfMap.by_id(mid) as m:
-                if m.info.name == "ks_config":
-                    raw = m.lookup(struct.pack("<I", 0))
-                    return Config.unpack(raw) if raw else None
-        except OSError:
-            continue
-    return None
+    maps: dict[str, BpfMap] = {}
+    try:
+        for mid in info.map_ids:
+            try:
+                m = BpfMap.by_id(mid)
+            except OSError:
+                continue
+            if m.info.name in ("ks_active", "ks_config"):
+                maps[m.info.name] = m
+            else:
+                m.close()
+        if "ks_config" in maps and "ks_active" not in maps:
+            return _legacy_config(maps["ks_config"])
+        if len(maps) < 2:
+            return None
+        live = _active_config(maps["ks_active"], maps["ks_config"])
+        return live[1] if live else None
+    except OSError:
+        return None
+    finally:
+        for m in maps.values():
+            m.close()
 
 
 @dataclass(frozen=True)
 class ApplyStats:
     generation: int
-    load: LoadStats
+    load: LoadStats  # LoadStats.nothing() when the live generation was reused
     apply_s: float  # the whole apply(), loader included
-    replacement: str  # "first", "atomic" or "make-before-break"
+    # "first", "atomic", "make-before-break" (a new generation), "in place" (the live one's
+    # maps updated) or "unchanged" (nothing to write)
+    replacement: str
     rss_kb: int  # this process after apply (the daemon's steady state; bcc is never imported here)
+    compiled: bool = True
+    changed: tuple[str, ...] = ()  # what an in-place apply wrote or repaired
 
 
 def _rss_kb() -> int:
@@ -742,6 +1192,131 @@ def _rss_kb() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+# ---------------------------------------------------------------- map writing
+
+
+@contextmanager
+def _open_maps(gen: Generation) -> Iterator[dict[str, BpfMap]]:
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(gen.map(name)) for name in GEN_MAPS}
+
+
+def _tunnel_masks(maps: Mapping[str, BpfMap]) -> dict[int, int]:
+    """ifindex -> bank bits, for every ifindex with a bit set."""
+    out: dict[int, int] = {}
+    for k, v in maps["ks_tunnels"].items():
+        if v[0]:
+            out[struct.unpack("<I", k)[0]] = v[0]
+    for k in maps["ks_tunnels_big"].keys():
+        ifindex, bank = struct.unpack(TUNNEL_KEY_FMT, k)
+        out[ifindex] = out.get(ifindex, 0) | 1 << bank
+    return out
+
+
+def _tunnels_of(masks: Mapping[int, int], bank: int) -> frozenset[int]:
+    return frozenset(i for i, m in masks.items() if m >> bank & 1)
+
+
+def _write_tunnels(maps: Mapping[str, BpfMap], masks: Mapping[int, int], bank: int, wanted: frozenset[int]) -> None:
+    """Make tunnel bank `bank` hold exactly `wanted`; the other bank stays."""
+    bit = 1 << bank
+    small: dict[bytes, bytes] = {}
+    add: list[bytes] = []
+    drop: list[bytes] = []
+    for i in sorted(set(masks) | wanted):
+        old = masks.get(i, 0)
+        new = (old & ~bit) | (bit if i in wanted else 0)
+        if new == old:
+            continue
+        if i < TUNNEL_INDEX:
+            small[struct.pack("<I", i)] = bytes([new])  # one byte: a packet sees it old or new
+        else:
+            (add if new & bit else drop).append(struct.pack(TUNNEL_KEY_FMT, i, bank))
+    maps["ks_tunnels"].update_many(small)
+    maps["ks_tunnels_big"].update_many(dict.fromkeys(add, b"\1"))
+    maps["ks_tunnels_big"].delete_many(drop)
+
+
+def _write_tagged(m: BpfMap, keys: Iterable[bytes], tag: int, live_tag: int | None) -> list[tuple[BpfMap, list[bytes]]]:
+    """Write `keys` under `tag` beside the live version's (`live_tag`); returns what to
+    delete once the new version is live."""
+    existing = m.keys() if live_tag is not None else []
+    m.delete_many([k for k in existing if key_tag(k) != live_tag])  # left by a write that died
+    m.update_many({tagged(tag, k): b"\1" for k in keys})
+    return [(m, [k for k in existing if key_tag(k) == live_tag])]
+
+
+def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version,
+                 old: Config | None) -> list[tuple[BpfMap, list[bytes]]]:
+    """LAN and exemption rules of the next version under their new rule set ids and, when
+    exemptions changed, its ks_cgroups entries under its tag. Returns what to delete once
+    the new version is live."""
+    cfg = step.config
+    cgm, ports, nets = maps["ks_cgroups"], maps["ks_ports"], maps["ks_nets"]
+    entries = dict(cgm.items()) if old is not None else {}
+    live_rules: set[int] = set()
+    if old is not None:
+        live_rules = {old.lan_rules} | {CgroupEntry.unpack(v).rules for k, v in entries.items()
+                                        if struct.unpack(CGROUP_KEY_FMT, k)[1] == old.cgroups_tag}
+    existing = {"ports": ports.keys() if old else [], "nets": nets.keys() if old else []}
+    for m, keys in ((ports, existing["ports"]), (nets, existing["nets"])):
+        m.delete_many([k for k in keys if rule_set_of(k) not in live_rules])  # left by a write that died
+
+    new_ports: dict[bytes, bytes] = {}
+    new_nets: dict[bytes, bytes] = {}
+    if "lan" in step.changed and cfg.lan_rules:
+        assert want.lan is not None
+        new_nets.update(dict.fromkeys(lan_keys(want.lan, cfg.lan_rules), b"\1"))
+    cleanup: list[tuple[BpfMap, list[bytes]]] = []
+    new_rules = {cfg.lan_rules}
+    if "cgroups" in step.changed:
+        assert want.cgroups is not None
+        live_tag = old.cgroups_tag if old else None
+        cgm.delete_many([k for k in entries if struct.unpack(CGROUP_KEY_FMT, k)[1] != live_tag])
+        new_entries: dict[bytes, bytes] = {}
+        for cid, w in want.cgroups.items():
+            rule_set = step.exemption_rules.get(cid, 0)
+            if w.rules is not None:
+                p, n = rule_keys(w.rules, rule_set)
+                new_ports.update(dict.fromkeys(p, b"\1"))
+                new_nets.update(dict.fromkeys(n, b"\1"))
+            new_entries[cgroup_key(cid, cfg.cgroups_tag)] = CgroupEntry(rule_set, w.mark, int(w.endpoint)).pack()
+        new_rules |= set(step.exemption_rules.values())
+        ports.update_many(new_ports)
+        nets.update_many(new_nets)
+        cgm.update_many(new_entries)
+        cleanup.append((cgm, [k for k in entries if struct.unpack(CGROUP_KEY_FMT, k)[1] == live_tag]))
+    else:
+        if old is not None:
+            new_rules |= live_rules - {old.lan_rules}
+        nets.update_many(new_nets)
+    for m, keys in ((ports, existing["ports"]), (nets, existing["nets"])):
+        cleanup.append((m, [k for k in keys if rule_set_of(k) in live_rules and rule_set_of(k) not in new_rules]))
+    return cleanup
+
+
+def resolve_cgroups(plan: BpfPlan) -> dict[str, int | None]:
+    """Exempt and endpoint cgroup paths -> their ids now (None: not there)."""
+    paths = [e.cgroup for e in plan.exemptions] + list(plan.endpoint_cgroups)
+    try:
+        root = str(cgroup2_mount().resolve())
+    except (KsbpfError, OSError):
+        return dict.fromkeys(paths)
+    out: dict[str, int | None] = {}
+    for path in paths:
+        if path in out:
+            continue
+        # One stat, not cgroup_dir's realpath: a normalized path has no '..', and cgroupfs
+        # has no symlinks, so the join cannot leave the mount (tens of thousands per apply).
+        try:
+            rel = normalize_cgroup(path)
+            st = os.stat(f"{root}/{rel}" if rel else root)
+            out[path] = st.st_ino if stat.S_ISDIR(st.st_mode) else None
+        except (ValueError, OSError):
+            out[path] = None
+    return out
 
 
 # =========================================================================== the layer
@@ -809,35 +1384,87 @@ class BpfLayer:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, policy: Policy) -> ApplyStats:
-        """Compile, load, fill and attach a new generation for `policy`, replacing this
-        instance's earlier one (atomically where the kernel can). On failure the earlier
-        generation stays attached and BpfError says why."""
+    def apply(self, policy: Policy, plan: BpfPlan | None = None) -> ApplyStats:
+        """Enforce `policy`. When its programs would be built exactly as the live
+        generation's (build_digest) and attach to the same cgroup, the live generation's
+        maps are updated in place, with no compile, one whole version at a time; the same
+        policy again writes nothing but repairs drift (tunnel ifindexes, cgroup ids, a
+        detached program). Otherwise a new generation is compiled, loaded, filled and
+        attached, replacing the earlier one (atomically where the kernel can). On failure
+        the earlier state stays in force and BpfError says why. `plan`: render(policy),
+        if the caller has it."""
         t0 = time.monotonic()
         target = self._cgroup(policy.bpf.cgroup)
         source = self._source(policy)
+        plan = plan if plan is not None else render(policy)  # the engine checked it already
+        check_capacity(plan)
         cookie = self._cookie()
         mode = self._netns_mode()
-        plan = render(policy)
         _ensure_bpffs()
         with self._locked():
-            self._check_instance_maps(mode)
-            self._sweep_unattached()
+            pins_kept = self._check_instance_maps(mode)
+            target_id = cgroup_id(target)
             previous = self._attached(extra=[target])
-            number = 1 + max([g.number for g in self._generations()] + [a.generation for a in previous] + [0])
-            gen = Generation(number, self.dir / f"g{number}")
-            load = _run_loader(source, mode, self.dir, gen.path)
-            try:
-                self._fill(gen, plan, Config(cookie, number, cgroup_id(target), plan.flags,
-                                             plan.endpoint_mark, self.instance))
-                how = self._attach(gen, target, previous)
-            except BaseException:
-                self._discard(gen, target)
-                raise
-            self._retire(keep=number, cgroups=[target])
+            live = self._reusable(previous, target_id) if pins_kept else None
+            capacity = live[0].capacity() if live else None
+            if capacity is None or not capacity.holds(plan):
+                capacity = Capacity.for_plan(plan)
+            flags = cflags(mode, self.dir, capacity)
+            header = Config(cookie, 0, target_id, plan.flags, plan.endpoint_mark, self.instance,
+                            build=build_digest(_source_dir(), flags, source, mode))
+            if live is not None and live[1].build == header.build:
+                gen = live[0]
+                changed = self._update(gen, plan, replace(header, generation=gen.number))
+                changed += tuple(f"attached {kind}" for kind in self._reattach(gen, target))
+                self._retire(keep=gen.number, cgroups=[target])
+                how = "in place" if changed else "unchanged"
+                load, compiled = LoadStats.nothing(mode), False
+            else:
+                self._sweep_unattached()
+                number = 1 + max([g.number for g in self._generations()] + [a.generation for a in previous] + [0])
+                gen = Generation(number, self.dir / f"g{number}")
+                load = _run_loader(source, mode, flags, gen.path)
+                try:
+                    self._fill(gen, plan, replace(header, generation=number))
+                    how = self._attach(gen, target, previous)
+                except BaseException:
+                    self._discard(gen, target)
+                    raise
+                self._retire(keep=number, cgroups=[target])
+                changed, compiled = (), True
         self._policy = policy
-        self.last_apply = ApplyStats(number, load, time.monotonic() - t0, how, _rss_kb())
+        self.last_apply = ApplyStats(gen.number, load, time.monotonic() - t0, how, _rss_kb(), compiled, changed)
         return self.last_apply
+
+    def _reusable(self, attached: list[Attached], target_id: int) -> tuple[Generation, Config] | None:
+        """The live generation and its live version, if it may take a new policy in place:
+        the newest generation with a program attached (the newest of all when someone
+        detached everything), ours, built for the target cgroup, both programs pinned.
+        Whether its build fits the policy is apply's to judge."""
+        gens = self._generations()
+        on = {a.generation for a in attached}
+        candidates = [g for g in gens if g.number in on] or gens
+        if not candidates:
+            return None
+        gen = candidates[-1]
+        cfg = gen.config()
+        if cfg is None or cfg.version == 0 or cfg.instance != self.instance or cfg.cgroup_id != target_id:
+            return None
+        if any(gen.prog_id(kind) is None for kind in PROGS):
+            return None
+        return gen, cfg
+
+    def _version(self, plan: BpfPlan, header: Config) -> Version:
+        return Version(header=header, endpoints=plan.endpoints, dns=plan.dns, lan=plan.lan,
+                       cgroups=cgroup_wants(plan, resolve_cgroups(plan)),
+                       tunnels=frozenset(self._tunnel_ifindexes(plan.tunnel_patterns)))
+
+    def _update(self, gen: Generation, plan: BpfPlan, header: Config) -> tuple[str, ...]:
+        version = self._version(plan, header)
+        try:
+            return self._write(gen, version)
+        except OSError as e:
+            raise BpfError(f"updating generation {gen.number} in place: {e}") from None
 
     def _cgroup(self, path: str) -> Path:
         try:
@@ -873,14 +1500,18 @@ class BpfLayer:
         finally:
             os.close(fd)
 
-    def _check_instance_maps(self, mode: str) -> None:
-        """A pinned map from an older, incompatible build would be reused blindly by BCC."""
+    def _check_instance_maps(self, mode: str) -> bool:
+        """A pinned map from an older, incompatible build would be reused blindly by BCC:
+        unpin it. True when every instance map is pinned and fits (the live generation's
+        programs use those very maps, so it may be reused)."""
         wanted = {DROPS_PIN: (MAP_PERCPU_HASH, struct.calcsize(DROP_KEY_FMT), struct.calcsize(DROP_VAL_FMT))}
         if mode == "sk_storage":
             wanted[SK_NETNS_PIN] = (MAP_SK_STORAGE, 4, 8)
+        kept = True
         for name, (mtype, ks, vs) in wanted.items():
             path = self.dir / name
             if not path.exists():
+                kept = False
                 continue
             try:
                 with BpfMap.pinned(path) as m:
@@ -889,6 +1520,8 @@ class BpfLayer:
                 ok = False
             if not ok:
                 path.unlink()
+                kept = False
+        return kept
 
     def _generations(self) -> list[Generation]:
         gens = []
@@ -971,17 +1604,8 @@ class BpfLayer:
             if not any((g.number, k) in attached for k in PROGS):
                 shutil.rmtree(g.path, ignore_errors=True)
 
-    def _fill(self, gen: Generation, plan: BpfPlan, config: Config) -> None:
+    def _fill(self, gen: Generation, plan: BpfPlan, header: Config) -> None:
         try:
-            with gen.map("ks_config") as m:
-                m.update(struct.pack("<I", 0), config.pack())
-            with gen.map("ks_endpoints") as m:
-                m.sync(dict.fromkeys(plan.endpoints, b"\1"))
-            with gen.map("ks_dns") as m:
-                m.sync(dict.fromkeys(plan.dns, b"\1"))
-            with gen.map("ks_nets") as m:
-                for k in plan.lan:
-                    m.update(k, b"\1")
             with BpfMap.pinned(self.dir / DROPS_PIN) as m:
                 zero = struct.pack(DROP_VAL_FMT, 0, 0)
                 for r in DROP_REASONS:
@@ -989,10 +1613,49 @@ class BpfLayer:
                         m.update(struct.pack(DROP_KEY_FMT, REASON_NUMBERS[r], 0, 0), zero, BPF_NOEXIST)
                     except FileExistsError:
                         pass
-            self._sync_tunnels(gen, self._tunnel_ifindexes(plan.tunnel_patterns))
-            self._sync_cgroups(gen, plan)
+            self._write(gen, self._version(plan, header))
         except OSError as e:
             raise BpfError(f"filling generation {gen.number}: {e}") from None
+
+    @staticmethod
+    def _write(gen: Generation, want: Version) -> tuple[str, ...]:
+        """Bring a generation's maps to `want`: the next version is written beside the live
+        one (what changed under new tags and rule set ids, in the other tunnel bank), then
+        ks_active flips to it in one u32 write, then, after a grace period, what only the old
+        version used is deleted. A failure before the flip leaves the live version whole
+        (what was written is unreferenced, and cleared by the next write). Returns what
+        changed."""
+        with _open_maps(gen) as maps:
+            found = _active_config(maps["ks_active"], maps["ks_config"])
+            live = found if found is not None and found[1].version else None  # version 0: never filled
+            old = live[1] if live else None
+            masks = _tunnel_masks(maps)
+            step = plan_step(old, _tunnels_of(masks, old.tunnel_bank) if old else frozenset(), want)
+            if old is not None and not step.changed:
+                return ()
+            cfg = step.config
+            cleanups: list[list[tuple[BpfMap, list[bytes]]]] = []
+            if "endpoints" in step.changed:
+                assert want.endpoints is not None
+                cleanups.append(_write_tagged(maps["ks_endpoints"], want.endpoints, cfg.endpoints_tag,
+                                             old.endpoints_tag if old else None))
+            if "dns" in step.changed:
+                assert want.dns is not None
+                cleanups.append(_write_tagged(maps["ks_dns"], want.dns, cfg.dns_tag, old.dns_tag if old else None))
+            if "lan" in step.changed or "cgroups" in step.changed:
+                cleanups.append(_write_rules(maps, step, want, old))
+            if "tunnels" in step.changed:
+                assert want.tunnels is not None
+                _write_tunnels(maps, masks, cfg.tunnel_bank, want.tunnels)
+            slot = 1 - live[0] if live else 0
+            maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
+            maps["ks_active"].update(_KEY0, struct.pack("<I", slot))
+            if live is not None:
+                rcu_grace_period()
+            for cleanup in cleanups:
+                for m, keys in cleanup:
+                    m.delete_many(keys)
+        return step.changed
 
     def _attach(self, gen: Generation, target: Path, previous: list[Attached]) -> str:
         """Swap the new generation in for the previous one. Returns how: "first" (nothing
@@ -1085,103 +1748,80 @@ class BpfLayer:
             raise BpfError(f"cannot list links in {self.netns or 'this netns'}: {e}") from None
         return sorted(i for i, name in links if interface_matches(name, patterns))
 
-    @staticmethod
-    def _sync_tunnels(gen: Generation, ifindexes: Iterable[int]) -> None:
-        with gen.map("ks_tunnels") as m:
-            m.sync({struct.pack("<I", i): b"\1" for i in ifindexes})
-
     def update_tunnel_ifindexes(self, policy: Policy | None = None,
                                 ifindexes: Iterable[int] | None = None) -> tuple[int, ...]:
         """Point the tunnel map at the current tunnel links (call on netlink link events):
         `ifindexes` as given, or the links in the netns matching the policy's tunnel
-        interfaces (the last applied policy when None). Returns the ifindexes set."""
+        interfaces (the last applied policy when None). Returns the ifindexes set.
+        The live version's tunnel bank changes in place: each packet looks up one
+        ifindex, so it sees the link as a tunnel or not, never half of it."""
         if ifindexes is None:
             p = policy or self._policy
             if p is None:
                 raise BpfError("update_tunnel_ifindexes needs a policy or explicit ifindexes")
             ifindexes = self._tunnel_ifindexes(p.tunnel.interfaces)
-        wanted = tuple(sorted(set(ifindexes)))
+        wanted = frozenset(ifindexes)
         with self._locked(create=False):
             for g in self._live():
                 try:
-                    self._sync_tunnels(g, wanted)
+                    with _open_maps(g) as maps:
+                        live = _active_config(maps["ks_active"], maps["ks_config"])
+                        if live is not None:
+                            _write_tunnels(maps, _tunnel_masks(maps), live[1].tunnel_bank, wanted)
                 except OSError as e:
                     raise BpfError(f"updating tunnels of generation {g.number}: {e}") from None
-        return wanted
+        return tuple(sorted(wanted))
 
     def update_exemptions(self, policy: Policy) -> dict[str, int | None]:
         """Re-resolve exempt and endpoint cgroups to ids (call when cgroups come and go,
         and after exemptions change at run time). A cgroup recreated under the same path
         gets a new id and keeps its exemption. Only exemptions and endpoint cgroups are
-        taken from `policy`; any other change needs apply(). Returns path -> id (None: not
-        there now)."""
+        taken from `policy`; any other change needs apply(). Written as a new version
+        beside the live one, so a packet sees the old exemptions or the new, never a mix.
+        Returns path -> id (None: not there now)."""
         plan = render(policy)
+        check_capacity(plan)
         with self._locked(create=False):
-            resolved: dict[str, int | None] = {}
+            resolved = resolve_cgroups(plan)
             for g in self._live():
                 try:
-                    resolved = self._sync_cgroups(g, plan)
+                    self._write(g, Version(cgroups=cgroup_wants(plan, resolved)))
                 except OSError as e:
                     raise BpfError(f"updating exemptions of generation {g.number}: {e}") from None
         if self._policy is not None:
             self._policy = self._policy.with_exemptions(policy.exemptions)
         return resolved
 
-    def _sync_cgroups(self, gen: Generation, plan: BpfPlan) -> dict[str, int | None]:
-        """Rules go under fresh slots, then each cgroup id flips to its new slot with one
-        map update, then the old slots' rules go: a packet sees old or new, never a mix."""
-        resolved: dict[str, int | None] = {}
-
-        def resolve(path: str) -> int | None:
-            if path not in resolved:
-                try:
-                    resolved[path] = cgroup_id(cgroup_dir(path))
-                except (KsbpfError, OSError):
-                    resolved[path] = None
-            return resolved[path]
-
-        with gen.map("ks_cgroups") as cgm, gen.map("ks_ports") as pm, gen.map("ks_nets") as nm:
-            old = dict(cgm.items())
-            used = {struct.unpack(CGROUP_FMT, v)[0] for v in old.values()}
-            port_keys = pm.keys()
-            net_keys = [k for k in nm.keys() if struct.unpack_from("<I", k, 4)[0] != SCOPE_LAN]
-            used |= {struct.unpack_from("<I", k, 4)[0] >> 1 for k in port_keys + net_keys}
-            slot = max(used, default=0) + 1
-
-            entries: dict[int, list[int]] = {}  # cgroup id -> [slot, mark, endpoint]
-            for rules in plan.exemptions:
-                ports, nets = rule_keys(rules, slot)
-                for k in ports:
-                    pm.update(k, b"\1")
-                for k in nets:
-                    nm.update(k, b"\1")
-                cid = resolve(rules.cgroup)
-                if cid is not None:
-                    entries[cid] = [slot, rules.mark, 0]
-                slot += 1
-            for path in plan.endpoint_cgroups:
-                cid = resolve(path)
-                if cid is None:
-                    continue
-                e = entries.setdefault(cid, [0, 0, 0])
-                e[2] = 1
-                # One cgroup both exempt and endpoint: the endpoint mark wins, the VPN needs it.
-                if plan.endpoint_cgroup_mark:
-                    e[1] = plan.endpoint_cgroup_mark
-            wanted = {struct.pack("<Q", cid): struct.pack(CGROUP_FMT, *e, 0) for cid, e in entries.items()}
-            cgm.sync(wanted)
-            for k in port_keys:
-                pm.delete(k)
-            for k in net_keys:
-                nm.delete(k)
-        return resolved
-
     # ------------------------------------------------------------------ drift, status, reset
+
+    def _reattach(self, gen: Generation, target: Path) -> list[str]:
+        """Attach the generation's programs where they are missing from `target`."""
+        repaired: list[str] = []
+        attached = {(a.kind, a.prog_id) for a in self._attached(extra=[target])}
+        for kind in PROGS:
+            pid = gen.prog_id(kind)
+            if pid is None or (kind, pid) in attached:
+                continue
+            try:
+                pfd = gen.prog_fd(kind)
+            except OSError as e:
+                raise BpfError(f"re-attaching {kind}: {e.strerror}") from None
+            try:
+                cfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    prog_attach(pfd, cfd, ATTACH_TYPES[kind])
+                    repaired.append(kind)
+                finally:
+                    os.close(cfd)
+            except OSError as e:
+                raise BpfError(f"re-attaching {kind}: {e.strerror}") from None
+            finally:
+                os.close(pfd)
+        return repaired
 
     def ensure_attached(self) -> list[str]:
         """Re-attach the pinned generation where someone detached it (no compile needed).
         Returns what was repaired, e.g. ["egress"]."""
-        repaired: list[str] = []
         with self._locked(create=False):
             gens = self._generations()
             if not gens:
@@ -1191,22 +1831,7 @@ class BpfLayer:
             target = self._cgroup_by_id(cfg.cgroup_id, self._candidate_cgroups()) if cfg else None
             if target is None:
                 raise BpfError(f"the cgroup generation {gen.number} was attached to is gone; apply instead")
-            attached = {(a.kind, a.prog_id) for a in self._attached(extra=[target])}
-            for kind in PROGS:
-                pid = gen.prog_id(kind)
-                if pid is None or (kind, pid) in attached:
-                    continue
-                pfd = gen.prog_fd(kind)
-                cfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    prog_attach(pfd, cfd, ATTACH_TYPES[kind])
-                    repaired.append(kind)
-                except OSError as e:
-                    raise BpfError(f"re-attaching {kind}: {e.strerror}") from None
-                finally:
-                    os.close(pfd)
-                    os.close(cfd)
-        return repaired
+            return self._reattach(gen, target)
 
     def status(self) -> tuple[bool, str]:
         """(engaged, detail): engaged means exactly one generation, both programs attached."""
@@ -1229,15 +1854,15 @@ class BpfLayer:
         where = str(mine[0].cgroup) if mine else (f"cgroup id {cfg.cgroup_id}" if cfg else "?")
         detail = f"generation {gen.number} on {where}"
         if cfg:
-            detail += f", netns cookie {cfg.netns_cookie}"
-        try:
-            with gen.map("ks_tunnels") as m:
-                tunnels = sorted(struct.unpack("<I", k)[0] for k in m.keys())
-            with gen.map("ks_cgroups") as m:
-                ncg = len(m.keys())
-            detail += f", tunnel ifindexes {tunnels or 'none (blocking all)'}, {ncg} exempt/endpoint cgroups"
-        except OSError:
-            pass
+            detail += f", version {cfg.version}, netns cookie {cfg.netns_cookie}"
+            try:
+                with _open_maps(gen) as maps:
+                    tunnels = sorted(_tunnels_of(_tunnel_masks(maps), cfg.tunnel_bank))
+                    ncg = sum(1 for k in maps["ks_cgroups"].keys()
+                              if struct.unpack(CGROUP_KEY_FMT, k)[1] == cfg.cgroups_tag)
+                detail += f", tunnel ifindexes {tunnels or 'none (blocking all)'}, {ncg} exempt/endpoint cgroups"
+            except OSError:
+                pass
         missing = [k for k in PROGS if k not in kinds]
         if missing:
             return False, f"{detail}: {', '.join(missing)} not attached (detached behind our back?)"
@@ -1316,7 +1941,7 @@ def environment_checks() -> list[tuple[str, bool, str]]:
 def trial_compile(source: headers.KernelSource, netns_mode: str = "auto") -> LoadStats:
     """Compile and verifier-load the programs without pinning or attaching anything."""
     mode = netns_mode if netns_mode != "auto" else ("helper" if probe_netns_cookie_helper() else "sk_storage")
-    return _run_loader(source, mode, None, None)
+    return _run_loader(source, mode, cflags(mode, None), None)
 
 
 if __name__ == "__main__":

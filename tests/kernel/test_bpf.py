@@ -15,6 +15,7 @@ are counted under exactly their reason and cgroup.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from ksbpf.linux import bpf as kbpf
 from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, BpfLayer, prog_query
 from ksbpf.linux.cgroup import cgroup_id
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
-from ksbpf.policy import Exemption, Policy, loads_policy, parse_port_spec
+from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, parse_port_spec
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh, spawn_in, unique
 
@@ -376,10 +377,23 @@ CLIENT = textwrap.dedent(
 def test_other_netns_is_not_judged(lab: Lab, layers: list[BpfLayer], mode: str) -> None:
     """The program sees the cgroup's sockets in every netns; it judges only its own."""
     layer = new_layer(lab, layers, mode)
-    layer.apply(make_policy(lab))
+    layer.apply(make_policy(lab, ipv6="block"))
     # From the far netns (where fu0/ft0 have other ifindexes), inside the same cgroups.
     res = lab.send("w/app", [{"dst": "10.77.0.1", "port": 6201, "n": 2}], netns=lab.far)
     assert res == [{"ok": 2, "eperm": 0, "mark": 0}]
+    # A device there with the tunnel's ifindex takes the program's tunnel path, whose
+    # drops (DNS elsewhere, IPv6 blocked) must not apply to another netns either.
+    (tun_index,) = json.loads(sh("ip", "-n", lab.client, "-j", "link", "show", lab.tun).stdout)
+    far_links = {link["ifindex"]: link["ifname"] for link in json.loads(sh("ip", "-n", lab.far, "-j", "link").stdout)}
+    dev = far_links.get(tun_index["ifindex"], "ksx")
+    if dev == "ksx":
+        sh("ip", "-n", lab.far, "link", "add", dev, "index", str(tun_index["ifindex"]), "type", "dummy")
+        for a in ("10.99.0.1/24", "fd99::1/64"):
+            sh("ip", "-n", lab.far, "addr", "add", a, "dev", dev, *(["nodad"] if ":" in a else []))
+        sh("ip", "-n", lab.far, "link", "set", dev, "up")
+    dst4, dst6 = {"fu0": ("10.77.0.1", "fd77::1"), "ft0": ("10.88.0.1", "fd88::1")}.get(dev, ("10.99.0.2", "fd99::2"))
+    res = lab.send("w/app", [{"dst": dst4, "port": 53}, {"dst": dst6, "port": 6204}], netns=lab.far)
+    assert res == [{"ok": 1, "eperm": 0, "mark": 0}] * 2, f"via {dev}: {res}"
     res = lab.send("w/ex", [{"dst": "10.77.0.1", "port": 6202}], netns=lab.far)
     assert res == [{"ok": 1, "eperm": 0, "mark": 0}], "exempt marks belong to the target netns only"
     # A TCP server there: its SYN-ACKs leave from a request socket, not a full one.
@@ -510,18 +524,35 @@ def _attached(cg: Path) -> tuple[list[int], list[int]]:
         os.close(fd)
 
 
+def header_link(tmp_path: Path) -> str:
+    """Another path to the header tree BCC uses: a layer pointed at it builds a new
+    generation (the header source is part of what a build depends on)."""
+    from ksbpf.linux.headers import resolve_kernel_source
+
+    found = resolve_kernel_source().source
+    assert found is not None
+    link = tmp_path / "headers-link"
+    link.symlink_to(found.path, target_is_directory=True)
+    return str(link)
+
+
 @requires_bpf
-def test_replacing_under_traffic_leaks_nothing_and_leaves_one_generation(lab: Lab, layers: list[BpfLayer]) -> None:
+def test_replacing_under_traffic_leaks_nothing_and_leaves_one_generation(lab: Lab, layers: list[BpfLayer],
+                                                                         tmp_path: Path) -> None:
     layer = new_layer(lab, layers)
     policy = make_policy(lab)
     layer.apply(policy)
+    # The same policy through another header path: the programs are rebuilt every time.
+    rebuilding = [BpfLayer(layer.instance, kernel_source=header_link(tmp_path), netns=lab.client), layer]
     before = {(r, c): p for r, c, p, _ in layer.counters()}
     streams = _streams(lab, 6.0)
     hows = []
     try:
         time.sleep(0.3)
         for i in range(3):
-            hows.append(layer.apply(policy).replacement)
+            stats = rebuilding[i % 2].apply(policy)
+            assert stats.compiled
+            hows.append(stats.replacement)
             egress, sock = _attached(lab.root)
             assert len(egress) == 1 and len(sock) == 1, f"after replacement {i}: {egress} {sock}"
         # The attach point moves one level down: make-before-break across cgroups.
@@ -668,6 +699,32 @@ def test_tunnel_recreated_with_new_ifindex(lab: Lab, layers: list[BpfLayer]) -> 
 
 
 @requires_bpf
+def test_tunnel_with_a_large_ifindex(lab: Lab, layers: list[BpfLayer]) -> None:
+    """Ifindexes from TUNNEL_INDEX on live in the hash beside the array: same verdicts."""
+    big, other = unique("wg"), unique("xg")
+    for name, index, net in ((big, kbpf.TUNNEL_INDEX + 17, "10.66.0"), (other, kbpf.TUNNEL_INDEX + 18, "10.67.0")):
+        sh("ip", "-n", lab.client, "link", "add", name, "index", str(index), "type", "veth", "peer", "name", f"p{index}",
+           "netns", lab.far)
+        sh("ip", "-n", lab.client, "addr", "add", f"{net}.1/24", "dev", name)
+        sh("ip", "-n", lab.far, "addr", "add", f"{net}.2/24", "dev", f"p{index}")
+        sh("ip", "-n", lab.client, "link", "set", name, "up")
+        sh("ip", "-n", lab.far, "link", "set", f"p{index}", "up")
+    layer = new_layer(lab, layers)
+    policy = make_policy(lab)
+    layer.apply(policy)
+    assert kbpf.TUNNEL_INDEX + 17 in layer.update_tunnel_ifindexes()
+    sends = [{"dst": "10.66.0.2", "port": 7501}, {"dst": "10.66.0.2", "port": 53}, {"dst": "10.67.0.2", "port": 7502}]
+    assert lab.send("w/app", sends) == [{"ok": 1, "eperm": 0, "mark": 0}, {"ok": 0, "eperm": 1, "mark": 0},
+                                        {"ok": 0, "eperm": 1, "mark": 0}]
+    # Gone from the policy's patterns in place: the hash entry follows the version.
+    narrower = dataclasses.replace(policy, tunnel=dataclasses.replace(policy.tunnel, interfaces=(lab.tun,)))
+    assert layer.apply(narrower).changed == ("tunnels",)
+    assert lab.send("w/app", sends[:1]) == [{"ok": 0, "eperm": 1, "mark": 0}]
+    assert next(c for c in layer.counters() if c[0] == "dns")[2] == 1
+    assert layer.status()[0]
+
+
+@requires_bpf
 def test_recreated_exempt_cgroup_keeps_its_exemption(lab: Lab, layers: list[BpfLayer]) -> None:
     layer = new_layer(lab, layers)
     policy = make_policy(lab)
@@ -731,12 +788,16 @@ def test_failed_apply_keeps_the_previous_generation(lab: Lab, layers: list[BpfLa
 
 
 @requires_bpf
-def test_counters_survive_reload_and_are_readable_without_bcc(lab: Lab, layers: list[BpfLayer]) -> None:
+def test_counters_survive_reload_and_are_readable_without_bcc(lab: Lab, layers: list[BpfLayer],
+                                                             tmp_path: Path) -> None:
     layer = new_layer(lab, layers)
     policy = make_policy(lab)
     layer.apply(policy)
     lab.send("w/app", [{"dst": "10.77.0.2", "port": 6801, "n": 7}])
-    layer.apply(policy)
+    # A rebuilt generation and an in-place update both keep the counters.
+    linked = BpfLayer(layer.instance, kernel_source=header_link(tmp_path), netns=lab.client)
+    assert linked.apply(policy).compiled
+    assert linked.apply(make_policy(lab, ipv6="block")).replacement == "in place"
     lab.send("w/other", [{"dst": "10.77.0.2", "port": 6802, "n": 2}])
     code = ("import json, sys; from ksbpf.linux.bpf import BpfLayer; "
             "c = BpfLayer(sys.argv[1]).counters(); print(json.dumps([c, 'bcc' in sys.modules]))")
@@ -757,18 +818,28 @@ def test_map_layouts_match_the_python_side(lab: Lab, layers: list[BpfLayer]) -> 
     layer = new_layer(lab, layers)
     gen = layer.apply(make_policy(lab)).generation
     g = layer.dir / f"g{gen}"
+    ep = kbpf.endpoint_key(4, "udp", 1, ip_address("1.2.3.4"))
+    dns = kbpf.addr_key(ip_address("1.2.3.4"))
+    hash_, array, lpm = 1, 2, 11
+    # name: (type, key size, value size, max_entries)
     wanted = {
-        "ks_config": (4, struct.calcsize(kbpf.CONFIG_FMT)),
-        "ks_cgroups": (8, struct.calcsize(kbpf.CGROUP_FMT)),
-        "ks_tunnels": (4, 1),
-        "ks_endpoints": (len(kbpf.endpoint_key(4, "udp", 1, ip_address("1.2.3.4"))), 1),
-        "ks_dns": (len(kbpf.addr_key(ip_address("1.2.3.4"))), 1),
-        "ks_ports": (len(kbpf.port_key(2, "udp", 1, 16)), 1),
-        "ks_nets": (len(kbpf.net_key(2, ip_network("10.0.0.0/8"))), 1),
+        "ks_active": (array, 4, 4, 1),
+        "ks_config": (array, 4, struct.calcsize(kbpf.CONFIG_FMT), 2),
+        "ks_cgroups": (hash_, len(kbpf.cgroup_key(1, 1)), struct.calcsize(kbpf.CGROUP_FMT), 2 * kbpf.MAX_CGROUPS),
+        "ks_tunnels": (array, 4, 1, kbpf.TUNNEL_INDEX),
+        "ks_tunnels_big": (hash_, struct.calcsize(kbpf.TUNNEL_KEY_FMT), 1, kbpf.MAX_BIG_TUNNELS),
+        # A one-endpoint policy gets the smallest endpoint map, two versions of it.
+        "ks_endpoints": (hash_, len(kbpf.tagged(1, ep)), 1, 2 * kbpf.MIN_ENDPOINT_TIER),
+        "ks_dns": (hash_, len(kbpf.tagged(1, dns)), 1, 2 * kbpf.MAX_DNS),
+        "ks_ports": (lpm, len(kbpf.port_key(2, "udp", 1, 16)), 1, 2 * kbpf.MAX_RULES),
+        "ks_nets": (lpm, len(kbpf.net_key(2, ip_network("10.0.0.0/8"))), 1, 2 * kbpf.MAX_RULES),
     }
-    for name, (ks, vs) in wanted.items():
+    assert set(wanted) == set(kbpf.GEN_MAPS)
+    for name, layout in wanted.items():
         with kbpf.BpfMap.pinned(g / name) as m:
-            assert (m.info.key_size, m.info.value_size) == (ks, vs), name
+            assert (m.info.type, m.info.key_size, m.info.value_size, m.info.max_entries) == layout, name
+            if m.info.type == hash_:
+                assert m.info.flags & 1, f"{name}: hash maps of policy must not preallocate"  # BPF_F_NO_PREALLOC
     with kbpf.BpfMap.pinned(layer.dir / "drops") as m:
         assert (m.info.key_size, m.info.value_size) == (struct.calcsize(kbpf.DROP_KEY_FMT),
                                                           struct.calcsize(kbpf.DROP_VAL_FMT))
@@ -813,3 +884,293 @@ def test_instances_do_not_touch_each_other(lab: Lab, layers: list[BpfLayer]) -> 
     b.reset()
     assert [len(x) for x in _attached(lab.root)] == [1, 1]
     assert a.status()[0]
+
+
+# ---------------------------------------------------------------- capacity and in-place updates
+
+
+def _gen_state(layer: BpfLayer) -> tuple[int, int, dict[str, int]]:
+    """(generation, live version, entries per map) as the kernel holds them."""
+    gen = layer.dir / f"g{layer.last_apply.generation}"  # type: ignore[union-attr]
+    sizes = {}
+    for name in ("ks_endpoints", "ks_dns", "ks_cgroups", "ks_ports", "ks_nets"):
+        with kbpf.BpfMap.pinned(gen / name) as m:
+            sizes[name] = len(m.keys())
+    cfg = kbpf.Generation(layer.last_apply.generation, gen).config()  # type: ignore[union-attr]
+    assert cfg is not None
+    return cfg.generation, cfg.version, sizes
+
+
+def big_policy(lab: Lab, n: int) -> Policy:
+    """n endpoints (10.77.0.2, udp ports 20000...) and n exemptions, cgroup many/e<i>
+    allowed udp/<30000+i> to 10.77.0.3, plus make_policy's own."""
+    exempt = "".join(
+        f'\n[[exempt]]\ncgroup = "{lab.rel(f"many/e{i}")}"\nallow = ["udp/{30000 + i}"]\nto = ["10.77.0.3/32"]\n'
+        for i in range(n)
+    )
+    base = make_policy(lab, extra=exempt)
+    endpoints = tuple(Endpoint(ip_address("10.77.0.2"), 20000 + i, "udp") for i in range(n))
+    return dataclasses.replace(base, tunnel=dataclasses.replace(base.tunnel, endpoints=base.tunnel.endpoints + endpoints))
+
+
+@requires_bpf
+def test_ten_thousand_endpoints_and_exemptions(lab: Lab, layers: list[BpfLayer]) -> None:
+    n = 10_000
+    for i in range(n):
+        lab.dirs[f"many/e{i}"] = lab.cgroups(f"many/e{i}")
+    layer = new_layer(lab, layers)
+    policy = big_policy(lab, n)
+    layer.apply(policy)
+    assert layer.status()[0], layer.status()[1]
+    _, _, sizes = _gen_state(layer)
+    assert sizes["ks_endpoints"] == n + 1 and sizes["ks_cgroups"] == n + 3  # + w/ex, w/svc, w/ep
+    run_cases(lab, layer, policy, [
+        Case("w/ep", "10.77.0.2", 20000, mark=ENDPOINT_MARK),  # the first endpoint
+        Case("w/ep", "10.77.0.2", 20000 + n - 1, mark=ENDPOINT_MARK),  # the last
+        Case("w/ep", "10.77.0.2", 20000 + n, mark=ENDPOINT_MARK),  # one past: no_tunnel
+        Case("w/app", "10.77.0.2", 25000),  # an endpoint without the mark
+        Case("many/e0", "10.77.0.3", 30000),  # the first exemption
+        Case("many/e7777", "10.77.0.3", 37777),
+        Case("many/e7777", "10.77.0.3", 37778),  # its neighbour's port
+        Case("many/e9999", "10.77.0.2", 39999),  # its port, another network
+        Case("w/app", "10.77.0.3", 30001),
+        Case("w/app", "10.88.0.2", 6001),  # the tunnel
+        Case("w/app", "10.88.0.3", 53),
+    ])
+
+
+@requires_bpf
+def test_a_policy_beyond_capacity_is_refused_before_anything_changes(lab: Lab, layers: list[BpfLayer]) -> None:
+    layer = new_layer(lab, layers)
+    policy = make_policy(lab)
+    layer.apply(policy)
+    before = _gen_state(layer)
+    egress = _attached(lab.root)
+    n = kbpf.MAX_ENDPOINTS + 1
+    endpoints = tuple(Endpoint(ip_address("10.0.0.0") + i, 51820, "udp") for i in range(n))
+    too_big = dataclasses.replace(policy, tunnel=dataclasses.replace(policy.tunnel, endpoints=endpoints))
+    with pytest.raises(BpfError, match=rf"tunnel\.endpoints: {n} endpoints, the BPF layer holds at most 65536"):
+        layer.apply(too_big)
+    dns = tuple(ip_address("10.64.0.0") + i for i in range(kbpf.MAX_DNS + 1))
+    with pytest.raises(BpfError, match=r"dns\.servers: 257 servers, the BPF layer holds at most 256"):
+        layer.apply(dataclasses.replace(policy, dns=dataclasses.replace(policy.dns, servers=dns)))
+    assert _gen_state(layer) == before and _attached(lab.root) == egress
+    assert layer.status()[0]
+    run_cases(lab, layer, policy, [Case("w/app", "10.77.0.2", 7101), Case("w/app", "10.88.0.2", 7102)])
+
+
+class LoaderRuns:
+    """Counts the compiling child processes BpfLayer starts (they still run)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = kbpf._run_loader
+
+        def counted(*args: object, **kw: object) -> kbpf.LoadStats:
+            self.count += 1
+            return real(*args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(kbpf, "_run_loader", counted)
+
+
+def recreate_tunnel(lab: Lab) -> None:
+    """The VPN client recreates its link: same name, new ifindex."""
+    sh("ip", "-n", lab.client, "link", "del", lab.tun)
+    sh("ip", "-n", lab.client, "link", "add", lab.tun, "type", "veth", "peer", "name", "ft0", "netns", lab.far)
+    for ns, dev, addrs in ((lab.client, lab.tun, ["10.88.0.1/24"]), (lab.far, "ft0", ["10.88.0.2/24"])):
+        for a in addrs:
+            sh("ip", "-n", ns, "addr", "add", a, "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    # Netdev chains follow a device by name on some kernels and not on others: rebuild.
+    sh("nft", "delete", "table", "netdev", "ksfar", netns=lab.far)
+    sh("nft", "-f", "-", netns=lab.far, input=FAR_NFT.format(up="fu0", tun="ft0"))
+
+
+@requires_bpf
+def test_warm_apply_and_one_endpoint_more_do_not_compile(lab: Lab, layers: list[BpfLayer],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = LoaderRuns(monkeypatch)
+    layer = new_layer(lab, layers)
+    policy = make_policy(lab)
+    first = layer.apply(policy)
+    assert first.compiled and runs.count == 1
+    progs = _attached(lab.root)
+    state = _gen_state(layer)
+
+    # The same policy again, also from a fresh process's layer: nothing compiled, nothing written.
+    for again in (layer, BpfLayer(layer.instance, netns=lab.client)):
+        stats = again.apply(policy)
+        assert (stats.compiled, stats.replacement, stats.changed) == (False, "unchanged", ())
+        assert stats.load.compile_s == 0 and stats.generation == first.generation
+    assert runs.count == 1 and _attached(lab.root) == progs and _gen_state(layer) == state
+
+    # One endpoint more: written in place, as one new version.
+    more = dataclasses.replace(policy, tunnel=dataclasses.replace(
+        policy.tunnel, endpoints=(*policy.tunnel.endpoints, Endpoint(ip_address("10.77.0.3"), 51821, "udp"))))
+    stats = layer.apply(more)
+    assert (stats.compiled, stats.replacement, stats.changed) == (False, "in place", ("endpoints",))
+    assert runs.count == 1 and _attached(lab.root) == progs
+    gen, version, sizes = _gen_state(layer)
+    assert (gen, version) == (state[0], state[1] + 1)
+    assert sizes == {**state[2], "ks_endpoints": 2}, "the old version's entries are gone"
+    assert layer.status()[0]
+    run_cases(lab, layer, more, [
+        Case("w/ep", "10.77.0.3", 51821, mark=ENDPOINT_MARK),  # the new endpoint
+        Case("w/ep", "10.77.0.2", 51820, mark=ENDPOINT_MARK),
+        Case("w/app", "10.77.0.3", 51821),
+        Case("w/app", "10.88.0.2", 7201),
+    ])
+
+    # Drift repaired in place: a detached program, a recreated tunnel link.
+    fd = os.open(lab.root, os.O_RDONLY | os.O_DIRECTORY)
+    pfd = kbpf._fd_by_id(kbpf._BPF_PROG_GET_FD_BY_ID, progs[0][0], "test")
+    try:
+        kbpf.prog_detach(pfd, fd, ATTACH_EGRESS)
+    finally:
+        os.close(pfd)
+        os.close(fd)
+    recreate_tunnel(lab)
+    lab.dirs["w/ex/child"].rmdir()
+    lab.dirs["w/ex"].rmdir()
+    lab.cgroups("w/ex/child")  # a unit restarted: same path, new cgroup id
+    stats = layer.apply(more)
+    assert (stats.compiled, stats.replacement) == (False, "in place")
+    assert set(stats.changed) == {"tunnels", "cgroups", "attached egress"}
+    assert runs.count == 1 and _attached(lab.root) == progs
+    assert layer.status()[0], layer.status()[1]
+    run_cases(lab, layer, more, [Case("w/app", "10.88.0.2", 7202), Case("w/app", "10.77.0.2", 7203),
+                                 Case("w/ex/child", "10.77.0.2", 5301), Case("w/ex", "10.77.0.2", 5399)])
+
+
+MIX_SENDER = textwrap.dedent(
+    """
+    import json, signal, socket, sys, time
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    flows = json.loads(sys.argv[1])
+    socks = []
+    for f in flows:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if f["mark"]:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, f["mark"])
+        s.bind(("0.0.0.0", f["sport"]))
+        socks.append(s)
+    counts = [{"ok": 0, "eperm": 0} for _ in flows]
+    print("ready", flush=True)
+    while not stop:
+        for s, f, c in zip(socks, flows, counts):
+            try:
+                s.sendto(b"x", (f["dst"], f["port"]))
+                c["ok"] += 1
+            except PermissionError:
+                c["eperm"] += 1
+        time.sleep(0.0002)
+    print(json.dumps(counts), flush=True)
+    """
+)
+
+FAR_SPORTS_NFT = """
+table netdev ksmix {{
+  set seen {{ type ipv4_addr . inet_service . inet_service; flags dynamic; size 65535; counter; }}
+  chain up {{
+    type filter hook ingress device "{up}" priority 1;
+    meta protocol ip meta l4proto udp update @seen {{ ip daddr . udp dport . udp sport }}
+  }}
+}}
+"""
+
+
+def _far_by_sport(lab: Lab) -> Counter[tuple[str, int, int]]:
+    out: Counter[tuple[str, int, int]] = Counter()
+    r = sh("nft", "-j", "list", "set", "netdev", "ksmix", "seen", netns=lab.far)
+    for obj in json.loads(r.stdout)["nftables"]:
+        for e in obj.get("set", {}).get("elem", []):
+            dst, dport, sport = e["elem"]["val"]["concat"]
+            out[(dst, int(dport), int(sport))] += e["elem"]["counter"]["packets"]
+    return out
+
+
+@requires_bpf
+def test_alternating_policies_under_traffic_never_judge_by_a_mix(lab: Lab, layers: list[BpfLayer],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Policy A lets mark A reach endpoint A, policy B mark B reach endpoint B. A packet
+    judged by one version's flags and the other's endpoints would let mark B reach A (or
+    A reach B): none of those may leave, while tunnel traffic never stops."""
+    mark_a, mark_b = 0xA1, 0xB2
+    # Thousands of other endpoints make each version's endpoints slow to write.
+    fillers = [Endpoint(ip_address("10.200.0.0") + i, 51820, "udp") for i in range(3000)]
+
+    def policy(mark: int, endpoint: Endpoint, dns: str, offset: int) -> Policy:
+        p = loads_policy(f"""
+[tunnel]
+interfaces = ["wg*"]
+endpoints = ["{endpoint}"]
+endpoint_mark = {mark}
+[dns]
+servers = ["{dns}"]
+[bpf]
+cgroup = "{lab.cgroups.rel(lab.root)}"
+""")
+        return dataclasses.replace(p, tunnel=dataclasses.replace(
+            p.tunnel, endpoints=(*p.tunnel.endpoints, *fillers[offset:offset + 2000])))
+
+    ep_a, ep_b = Endpoint(ip_address("10.77.0.2"), 51820, "udp"), Endpoint(ip_address("10.77.0.3"), 51821, "udp")
+    pol_a, pol_b = policy(mark_a, ep_a, "10.88.0.2", 0), policy(mark_b, ep_b, "10.88.0.3", 1000)
+    flows = [
+        {"dst": "10.77.0.2", "port": 51820, "mark": mark_a, "sport": 41001},  # A's own
+        {"dst": "10.77.0.3", "port": 51821, "mark": mark_b, "sport": 41002},  # B's own
+        {"dst": "10.77.0.2", "port": 51820, "mark": mark_b, "sport": 41003},  # only a mix allows these
+        {"dst": "10.77.0.3", "port": 51821, "mark": mark_a, "sport": 41004},
+        {"dst": "10.88.0.2", "port": 7301, "mark": 0, "sport": 41005},  # the tunnel
+    ]
+    sh("nft", "-f", "-", netns=lab.far, input=FAR_SPORTS_NFT.format(up="fu0"))
+    runs = LoaderRuns(monkeypatch)
+    layer = new_layer(lab, layers)
+    layer.apply(pol_a)
+    sender = spawn_in([PY, "-c", MIX_SENDER, json.dumps(flows)], netns=lab.client,
+                      cgroup=lab.dirs["w/app"], stdout=subprocess.PIPE)
+    hows = []
+    try:
+        assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        for i in range(40):
+            hows.append(layer.apply(pol_b if i % 2 == 0 else pol_a).replacement)
+            time.sleep(0.01)
+    finally:
+        sender.terminate()  # ends its loop; it prints what it sent
+        out, _ = sender.communicate(timeout=30)
+    sent = json.loads(out.strip().splitlines()[-1])
+    assert hows == ["in place"] * 40 and runs.count == 1
+    time.sleep(0.3)
+    far = _far_by_sport(lab)
+    got = {f["sport"]: sum(n for (_, _, sport), n in far.items() if sport == f["sport"]) for f in flows}
+    assert got[41003] == 0 and got[41004] == 0, f"packets allowed only by a mix of two versions left: {got}"
+    assert sent[2]["ok"] == 0 and sent[3]["ok"] == 0, sent
+    assert got[41001] > 0 and got[41002] > 0, f"each policy's own endpoint traffic flowed: {got}"
+    assert got[41001] == sent[0]["ok"] and got[41002] == sent[1]["ok"], (got, sent)
+    tunnel = sent[4]
+    assert tunnel["eperm"] == 0 and tunnel["ok"] > 1000, tunnel
+    assert lab.far_counts()[("tun", "10.88.0.2", "udp", 7301)] == tunnel["ok"]
+    assert layer.status()[0]
+    # Every version's entries but the live one's are gone.
+    assert _gen_state(layer)[2]["ks_endpoints"] == 2001
+
+
+@requires_bpf
+def test_a_changed_attach_cgroup_makes_a_new_generation(lab: Lab, layers: list[BpfLayer],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = LoaderRuns(monkeypatch)
+    layer = new_layer(lab, layers)
+    first = layer.apply(make_policy(lab))
+    moved = make_policy(lab, attach=lab.rel("w"))
+    stats = layer.apply(moved)
+    assert (stats.compiled, stats.replacement, runs.count) == (True, "make-before-break", 2)
+    assert stats.generation > first.generation
+    assert _attached(lab.root) == ([], [])
+    assert [len(x) for x in _attached(lab.dirs["w"])] == [1, 1]
+    assert [p.name for p in layer.dir.iterdir() if p.name.startswith("g")] == [f"g{stats.generation}"]
+    # Staying there is in place again.
+    assert layer.apply(moved).replacement == "unchanged" and runs.count == 2
+    assert [len(x) for x in _attached(lab.dirs["w"])] == [1, 1]
+    assert layer.status()[0]
+    run_cases(lab, layer, moved, [Case("w/app", "10.77.0.2", 7401), Case("w/app", "10.88.0.2", 7402)])

@@ -3,11 +3,13 @@ The kernel tests check the same layouts against the loaded maps."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,12 +63,13 @@ def lpm_match(keys: list[bytes], probe: bytes) -> bool:
 @pytest.mark.parametrize(
     ("what", "size"),
     [
-        (bpf.endpoint_key(4, "udp", 1, ipaddress.ip_address("1.2.3.4")), 20),
-        (bpf.addr_key(ipaddress.ip_address("::1")), 20),
+        (bpf.tagged(1, bpf.endpoint_key(4, "udp", 1, ipaddress.ip_address("1.2.3.4"))), 24),
+        (bpf.tagged(1, bpf.addr_key(ipaddress.ip_address("::1"))), 24),
         (bpf.port_key(2, "tcp", 22, 16), 12),
         (bpf.net_key(2, ipaddress.ip_network("10.0.0.0/8")), 28),
-        (struct.pack(bpf.CONFIG_FMT, 0, 0, 0, 0, 0, b""), 96),
-        (struct.pack(bpf.CGROUP_FMT, 0, 0, 0, 0), 16),
+        (bpf.Config(0, 0, 0, 0, 0, "").pack(), 192),
+        (bpf.cgroup_key(1, 2), 16),
+        (bpf.CgroupEntry().pack(), 16),
         (struct.pack(bpf.DROP_KEY_FMT, 0, 0, 0), 16),
     ],
 )
@@ -96,13 +99,13 @@ def test_port_prefixes_cover_exactly_the_range() -> None:
 @pytest.mark.parametrize("spec", [PortSpec("tcp", 6000, 6010), PortSpec("udp", 123, 123), PortSpec("tcp", 1, 65535)])
 def test_port_keys_match_like_portspec_covers(spec: PortSpec) -> None:
     rules = bpf.ExemptionRules("x", 0, (spec,), (), (ipaddress.ip_network("0.0.0.0/0"),), ())
-    keys, _ = bpf.rule_keys(rules, slot=5)
+    keys, _ = bpf.rule_keys(rules, rule_set=5)
     sc = bpf.scope(5, bpf.KIND_ALLOW)
     for proto in ("tcp", "udp"):
         for port in [*range(7000), 65535]:
             probe = bpf.port_key(sc, proto, port, 16)
             assert lpm_match(keys, probe) == spec.covers(proto, port), (proto, port)
-    # Another slot or kind never matches.
+    # Another rule set or kind never matches.
     assert not lpm_match(keys, bpf.port_key(bpf.scope(6, bpf.KIND_ALLOW), spec.proto, spec.first, 16))
     assert not lpm_match(keys, bpf.port_key(bpf.scope(5, bpf.KIND_LISTEN), spec.proto, spec.first, 16))
 
@@ -110,7 +113,7 @@ def test_port_keys_match_like_portspec_covers(spec: PortSpec) -> None:
 def test_net_keys_match_like_networks() -> None:
     nets = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
     rules = bpf.ExemptionRules("x", 0, (), (PortSpec("tcp", 22, 22),), (), nets)
-    _, keys = bpf.rule_keys(rules, slot=3)
+    _, keys = bpf.rule_keys(rules, rule_set=3)
     sc = bpf.scope(3, bpf.KIND_LISTEN)
 
     def probe(addr: str) -> bytes:
@@ -152,10 +155,11 @@ def test_render_exemption_marks_are_the_shared_contract() -> None:
     assert ntp.to == (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
-def test_lan_keys_only_when_allowed() -> None:
+def test_lan_networks_only_when_allowed() -> None:
     assert bpf.render(policy(lan='allow = false\nnetworks = ["192.168.1.0/24"]')).lan == ()
     lan = bpf.render(policy(lan='allow = true\nnetworks = ["192.168.1.0/24"]')).lan
-    assert lan == (bpf.net_key(bpf.SCOPE_LAN, ipaddress.ip_network("192.168.1.0/24")),)
+    assert lan == (ipaddress.ip_network("192.168.1.0/24"),)
+    assert bpf.lan_keys(lan, 7) == [bpf.net_key(bpf.scope(7, bpf.KIND_ALLOW), lan[0])]
 
 
 def test_cflags_carry_constants_never_policy() -> None:
@@ -163,15 +167,19 @@ def test_cflags_carry_constants_never_policy() -> None:
     for i, r in enumerate(DROP_REASONS):
         assert f"-DKS_R_{r.value.upper()}={i}" in flags
     assert not any("PIN" in f for f in flags)
-    from pathlib import Path
-
+    # Maps of policy hold two versions.
+    assert f"-DKS_MAX_ENDPOINTS={2 * bpf.MIN_ENDPOINT_TIER}" in flags
+    assert f"-DKS_MAX_CGROUPS={2 * bpf.MAX_CGROUPS}" in flags and f"-DKS_MAX_RULES={2 * bpf.MAX_RULES}" in flags
+    assert "-DKS_MAX_ENDPOINTS=131072" in bpf.cflags("helper", None, bpf.Capacity(65536))
     pinned = bpf.cflags("sk_storage", Path("/sys/fs/bpf/ksbpf/x"))
     assert '-DKS_DROPS_PIN="/sys/fs/bpf/ksbpf/x/drops"' in pinned
     assert "-DKS_NETNS_SK_STORAGE" in pinned and '-DKS_SK_NETNS_PIN="/sys/fs/bpf/ksbpf/x/sk_netns"' in pinned
 
 
 def test_config_roundtrip() -> None:
-    c = bpf.Config(123, 4, 99, bpf.F_IPV6_BLOCK, 0xCA6C, "netns-lab1")
+    c = bpf.Config(123, 4, 99, bpf.F_IPV6_BLOCK, 0xCA6C, "netns-lab1", version=7, endpoints_tag=6, dns_tag=2,
+                   cgroups_tag=5, lan_rules=3, next_rules=40, tunnel_bank=1, digests=(1, 2, 3, 2**64 - 1),
+                   build=bytes(range(32)))
     assert bpf.Config.unpack(c.pack()) == c
 
 
@@ -201,3 +209,139 @@ def test_c_source_ships_as_package_data() -> None:
         assert f"int {fn}(" in text
     for m in bpf.GEN_MAPS:
         assert f", {m}," in text or f"({m}," in text, m
+
+
+# ---------------------------------------------------------------- capacity
+
+
+def test_check_capacity_names_the_limit() -> None:
+    p = bpf.render(policy())
+    bpf.check_capacity(p)
+    many = [bpf.endpoint_key(4, "udp", 1, ipaddress.ip_address("10.0.0.0") + i) for i in range(bpf.MAX_ENDPOINTS)]
+    bpf.check_capacity(dataclasses.replace(p, endpoints=tuple(many)))
+    too_many = dataclasses.replace(p, endpoints=(*many, bpf.endpoint_key(4, "udp", 2, ipaddress.ip_address("1.1.1.1"))))
+    with pytest.raises(BpfError) as refused:
+        bpf.check_capacity(too_many)
+    assert refused.value.reason == "tunnel.endpoints: 65537 endpoints, the BPF layer holds at most 65536"
+    dns = tuple(bpf.addr_key(ipaddress.ip_address("10.0.0.0") + i) for i in range(bpf.MAX_DNS + 1))
+    with pytest.raises(BpfError, match=r"dns\.servers: 257 servers"):
+        bpf.check_capacity(dataclasses.replace(p, dns=dns))
+    # A full port range is one key; 1-65534 is 30 of them.
+    wide = bpf.ExemptionRules("x", 0, (PortSpec("udp", 1, 65534),), (), (ipaddress.ip_network("0.0.0.0/0"),), ())
+    n = bpf.MAX_RULES // 30 + 1
+    with pytest.raises(BpfError, match=rf"exempt: {n * 30} port rules"):
+        bpf.check_capacity(dataclasses.replace(p, exemptions=(wide,) * n))
+
+
+def test_endpoint_capacity_grows_in_powers_of_two() -> None:
+    def plan(n: int) -> bpf.BpfPlan:
+        keys = tuple(bpf.endpoint_key(4, "udp", 1, ipaddress.ip_address("10.0.0.0") + i) for i in range(n))
+        return dataclasses.replace(bpf.render(policy()), endpoints=keys)
+
+    assert bpf.Capacity.for_plan(plan(1)) == bpf.Capacity(1024)
+    assert bpf.Capacity.for_plan(plan(1024)) == bpf.Capacity(1024)
+    assert bpf.Capacity.for_plan(plan(1025)) == bpf.Capacity(2048)
+    assert bpf.Capacity.for_plan(plan(10_000)).endpoints == 16384
+    assert bpf.Capacity(16384).holds(plan(10_001)) and not bpf.Capacity(1024).holds(plan(1025))
+
+
+def test_duplicate_endpoints_are_one_key() -> None:
+    p = loads_policy(BASE.format(tunnel="endpoint_mark = 1", lan="", ipv6="tunnel").replace(
+        'endpoints = ["198.51.100.7:51820/udp",', 'endpoints = ["198.51.100.7:51820/udp", "198.51.100.7:51820/udp",'))
+    assert len(bpf.render(p).endpoints) == 2
+
+
+# ---------------------------------------------------------------- policy versions
+
+
+def header(**kw: object) -> bpf.Config:
+    base = bpf.Config(11, 3, 99, 0, 0xCA6C, "inst", build=b"b" * 32)
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def version(pol: Policy | None = None, ids: dict[str, int | None] | None = None,
+            tunnels: frozenset[int] = frozenset({5}), **kw: object) -> bpf.Version:
+    plan = bpf.render(pol or policy())
+    if ids is None:
+        ids = {e.cgroup: 100 + i for i, e in enumerate(plan.exemptions)}
+    return bpf.Version(header=header(**kw), endpoints=plan.endpoints, dns=plan.dns, lan=plan.lan,
+                       cgroups=bpf.cgroup_wants(plan, ids), tunnels=tunnels)
+
+
+def test_a_new_generation_writes_everything_as_version_one() -> None:
+    step = bpf.plan_step(None, frozenset(), version())
+    c = step.config
+    assert set(step.changed) == {"tunnels", "endpoints", "dns", "lan", "cgroups"}
+    assert (c.version, c.endpoints_tag, c.dns_tag, c.cgroups_tag, c.tunnel_bank) == (1, 1, 1, 1, 0)
+    assert (c.netns_cookie, c.generation, c.cgroup_id, c.endpoint_mark, c.instance) == (11, 3, 99, 0xCA6C, "inst")
+    assert c.lan_rules == 0, "no LAN allowed: no rule set"
+    assert sorted(step.exemption_rules.values()) == [1, 2] and c.next_rules == 3
+
+
+def test_the_same_version_again_changes_nothing() -> None:
+    live = bpf.plan_step(None, frozenset(), version()).config
+    step = bpf.plan_step(live, frozenset({5}), version())
+    assert step.changed == ()
+
+
+def test_only_what_differs_gets_new_tags_ids_or_banks() -> None:
+    live = bpf.plan_step(None, frozenset(), version()).config
+    more = policy().tunnel
+    more_ep = dataclasses.replace(policy(), tunnel=dataclasses.replace(
+        more, endpoints=(*more.endpoints, dataclasses.replace(more.endpoints[0], port=1))))
+    step = bpf.plan_step(live, frozenset({5}), version(more_ep))
+    assert step.changed == ("endpoints",)
+    c = step.config
+    assert (c.version, c.endpoints_tag, c.dns_tag, c.cgroups_tag, c.next_rules) == (2, 2, 1, 1, live.next_rules)
+
+    step = bpf.plan_step(live, frozenset({5}), version(policy(ipv6="block"), flags=bpf.F_IPV6_BLOCK))
+    assert step.changed == ("config",) and step.config.flags == bpf.F_IPV6_BLOCK
+
+    step = bpf.plan_step(live, frozenset({5}), version(tunnels=frozenset({5, 9})))
+    assert step.changed == ("tunnels",) and step.config.tunnel_bank == 1 - live.tunnel_bank
+
+    step = bpf.plan_step(live, frozenset({5}), version(policy(lan='allow = true\nnetworks = ["192.168.1.0/24"]')))
+    assert step.changed == ("lan",) and step.config.lan_rules == live.next_rules
+
+    # A recreated cgroup (new id): the cgroups under the new tag, their rules under fresh ids.
+    ids = {e.cgroup: 100 + i for i, e in enumerate(policy().exemptions)}
+    ids["system.slice/sshd.service"] = 555
+    step = bpf.plan_step(live, frozenset({5}), version(ids=ids))
+    assert step.changed == ("cgroups",)
+    assert step.config.cgroups_tag == 2
+    assert min(step.exemption_rules.values()) >= live.next_rules and 555 in step.exemption_rules
+
+
+def test_an_exemptions_only_version_keeps_the_rest() -> None:
+    live = bpf.plan_step(None, frozenset(), version()).config
+    plan = bpf.render(policy())
+    step = bpf.plan_step(live, frozenset({5}), bpf.Version(cgroups=bpf.cgroup_wants(plan, {})))
+    assert step.changed == ("cgroups",)
+    assert dataclasses.replace(step.config, version=live.version, cgroups_tag=live.cgroups_tag,
+                               digests=live.digests) == live
+
+
+def test_cgroup_wants_endpoint_and_exempt_in_one_cgroup() -> None:
+    pol = policy(tunnel='endpoint_cgroups = ["system.slice/sshd.service"]')
+    plan = bpf.render(pol)
+    wants = bpf.cgroup_wants(plan, {"system.slice/sshd.service": 7, "system.slice/systemd-timesyncd.service": None})
+    assert list(wants) == [7]
+    assert wants[7].endpoint and wants[7].mark == DEFAULT_ENDPOINT_MARK and wants[7].rules is not None
+
+
+def test_build_digest_follows_what_the_build_depends_on(tmp_path: Path) -> None:
+    from ksbpf.linux.headers import KernelSource
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "killswitch.c").write_text("int x;")
+    (src / "killswitch.h").write_text("")
+    ks = KernelSource(Path("/h"), "prepared tree", "6.1.0")
+    flags = bpf.cflags("helper", None)
+    d = bpf.build_digest(src, flags, ks, "helper")
+    assert d == bpf.build_digest(src, list(flags), KernelSource(Path("/h"), "[bpf] kernel_source", "6.1.0"), "helper")
+    assert d != bpf.build_digest(src, bpf.cflags("helper", None, bpf.Capacity(2048)), ks, "helper")
+    assert d != bpf.build_digest(src, flags, KernelSource(Path("/other"), "prepared tree", "6.1.0"), "helper")
+    assert d != bpf.build_digest(src, flags, ks, "sk_storage")
+    (src / "killswitch.h").write_text("// changed")
+    assert d != bpf.build_digest(src, flags, ks, "helper")
