@@ -166,12 +166,13 @@ class LinuxEngine:
 
     def up_file(self, path: str | Path) -> EngageResult:
         policy = load_policy(path)
-        return self.up(policy, Path(path).read_text())
+        return self.up(policy, Path(path).read_text(), source=str(path))
 
-    def up(self, policy: Policy, policy_text: str | None = None) -> EngageResult:
+    def up(self, policy: Policy, policy_text: str | None = None, source: str = "<policy>") -> EngageResult:
         """Engage (or re-engage: idempotent, leak-free while traffic flows) all layers."""
         start = time.monotonic()
         effective = self.effective_policy(policy)
+        bpf_plan = self._bpf_plan(effective, source)
         result = EngageResult()
         # nftables first: one atomic transaction, so a failure leaves the old ruleset.
         self.nft.apply(effective)
@@ -182,18 +183,35 @@ class LinuxEngine:
             result.layers["routing"] = self.routing.status()
         except BackendError as e:
             result.layers["routing"] = LayerStatus(False, e.reason)
-        result.layers["bpf"] = self._apply_bpf(effective)
+        result.layers["bpf"] = self._apply_bpf(effective, bpf_plan)
         if policy_text is not None:
             self._record(policy_text, policy)
         result.seconds = time.monotonic() - start
         return result
 
-    def _apply_bpf(self, policy: Policy) -> LayerStatus:
+    def _bpf_plan(self, policy: Policy, source: str) -> Any:
+        """The BPF layer's plan, checked against what its maps hold before any layer
+        changes: a policy too big for them is bad input, refused whole, not applied by
+        nftables and routing and then refused by BPF."""
+        if not self.bpf_enabled:
+            return None
+        try:
+            from ksbpf.linux.bpf import check_capacity, render
+        except ImportError:
+            return None  # reported by _apply_bpf
+        plan = render(policy)
+        try:
+            check_capacity(plan)
+        except BackendError as e:
+            raise PolicyError(e.reason, source=source) from None
+        return plan
+
+    def _apply_bpf(self, policy: Policy, plan: Any = None) -> LayerStatus:
         if not self.bpf_enabled:
             return LayerStatus(False, "disabled (--no-bpf)")
         try:
             layer = self.bpf_layer(policy)
-            layer.apply(policy)
+            layer.apply(policy, plan)
             return self._as_status(layer.status())
         except ImportError as e:
             return LayerStatus(False, f"BPF layer unavailable: {e}")

@@ -300,3 +300,18 @@ def test_counters_read_from_the_kernel_match_nft(uplink: Uplink, tmp_path: Path)
     assert NftLayer(uplink.client).read_counters()["drop_raw_egress_ip4"] == (0, 0)
     sh("nft", "delete", "table", "inet", "ksbpf", netns=uplink.client)
     assert NftLayer(uplink.client).read_counters() == {}
+
+
+def test_a_policy_beyond_bpf_capacity_is_bad_input_and_changes_no_layer(uplink: Uplink, tmp_path: Path) -> None:
+    """The BPF maps hold 65,536 endpoints: more is refused before nftables or routing
+    change (exit 2), not applied by them and then refused by BPF (exit 3)."""
+    _up(uplink, tmp_path, uplink.policy())
+    snapshot = lambda: (sh("nft", "-s", "list", "ruleset", netns=uplink.client).stdout, sh("ip", "rule", netns=uplink.client).stdout)  # noqa: E731
+    before = snapshot()
+    endpoints = ", ".join(f'"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:51820/udp"' for i in range(65_537))
+    cfg = tmp_path / "huge.toml"
+    cfg.write_text(uplink.policy().replace('endpoints = ["192.0.2.1:51820/udp"]', f"endpoints = [{endpoints}]"))
+    r = ksctl("up", "--config", str(cfg), netns=uplink.client, state_dir=str(tmp_path / "state"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "65537 endpoints, the BPF layer holds at most 65536" in r.stderr and str(cfg) in r.stderr
+    assert snapshot() == before
