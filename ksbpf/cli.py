@@ -6,23 +6,32 @@ Exit codes: 0 done; 1 a kernel layer failed; 2 bad input (nothing changed);
 
 from __future__ import annotations
 
+# Imported for every ksctl command: only what parsing the command line and talking to a
+# running daemon needs. ksctl status/exempt/unexempt with ksbpfd running import neither
+# the policy parser (ksbpfd validates the request completely) nor any kernel library;
+# everything else is imported by the command that needs it.
 import argparse
-import ipaddress
 import json
 import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from ksbpf import __version__
 from ksbpf.errors import BackendError, KsbpfError, PolicyError
-from ksbpf.policy import DEFAULT_POLICY_PATH, Exemption, load_policy, parse_exemption
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+    from ksbpf.policy import Exemption
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
+DEFAULT_POLICY = "/etc/ksbpf/policy.toml"  # ksbpf.policy.DEFAULT_POLICY_PATH, without importing the parser
 
 
 def _engine(args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
     from ksbpf.linux.engine import LinuxEngine, state_dir_for
 
     base = Path(args.state_dir) if args.state_dir else None
@@ -70,7 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = _control(args)
     if client is not None:
         with client:
-            status = client.request({"op": "status"})
+            status = client.request({"op": "status"} if args.json else {"op": "status", "brief": True})
         if args.json:
             print(json.dumps(status, indent=1))
         else:
@@ -79,7 +88,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             tunnels = ", ".join(f"{n} {'up' if up else 'down'}" for n, up in sorted(status.get("tunnels", {}).items()))
             print(f"  tunnel    {tunnels or 'none'}")
             repairs = ", ".join(f"{n} {c}" for n, c in status.get("drift_repairs", {}).items() if c)
-            print(f"  daemon    pid {status.get('pid')}, exemptions in force: {len(status.get('exemptions', []))}"
+            count = status["exemption_count"] if "exemption_count" in status else len(status.get("exemptions", []))
+            print(f"  daemon    pid {status.get('pid')}, exemptions in force: {count}"
                   + (f", drift repaired: {repairs}" if repairs else "") + (f"; {status['note']}" if status.get("note") else ""))
         return EXIT_OK if all(s["engaged"] for s in status["layers"].values()) else EXIT_FAILED
     eng = _engine(args)
@@ -93,41 +103,57 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if all(s.engaged for s in layers.values()) else EXIT_FAILED
 
 
-def _exemption_from_args(args: argparse.Namespace) -> Exemption:
+def _exemption_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The exemption as the command line gives it, unparsed: the shape of a policy's
+    [[exempt]] table and of the control request."""
     data: dict[str, Any] = {"cgroup": args.cgroup}
     for key in ("allow", "listen", "to"):
         if getattr(args, key):
             data[key] = getattr(args, key)
     if args.from_:
         data["from"] = args.from_
-    return parse_exemption(data, "ksctl exempt", "")
+    return data
+
+
+def _exemption_from_args(args: argparse.Namespace) -> Exemption:
+    from ksbpf.policy import parse_exemption
+
+    return parse_exemption(_exemption_request(args), "ksctl exempt", "")
 
 
 def cmd_exempt(args: argparse.Namespace) -> int:
-    ex = _exemption_from_args(args)
-    from ksbpf.linux.cgroup import cgroup_dir
-
-    cgroup_dir(ex.cgroup)  # refuses paths escaping the cgroup2 mount
     client = _control(args)
     if client is not None:
-        client.request({"op": "exempt", "exemption": ex.as_dict()})
+        # ksbpfd validates the request completely before anything changes (the policy
+        # parser, and the cgroup path against its cgroup2 mount) and refuses a bad one,
+        # which is exit 2 here as below: the client need not parse it first.
+        with client:
+            reply = client.request({"op": "exempt", "exemption": _exemption_request(args)})
+        shown = reply.get("exemption") or {"cgroup": args.cgroup}
     else:
+        from ksbpf.linux.cgroup import cgroup_dir
+
+        ex = _exemption_from_args(args)
+        cgroup_dir(ex.cgroup)  # refuses paths escaping the cgroup2 mount
         _engine(args).set_exemption(ex)
-    print(f"exempted {ex.cgroup}: " + json.dumps(ex.as_dict()))
+        shown = ex.as_dict()
+    print(f"exempted {shown.get('cgroup')}: " + json.dumps(shown))
     return EXIT_OK
 
 
 def cmd_unexempt(args: argparse.Namespace) -> int:
-    from ksbpf.policy import normalize_cgroup
-
-    try:
-        cgroup = normalize_cgroup(args.cgroup)
-    except ValueError as e:
-        raise PolicyError(str(e), source="ksctl unexempt", key="--cgroup") from None
     client = _control(args)
     if client is not None:
-        client.request({"op": "unexempt", "cgroup": cgroup})
+        with client:  # ksbpfd normalizes and validates the path
+            reply = client.request({"op": "unexempt", "cgroup": args.cgroup})
+        cgroup = reply.get("cgroup", args.cgroup)
     else:
+        from ksbpf.policy import normalize_cgroup
+
+        try:
+            cgroup = normalize_cgroup(args.cgroup)
+        except ValueError as e:
+            raise PolicyError(str(e), source="ksctl unexempt", key="--cgroup") from None
         _engine(args).remove_exemption(cgroup)
     print(f"removed exemption for {cgroup}")
     return EXIT_OK
@@ -152,6 +178,8 @@ def cmd_exemptions(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from ksbpf.policy import load_policy
+
     policy = load_policy(args.config)
     if args.platform == "linux":
         from ksbpf.render.nft import render_nft, to_json
@@ -201,6 +229,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _addr_port(text: str) -> tuple[Any, int]:
+    import ipaddress
+
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         return ipaddress.ip_address(host), int(rest[1:]) if rest.startswith(":") else 0
@@ -211,6 +241,9 @@ def _addr_port(text: str) -> tuple[Any, int]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from ksbpf.policy import load_policy
     from ksbpf.verdict import Packet, verdict
 
     policy = load_policy(args.config)
@@ -269,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="engage the kill switch (idempotent)")
-    up.add_argument("--config", default=str(DEFAULT_POLICY_PATH))
+    up.add_argument("--config", default=DEFAULT_POLICY)
     up.add_argument("--no-bpf", action="store_true", help="engage nftables and routing only")
     up.set_defaults(func=cmd_up)
 
@@ -297,13 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("render", help="print what `up` applies, or a macOS/Windows rendering")
     r.add_argument("--platform", choices=["linux", "macos", "windows"], default="linux")
-    r.add_argument("--config", default=str(DEFAULT_POLICY_PATH))
+    r.add_argument("--config", default=DEFAULT_POLICY)
     r.add_argument("--strict", action="store_true", help="fail if a feature cannot be expressed")
     r.add_argument("--offline", action="store_true", help="do not read interfaces from the kernel")
     r.set_defaults(func=cmd_render)
 
     e = sub.add_parser("explain", help="what the policy does with one packet")
-    e.add_argument("--config", default=str(DEFAULT_POLICY_PATH))
+    e.add_argument("--config", default=DEFAULT_POLICY)
     e.add_argument("direction", choices=["out", "in", "forward"])
     e.add_argument("proto", choices=["tcp", "udp", "icmp", "icmpv6"])
     e.add_argument("destination", help="ADDRESS[:PORT] or [V6]:PORT")
@@ -317,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_explain)
 
     a = sub.add_parser("audit", help="active leak self-test (exit 0 pass, 1 leak, 3 warning, 4 could not run)")
-    a.add_argument("--config", default=str(DEFAULT_POLICY_PATH))
+    a.add_argument("--config", default=DEFAULT_POLICY)
     a.add_argument("--json", action="store_true")
     a.add_argument("--target", action="append", metavar="ADDR", help="also probe this address over every interface")
     a.add_argument("--timeout", type=float, default=1.0, metavar="S", help="wait this long for answers (default 1)")

@@ -3,9 +3,11 @@ ksbpfd through it, so that the daemon stays the only writer while it runs.
 
 Protocol: one JSON object per line each way, on an AF_UNIX stream socket.
 
-    {"op": "status"}                          -> {"ok": true, "layers": {...}, ...}
-    {"op": "exempt", "exemption": {...}}      -> {"ok": true, "exemption": {...}}
-    {"op": "unexempt", "cgroup": "a/b"}       -> {"ok": true}
+    {"op": "status"}                          -> {"ok": true, "layers": {...}, "exemptions": [...], ...}
+    {"op": "status", "brief": true}           -> the same without the lists that grow with the
+                                                 exemptions (their count instead)
+    {"op": "exempt", "exemption": {...}}      -> {"ok": true, "exemption": {...}}  (normalized)
+    {"op": "unexempt", "cgroup": "a/b"}       -> {"ok": true, "cgroup": "a/b"}
     {"op": "reload"}                          -> {"ok": true, "layers": {...}}
     {"op": "down"}                            -> {"ok": true}   (remove every layer; the daemon idles)
     anything wrong                            -> {"error": "...", "code": "bad_request"|"forbidden"|"failed"}
@@ -17,29 +19,37 @@ a request that fails validation changes nothing. Nothing from a request reaches 
 
 from __future__ import annotations
 
-import contextlib
+# ksctl imports this module for ControlClient on every status/exempt/unexempt: only what
+# the client needs is imported here (no logging, threading, pathlib, typing or the policy
+# parser); the server's needs are imported where it uses them.
 import errno
 import json
-import logging
 import os
-import select
 import socket
-import struct
-import threading
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from ksbpf.errors import BackendError, KsbpfError, PolicyError
-from ksbpf.policy import normalize_cgroup, parse_exemption
 
-log = logging.getLogger("ksbpf.control")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any
 
-RUN_DIR = Path("/run/ksbpf")
+    Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+RUN_DIR = "/run/ksbpf"
 SOCKET_NAME = "control.sock"
 MAX_LINE = 1 << 20  # an exemption with thousands of networks still fits
 CLIENT_TIMEOUT = 5.0  # a peer that sends nothing is dropped after this long
 REPLY_TIMEOUT = 120.0  # a reload compiles BPF; the client waits this long for a reply
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("ksbpf.control")
+
 
 OPS: dict[str, frozenset[str]] = {
     "status": frozenset({"op"}),
@@ -48,16 +58,28 @@ OPS: dict[str, frozenset[str]] = {
     "reload": frozenset({"op"}),
     "down": frozenset({"op"}),
 }
+# Keys a request may leave out.
+OPTIONAL: dict[str, frozenset[str]] = {
+    "status": frozenset({"brief"}),
+}
 
 
-def socket_path(netns: str | None, run_dir: Path = RUN_DIR) -> Path:
+def socket_file(netns: str | None, run_dir: str | os.PathLike[str] = RUN_DIR) -> str:
     """/run/ksbpf/control.sock for the host, /run/ksbpf/netns/<name>/control.sock per
     network namespace (one daemon per namespace)."""
+    base = os.fspath(run_dir)
     if netns is None:
-        return run_dir / SOCKET_NAME
+        return os.path.join(base, SOCKET_NAME)
     if not netns or "/" in netns or netns in (".", "..") or "\x00" in netns:
         raise PolicyError(f"invalid network namespace name {netns!r}", source="control", key="--netns")
-    return run_dir / "netns" / netns / SOCKET_NAME
+    return os.path.join(base, "netns", netns, SOCKET_NAME)
+
+
+def socket_path(netns: str | None, run_dir: str | os.PathLike[str] = RUN_DIR) -> Path:
+    """socket_file() as a Path."""
+    from pathlib import Path
+
+    return Path(socket_file(netns, run_dir))
 
 
 class BadRequest(PolicyError):
@@ -68,6 +90,8 @@ class BadRequest(PolicyError):
 def validate_request(raw: bytes | str) -> dict[str, Any]:
     """One request line -> a normalized request, or BadRequest naming what is wrong.
     The exemption comes back parsed (an Exemption), the cgroup normalized."""
+    from ksbpf.policy import normalize_cgroup, parse_exemption
+
     try:
         req = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -77,13 +101,17 @@ def validate_request(raw: bytes | str) -> dict[str, Any]:
     op = req.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise BadRequest(f"unknown op {op!r} (one of {', '.join(sorted(OPS))})", "op")
-    extra = sorted(set(req) - OPS[op])
+    extra = sorted(set(req) - OPS[op] - OPTIONAL.get(op, frozenset()))
     if extra:
         raise BadRequest(f"unexpected key for {op!r}", extra[0])
     missing = sorted(OPS[op] - set(req))
     if missing:
         raise BadRequest("is required", missing[0])
     out: dict[str, Any] = {"op": op}
+    if op == "status" and "brief" in req:
+        if not isinstance(req["brief"], bool):
+            raise BadRequest("expected true or false", "brief")
+        out["brief"] = req["brief"]
     if op == "exempt":
         if not isinstance(req["exemption"], dict):
             raise BadRequest("expected an object", "exemption")
@@ -108,12 +136,11 @@ def error_reply(e: BaseException) -> dict[str, Any]:
 
 
 def peer_uid(conn: socket.socket) -> int:
+    import struct
+
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
-
-
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class ControlServer:
@@ -127,13 +154,17 @@ class ControlServer:
         self.allowed_uid = allowed_uid
         self._sock: socket.socket | None = None
         self._bound_ino = -1
-        self._thread: threading.Thread | None = None
+        self._thread: Any = None  # threading.Thread
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+
+    def _own_dir(self) -> bool:
+        """A namespace's own directory (root only, removed with the socket), not RUN_DIR."""
+        return os.fspath(self.path.parent) != RUN_DIR
 
     def bind(self) -> None:
         """Bind now: an error (another daemon serving this namespace) stops the start."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        if self.path.parent != RUN_DIR:
+        if self._own_dir():
             os.chmod(self.path.parent, 0o700)  # a namespace's own directory: root only
         if self.path.exists() or self.path.is_symlink():
             if _answers(self.path):
@@ -152,6 +183,8 @@ class ControlServer:
         self._sock = sock
 
     def start(self) -> None:
+        import threading
+
         if self._sock is None:
             self.bind()
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
@@ -163,18 +196,24 @@ class ControlServer:
             self._thread.join(timeout=CLIENT_TIMEOUT)
         if self._sock is not None:
             # Unlink only our own socket: a successor may have bound the path meanwhile.
-            with contextlib.suppress(OSError):
+            try:
                 if os.stat(self.path).st_ino == self._bound_ino:
                     self.path.unlink()
-                    if self.path.parent != RUN_DIR:
+                    if self._own_dir():
                         self.path.parent.rmdir()  # a namespace's own directory, if empty
+            except OSError:
+                pass
             self._sock.close()
             self._sock = None
         for fd in (self._stop_r, self._stop_w):
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
 
     def _serve(self) -> None:
+        import select
+
         assert self._sock is not None
         while True:
             ready, _, _ = select.select([self._sock.fileno(), self._stop_r], [], [])
@@ -183,21 +222,21 @@ class ControlServer:
             try:
                 conn, _ = self._sock.accept()
             except OSError as e:
-                log.warning("control socket: accept failed: %s", e)
+                _log().warning("control socket: accept failed: %s", e)
                 continue
             with conn:
                 try:
                     self._session(conn)
                 except (OSError, ValueError) as e:
-                    log.info("control socket: client dropped: %s", e)
+                    _log().info("control socket: client dropped: %s", e)
                 except Exception:  # the control socket outlives any one bad session
-                    log.exception("control socket: session failed")
+                    _log().exception("control socket: session failed")
 
     def _session(self, conn: socket.socket) -> None:
         conn.settimeout(CLIENT_TIMEOUT)
         uid = peer_uid(conn)
         if uid != self.allowed_uid:
-            log.warning("control socket: refused a client with uid %d (root only)", uid)
+            _log().warning("control socket: refused a client with uid %d (root only)", uid)
             _send(conn, {"error": "permission denied: the ksbpf control socket serves root only", "code": "forbidden"})
             return
         buf = b""
@@ -221,15 +260,15 @@ class ControlServer:
         try:
             req = validate_request(line)
         except PolicyError as e:
-            log.warning("control socket: bad request: %s", e)
+            _log().warning("control socket: bad request: %s", e)
             return error_reply(e)
         try:
             reply = self.handler(req)
         except KsbpfError as e:
-            log.warning("control socket: %s failed: %s", req["op"], e)
+            _log().warning("control socket: %s failed: %s", req["op"], e)
             return error_reply(e)
         except Exception as e:  # a bug must not take the control socket down
-            log.exception("control socket: %s failed unexpectedly", req["op"])
+            _log().exception("control socket: %s failed unexpectedly", req["op"])
             return {"error": f"internal error: {e}", "code": "failed"}
         return {"ok": True, **reply}
 
@@ -238,12 +277,12 @@ def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
     conn.sendall(json.dumps(obj, default=str).encode() + b"\n")
 
 
-def _answers(path: Path) -> bool:
+def _answers(path: str | os.PathLike[str]) -> bool:
     """Does a live process accept connections on this socket?"""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.settimeout(1.0)
-        s.connect(str(path))
+        s.connect(os.fspath(path))
         return True
     except OSError:
         return False
@@ -255,36 +294,36 @@ class ControlClient:
     """`ksctl`'s side. request() raises PolicyError for a refused request (ksctl exits
     2), PermissionError for a non-root caller, KsbpfError when the daemon failed."""
 
-    def __init__(self, sock: socket.socket, path: Path) -> None:
+    def __init__(self, sock: socket.socket, path: str | os.PathLike[str]) -> None:
         self._sock = sock
-        self.path = path
+        self.path = os.fspath(path)
         self._buf = b""
 
     @classmethod
-    def connect(cls, path: Path, timeout: float = REPLY_TIMEOUT) -> ControlClient:
+    def connect(cls, path: str | os.PathLike[str], timeout: float = REPLY_TIMEOUT) -> ControlClient:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(timeout)
         try:
-            s.connect(str(path))
+            s.connect(os.fspath(path))
         except BaseException:
             s.close()
             raise
         return cls(s, path)
 
     @classmethod
-    def connect_if_running(cls, netns: str | None, state_dir: str | Path | None = None,
-                           run_dir: Path = RUN_DIR) -> ControlClient | None:
+    def connect_if_running(cls, netns: str | None, state_dir: str | os.PathLike[str] | None = None,
+                           run_dir: str | os.PathLike[str] | None = None) -> ControlClient | None:
         """A client when a daemon serves `netns`; None when none does (no socket, or one
         left by a daemon that died), so ksctl works on the kernel directly. The socket is
         found by namespace alone: there is one daemon per namespace, whatever its state
         directory (`state_dir` is accepted for symmetry with the engine and not used)."""
-        path = socket_path(netns, run_dir)
+        path = socket_file(netns, RUN_DIR if run_dir is None else run_dir)
         try:
             return cls.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             return None
         except PermissionError as e:
-            raise PermissionError(errno.EACCES, "the ksbpf control socket is root only", str(path)) from e
+            raise PermissionError(errno.EACCES, "the ksbpf control socket is root only", path) from e
 
     def close(self) -> None:
         self._sock.close()
@@ -322,6 +361,6 @@ class ControlClient:
             if code == "bad_request":
                 raise PolicyError(str(reply["error"]), source="ksbpfd")
             if code == "forbidden":
-                raise PermissionError(errno.EACCES, str(reply["error"]), str(self.path))
+                raise PermissionError(errno.EACCES, str(reply["error"]), self.path)
             raise KsbpfError(f"ksbpfd: {reply['error']}")
         return reply

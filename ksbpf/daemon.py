@@ -12,6 +12,11 @@ control requests, SIGHUP (RELOADING=1, reload, READY=1; a bad policy is refused 
 one in force stays), periodic checks, WATCHDOG=1. Stopping (SIGTERM) or dying leaves
 enforcement in the kernel: only `ksctl down` removes it.
 
+An exempt/unexempt request costs the engine's own update and O(changed) bookkeeping: it
+is answered once the kernel holds the change; what grows with the number of exemptions
+(the ruleset's new fingerprint, the STATUS line's drop counters) runs after requests
+pause for a second (FINGERPRINT_AFTER_S, STATUS_AFTER_S), never on a request's path.
+
 The daemon runs in the host's mount and network namespace (cgroups, bpffs, the metrics
 endpoint and the control socket live there); with --netns the network-side work happens
 in that namespace, from threads that enter it themselves.
@@ -44,6 +49,12 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 LOCKDOWN_TABLE = "ksbpf_lockdown"
 MAX_POLICY_BYTES = 16 << 20
 BPF_RETRY_S = (30.0, 600.0)  # first retry of a BPF layer that failed to load, and the cap
+# After a run-time exemption change, the nft check that takes the new fingerprint runs once
+# no change came for this long (the listing is O(all elements); a burst of changes gets one).
+FINGERPRINT_AFTER_S = 1.0
+# systemd's STATUS after a control request: computed (drop counters: O(n) reads) once
+# requests have stopped for this long, never on a request's path.
+STATUS_AFTER_S = 1.0
 
 
 # ------------------------------------------------------------------ policy file
@@ -112,6 +123,11 @@ class Notifier:
         wpid = os.environ.get("WATCHDOG_PID", "")
         if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
             self.watchdog_s = int(usec) / 1e6
+
+    @property
+    def active(self) -> bool:
+        """Is anyone listening (systemd)? Else STATUS lines need not be computed."""
+        return self._sd is not None and self.socket is not None
 
     def notify(self, **fields: str | int) -> None:
         if self._sd is None or self.socket is None:
@@ -201,6 +217,9 @@ class Daemon:
         self.cgroup_watcher: Any = None
         self._bpf_retry_at: float | None = None
         self._bpf_backoff = BPF_RETRY_S[0]
+        self._nft_check_at: float | None = None  # a deferred nft check (new fingerprint) is due
+        self._status_at: float | None = None  # a STATUS update is due
+        self._dicts_of: tuple[Any, list[dict[str, Any]]] | None = None  # (exemptions, as dicts) for status
         self._last_note = ""
 
     # ---------------------------------------------------------------- lifecycle
@@ -225,10 +244,13 @@ class Daemon:
             self._engage(policy, text, why="start")
         except KsbpfError as e:
             return self._fail(f"cannot engage: {e}", EXIT_FAILED)
+        except Exception as e:  # a bug: still close the control socket and stop the watchers
+            log.exception("cannot engage: internal error")
+            return self._fail(f"cannot engage: internal error: {e}", EXIT_FAILED)
         self.metrics.start()
         self.control.start()
         log.info("ready: metrics on http://%s/metrics, control socket %s", self.metrics.listen, self.control.path)
-        self.notifier.notify(READY=1, STATUS=self.status_line(), MAINPID=os.getpid())
+        self.notifier.notify(READY=1, STATUS=self._status_text(), MAINPID=os.getpid())
         try:
             self._loop()
         finally:
@@ -277,9 +299,12 @@ class Daemon:
         from ksbpf.reconcile import CgroupWatcher, NetlinkWatcher, NftWatcher
 
         emit = self.q.put
-        for w in (NetlinkWatcher(self.netns, emit), NftWatcher(self.netns, emit)):
+        nft_watcher = NftWatcher(self.netns, emit)
+        for w in (NetlinkWatcher(self.netns, emit), nft_watcher):
             w.start_and_wait()
             self.watchers.append(w)
+        # Its generation bookkeeping lets exemption changes skip listing the ruleset.
+        self.rec.nft_watcher = nft_watcher
         self.cgroup_watcher = CgroupWatcher(emit)
         self.cgroup_watcher.start()
         self.watchers.append(self.cgroup_watcher)
@@ -384,7 +409,7 @@ class Daemon:
                     log.error("metrics stay on %s: cannot listen on %s: %s", self.metrics.listen, policy.metrics.listen, e)
             return {"layers": {n: {"engaged": s, "detail": self.layer_detail.get(n, "")} for n, s in self.rec.layers.items()}}
         finally:
-            self.notifier.notify(READY=1, STATUS=self.status_line())
+            self.notifier.notify(READY=1, STATUS=self._status_text())
 
     # ---------------------------------------------------------------- main loop
 
@@ -400,8 +425,9 @@ class Daemon:
         while not self.stopping:
             now = time.monotonic()
             wake = min(t.due for t in timers.values())
-            if self._bpf_retry_at is not None:
-                wake = min(wake, self._bpf_retry_at)
+            for due in (self._bpf_retry_at, self._nft_check_at, self._status_at):
+                if due is not None:
+                    wake = min(wake, due)
             items = []
             try:
                 items.append(self.q.get(timeout=max(0.0, wake - now)))
@@ -417,14 +443,20 @@ class Daemon:
                 self.notifier.notify(WATCHDOG=1)
             if self.enforcing:
                 if timers["check"].ready(now):
+                    self._nft_check_at = None
                     self._guard(self._full_check)
                     timers["bpf"].due = now + a.bpf_poll
                 elif timers["bpf"].ready(now):
                     self._guard(self._report_repair, "bpf", self.rec.check_bpf)
                 if self._bpf_retry_at is not None and now >= self._bpf_retry_at:
                     self._retry_bpf()
-            if timers["status"].ready(now):
-                self.notifier.status(self.status_line())
+            if self._nft_check_at is not None and now >= self._nft_check_at:
+                self._nft_check_at = None
+                if self.rec.fingerprint_stale:  # a reload or repair may have taken one meanwhile
+                    self._guard(self._report_repair, "nftables", self.rec.check_nft)  # nothing when idle
+            if timers["status"].ready(now) or (self._status_at is not None and now >= self._status_at):
+                self._status_at = None
+                self._push_status()
 
     def _handle(self, items: list[Any]) -> None:
         from ksbpf.reconcile import Event
@@ -456,7 +488,10 @@ class Daemon:
         if "routing" in kinds or overflow:
             self._guard(self._report_repair, "routing", self.rec.check_routing)
         if "cgroup" in kinds or overflow:
-            self._guard(self._cgroups)
+            # Only the cgroups at or below what inotify saw made or removed, unless it lost count.
+            seen = [e.paths for e in events if e.kind == "cgroup"]
+            under = None if overflow or any(p is None for p in seen) else tuple(p for ps in seen for p in ps or ())
+            self._guard(self._cgroups, under)
 
     def _guard(self, fn: Any, *args: Any) -> None:
         """Run one reconciliation step: `ksctl down` makes the daemon idle, a failure is
@@ -477,7 +512,7 @@ class Daemon:
                 self.engine.down()
             except KsbpfError as err:
                 log.error("completing `ksctl down` failed: %s", err)
-            self.notifier.status(self.status_line())
+            self._push_status()
         except KsbpfError as e:
             log.error("reconciling failed: %s (retrying at the next event or check)", e)
 
@@ -486,19 +521,23 @@ class Daemon:
         for line in done:
             log.info("%s", line, extra={"KSBPF_EVENT": "link"})
         if done:
-            self.notifier.status(self.status_line())
+            self._push_status()
 
     def _report_repair(self, layer: str, check: Any) -> None:
         what = check()
         if what:
             log.warning("drift repaired in %s: %s", layer, what, extra={"KSBPF_LAYER": layer, "KSBPF_EVENT": "drift"})
-            self.notifier.status(self.status_line())
+            self._push_status()
 
-    def _cgroups(self) -> None:
-        for change in self.rec.check_cgroups():
+    def _cgroups(self, under: tuple[Path, ...] | None = None) -> None:
+        """Cgroups at or below `under` (all: None) may have been made or removed."""
+        for change in self.rec.check_cgroups(under):
             log.info("exemption follows its cgroup: %s", change, extra={"KSBPF_EVENT": "cgroup"})
         if self.cgroup_watcher is not None:
-            self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+            if under is None:
+                self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+            else:
+                self.cgroup_watcher.refresh(self.rec.cgroup_dirs(under))
 
     def _full_check(self) -> None:
         self._links(time.monotonic())
@@ -547,22 +586,25 @@ class Daemon:
         op = req["op"]
         try:
             if op == "status":
-                call.reply = self.status()
+                call.reply = self.status(brief=bool(req.get("brief")))
             elif op == "exempt":
+                from ksbpf.linux.cgroup import cgroup_dir
+
+                ex = req["exemption"]
+                cgroup_dir(ex.cgroup)  # refuses a path escaping the cgroup2 mount: nothing changed yet
                 if not self.enforcing:
                     raise KsbpfError("ksbpf is not engaged (after `down`); reload first")
-                effective = self.engine.set_exemption(req["exemption"])
+                effective = self.engine.set_exemption(ex)
                 self._exemptions_changed(effective)
-                log.info("exempted %s: %s", req["exemption"].cgroup, req["exemption"].as_dict(),
-                         extra={"KSBPF_EVENT": "exempt"})
-                call.reply = {"exemption": req["exemption"].as_dict()}
+                log.info("exempted %s: %s", ex.cgroup, ex.as_dict(), extra={"KSBPF_EVENT": "exempt"})
+                call.reply = {"exemption": ex.as_dict()}
             elif op == "unexempt":
                 if not self.enforcing:
                     raise KsbpfError("ksbpf is not engaged (after `down`); reload first")
                 effective = self.engine.remove_exemption(req["cgroup"])
                 self._exemptions_changed(effective)
                 log.info("removed the exemption of %s", req["cgroup"], extra={"KSBPF_EVENT": "unexempt"})
-                call.reply = {}
+                call.reply = {"cgroup": req["cgroup"]}
             elif op == "reload":
                 call.reply = self._reload("ksctl")
             elif op == "down":
@@ -580,12 +622,17 @@ class Daemon:
             call.error = e
         finally:
             call.done.set()
-        self.notifier.status(self.status_line())
+        # Off the request's path: the next request must not wait for drop counters.
+        self._status_soon()
 
     def _exemptions_changed(self, effective: Policy) -> None:
-        self.rec.exemptions_changed(effective)
+        """O(changed): the cgroups that came or went are resolved and (un)watched; the
+        fingerprint of the ruleset is taken by an nft check once changes pause."""
+        added, removed = self.rec.exemptions_changed(effective)
         if self.cgroup_watcher is not None:
-            self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+            self.cgroup_watcher.change(added, removed)
+        if self.rec.fingerprint_stale:
+            self._nft_check_at = time.monotonic() + FINGERPRINT_AFTER_S
 
     # ---------------------------------------------------------------- reporting
 
@@ -619,9 +666,23 @@ class Daemon:
             engaged=self.enforcing,
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self, brief: bool = False) -> dict[str, Any]:
+        """`brief`: without the lists that grow with the exemptions (`ksctl status` shows
+        only their count; 10,000 of them are a megabyte of JSON)."""
         layers = {n: s.as_dict() for n, s in self.engine.status().items()}
         policy = self.rec.policy
+        if brief:
+            return {
+                "layers": layers,
+                "pid": os.getpid(),
+                "version": __version__,
+                "enforcing": self.enforcing,
+                "netns": self.netns,
+                "tunnels": self.rec.tunnel_state(),
+                "exemption_count": len(policy.exemptions) if policy is not None else 0,
+                "drift_repairs": dict(self.rec.drift_repairs),
+                "note": self._last_note,
+            }
         return {
             "layers": layers,
             "pid": os.getpid(),
@@ -630,14 +691,35 @@ class Daemon:
             "policy": str(self.config),
             "netns": self.netns,
             "tunnels": self.rec.tunnel_state(),
-            "exemptions": [e.as_dict() for e in policy.exemptions] if policy is not None else [],
+            "exemptions": self._exemption_dicts(policy),
             "cgroup_ids": self.rec.cgroup_ids,
+            # ksbpf changed exemptions since the ruleset's fingerprint: the next nft check takes one
+            "nft_fingerprint_pending": self.rec.fingerprint_stale,
             "drift_repairs": dict(self.rec.drift_repairs),
             "reloads": dict(self.reloads),
             "last_tunnel_follow_ms": None if self.rec.last_tunnel_follow_s is None else round(self.rec.last_tunnel_follow_s * 1000, 2),
             "metrics": f"http://{self.metrics.listen}/metrics" if self.metrics is not None else None,
             "note": self._last_note,
         }
+
+    def _exemption_dicts(self, policy: Policy | None) -> list[dict[str, Any]]:
+        """As status shows them: rebuilt only when the exemptions changed."""
+        if policy is None:
+            return []
+        if self._dicts_of is None or self._dicts_of[0] is not policy.exemptions:
+            self._dicts_of = (policy.exemptions, [e.as_dict() for e in policy.exemptions])
+        return self._dicts_of[1]
+
+    def _status_soon(self) -> None:
+        if self.notifier.active:
+            self._status_at = time.monotonic() + STATUS_AFTER_S
+
+    def _push_status(self) -> None:
+        if self.notifier.active:
+            self.notifier.status(self.status_line())
+
+    def _status_text(self) -> str:
+        return self.status_line() if self.notifier.active else ""
 
     def status_line(self) -> str:
         """One line for `systemctl status`: layers, tunnel, drops, repairs."""

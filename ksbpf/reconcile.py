@@ -17,6 +17,14 @@ Events only trigger checks; a check compares the kernel with what the policy ren
 and repairs (and counts) a difference. The daemon's own changes trigger checks that
 find nothing. Drift seen while the applied-policy record is gone is `ksctl down` at
 work: not repaired (ExternalDown).
+
+A run-time exemption change is O(changed) here: the cgroups of the exemptions that
+came or went are resolved and watched, and the ruleset's fingerprint (a listing of
+every set element, O(n)) is not taken on the request's path. Instead the nftables
+generation the last fingerprint was taken at is kept: the next check takes a new one
+if the nfnetlink watcher saw no other process change the ksbpf tables since that
+generation (every transaction ends with its generation id and writer's pid), and
+treats the tables as drifted if one did, or if notifications were lost meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ksbpf.errors import BackendError, KsbpfError
+from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id
 from ksbpf.linux.netns import netns
 from ksbpf.policy import Policy
 from ksbpf.verdict import interface_matches
@@ -54,6 +63,9 @@ class Event:
     kind: str  # link, routing, nft, cgroup, overflow
     detail: str = ""
     at: float = field(default_factory=time.monotonic)
+    # cgroup: the directories made, removed or moved (each cgroup at or below one may have
+    # a new id); None: anything may have changed (inotify overflow)
+    paths: tuple[Path, ...] | None = None
 
 
 Emit = Callable[[Event], None]
@@ -162,47 +174,168 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+_GEN_MASK = 0xFFFFFFFF
+
+
+def gen_after(a: int | None, b: int | None) -> bool:
+    """Is nftables generation `a` later than `b`? (u32 serial-number arithmetic; None is
+    "none seen", before everything)."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return 0 < ((a - b) & _GEN_MASK) < 0x80000000
+
+
+def parse_nft_generations(data: bytes) -> list[tuple[int, int | None]]:
+    """NEWGEN messages (a transaction's end, or the answer to GETGEN) -> (generation id,
+    writer pid or None)."""
+    out: list[tuple[int, int | None]] = []
+    off = 0
+    while off + 20 <= len(data):
+        length, typ = struct.unpack_from("=IH", data, off)
+        if length < 20 or off + length > len(data):
+            break
+        if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
+            attrs = _nl_attrs(data, off + 20, off + length)
+            gen, pid = attrs.get(NFTA_GEN_ID), attrs.get(NFTA_GEN_PROC_PID)
+            if gen is not None and len(gen) == 4:
+                out.append((struct.unpack("!I", gen)[0], struct.unpack("!I", pid)[0] if pid and len(pid) == 4 else None))
+        off += (length + 3) & ~3
+    return out
+
+
+def _nl_attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    attrs: dict[int, bytes] = {}
+    a = start
+    while a + 4 <= end:
+        alen, atype = struct.unpack_from("=HH", data, a)
+        if alen < 4:
+            break
+        attrs[atype & 0x3FFF] = data[a + 4:a + alen]
+        a += (alen + 3) & ~3
+    return attrs
+
+
+def nft_generation(sock: socket.socket | None = None) -> int | None:
+    """The current nftables generation id of the network namespace the socket (or, by
+    default, a new one made now) belongs to: every committed transaction raises it. None
+    when the kernel does not answer."""
+    own = sock is None
+    if sock is None:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+            sock.bind((0, 0))
+        except OSError:
+            return None
+    try:
+        sock.settimeout(2.0)
+        seq = int.from_bytes(os.urandom(4), "little") or 1
+        req = struct.pack("=IHHII", 20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, 0)
+        sock.send(req + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+        while True:
+            data = sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, typ, _flags, mseq = struct.unpack_from("=IHHI", data, off)
+                if length < 16 or off + length > len(data):
+                    break
+                if mseq == seq:
+                    if typ == NLMSG_ERROR:
+                        return None
+                    gens = parse_nft_generations(data[off:off + length])
+                    return gens[0][0] if gens else None
+                off += (length + 3) & ~3
+    except OSError:
+        return None
+    finally:
+        if own:
+            sock.close()
 
 
 def parse_nft_notifications(data: bytes) -> list[tuple[int, str | None, int | None]]:
     """nfnetlink messages -> (message type, table name or None, writer pid or None).
     Attribute 1 names the table in every table, chain, rule, set, element and object
     message; NEWGEN ends each transaction and carries the writer's pid."""
-    out: list[tuple[int, str | None, int | None]] = []
+    return [(mtype, table, pid) for mtype, table, pid, _gen in _parse_nft_messages(data)]
+
+
+def _parse_nft_messages(data: bytes) -> list[tuple[int, str | None, int | None, int | None]]:
+    """As parse_nft_notifications, with the generation id of NEWGEN messages."""
+    out: list[tuple[int, str | None, int | None, int | None]] = []
     off = 0
     while off + 20 <= len(data):
         length, typ = struct.unpack_from("=IH", data, off)
         if length < 20 or off + length > len(data):
             break
         if typ >> 8 == NFNL_SUBSYS_NFTABLES:
-            attrs: dict[int, bytes] = {}
-            a = off + 20  # nlmsghdr (16) + nfgenmsg (4)
-            while a + 4 <= off + length:
-                alen, atype = struct.unpack_from("=HH", data, a)
-                if alen < 4:
-                    break
-                attrs[atype & 0x3FFF] = data[a + 4:a + alen]
-                a += (alen + 3) & ~3
+            attrs = _nl_attrs(data, off + 20, off + length)  # after nlmsghdr (16) + nfgenmsg (4)
             mtype = typ & 0xFF
             if mtype == NFT_MSG_NEWGEN:
-                raw = attrs.get(NFTA_GEN_PROC_PID)
-                out.append((mtype, None, struct.unpack("!I", raw)[0] if raw and len(raw) == 4 else None))
+                raw, graw = attrs.get(NFTA_GEN_PROC_PID), attrs.get(NFTA_GEN_ID)
+                out.append((mtype, None, struct.unpack("!I", raw)[0] if raw and len(raw) == 4 else None,
+                            struct.unpack("!I", graw)[0] if graw and len(graw) == 4 else None))
             else:
                 name = attrs.get(1)
-                out.append((mtype, name.split(b"\0", 1)[0].decode(errors="replace") if name else None, None))
+                out.append((mtype, name.split(b"\0", 1)[0].decode(errors="replace") if name else None, None, None))
         off += (length + 3) & ~3
     return out
 
 
 class NftWatcher(_Watcher):
     """nftables change notifications (what `nft monitor` reads), filtered to the ksbpf
-    tables and to transactions of other processes."""
+    tables and to transactions of other processes.
+
+    It also keeps the generation bookkeeping the Reconciler judges its own exemption
+    changes by: `seen_gen`, the last transaction read; `foreign_gen`, the last one in
+    which another process changed the ksbpf tables; `lost_upto`, the generation up to
+    which notifications may have been lost (ENOBUFS), `lost_unknown` when even that is
+    not known. Written by this thread only; wait_seen() lets another thread wait until
+    every transaction up to a generation has been read."""
 
     def __init__(self, netns_name: str | None, emit: Emit, table: str = TABLE) -> None:
         super().__init__("nft-watch", emit)
         self.netns = netns_name
         self.table = table
+        self.seen_gen: int | None = None
+        self.foreign_gen: int | None = None
+        self.lost_upto: int | None = None
+        self.lost_unknown = False
+        self._progress = threading.Condition()
+
+    def wait_seen(self, gen: int, timeout: float = 2.0) -> bool:
+        """Wait until every transaction up to generation `gen` has been read (or its loss
+        counted). False on timeout, or when the watcher is not running."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while gen_after(gen, self.seen_gen):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.is_alive():
+                    return False
+                self._progress.wait(min(left, 0.1))
+        return True
+
+    def _seen(self, gen: int) -> None:
+        with self._progress:
+            if gen_after(gen, self.seen_gen):
+                self.seen_gen = gen
+            self._progress.notify_all()
+
+    def _lost(self, gen_sock: socket.socket) -> None:
+        """Notifications were dropped: every transaction they belonged to committed before
+        now, so the current generation bounds them."""
+        gen = nft_generation(gen_sock)
+        if gen is None:
+            self.lost_unknown = True
+            return
+        if gen_after(gen, self.lost_upto):
+            self.lost_upto = gen
+        self._seen(gen)
 
     def run(self) -> None:
         try:
@@ -211,6 +344,8 @@ class NftWatcher(_Watcher):
                 sock.bind((0, 0))
                 sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                gen_sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+                gen_sock.bind((0, 0))
         except (OSError, KsbpfError) as e:
             self.error = e
             self.ready.set()
@@ -225,14 +360,21 @@ class NftWatcher(_Watcher):
                 except OSError as e:
                     if e.errno == errno.ENOBUFS:
                         touched = False
+                        self._lost(gen_sock)
                         self.emit(Event("overflow", "nfnetlink"))
                         continue
                     raise
-                for mtype, table, pid in parse_nft_notifications(data):
+                for mtype, table, pid, gen in _parse_nft_messages(data):
                     if mtype == NFT_MSG_NEWGEN:
                         if touched and pid != me:
+                            if gen is not None:
+                                self.foreign_gen = gen
+                            else:
+                                self.lost_unknown = True
                             self.emit(Event("nft", f"transaction by pid {pid}"))
                         touched = False
+                        if gen is not None:
+                            self._seen(gen)
                     elif table == self.table:
                         touched = True
         except Exception as e:
@@ -240,6 +382,9 @@ class NftWatcher(_Watcher):
             self.emit(Event("overflow", f"nftables watcher stopped: {e}"))
         finally:
             sock.close()
+            gen_sock.close()
+            with self._progress:
+                self._progress.notify_all()
 
 
 IN_CREATE, IN_DELETE, IN_MOVED_FROM, IN_MOVED_TO = 0x100, 0x200, 0x40, 0x80
@@ -257,30 +402,90 @@ class CgroupWatcher(_Watcher):
         self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self._fd < 0:
             raise BackendError("reconcile", f"inotify_init1: {os.strerror(ctypes.get_errno())}")
-        self._watches: dict[int, Path] = {}
+        self._watches: dict[int, Path] = {}  # watch descriptor -> directory
+        self._wd_of: dict[Path, int] = {}
+        self._point: dict[Path, Path] = {}  # cgroup directory -> the directory watched for it
+        self._refs: dict[Path, int] = {}  # watched directory -> how many cgroup directories it serves
         self._lock = threading.Lock()
         self.ready.set()
 
+    @staticmethod
+    def _watch_point(d: Path) -> Path:
+        p = d.parent
+        while not p.is_dir() and p != p.parent:
+            p = p.parent
+        return p
+
     def watch(self, cgroup_dirs: list[Path]) -> None:
         """Watch the parents of these cgroup directories (replacing earlier watches)."""
-        wanted: set[Path] = set()
-        for d in cgroup_dirs:
-            p = d.parent
-            while not p.is_dir() and p != p.parent:
-                p = p.parent
-            wanted.add(p)
+        points = {d: self._watch_point(d) for d in cgroup_dirs}
         with self._lock:
-            for wd, path in list(self._watches.items()):
-                if path not in wanted:
-                    self._libc.inotify_rm_watch(self._fd, wd)
-                    del self._watches[wd]
-            have = set(self._watches.values())
-            for p in sorted(wanted - have):
-                wd = self._libc.inotify_add_watch(self._fd, os.fsencode(p), _WATCH_MASK)
-                if wd < 0:
-                    log.warning("cannot watch %s: %s", p, os.strerror(ctypes.get_errno()))
+            self._point = points
+            refs: dict[Path, int] = {}
+            for p in points.values():
+                refs[p] = refs.get(p, 0) + 1
+            self._refs = refs
+            for p in list(self._wd_of):
+                if p not in refs:
+                    self._unwatch(p)
+            for p in sorted(set(refs) - set(self._wd_of)):
+                self._add_watch(p)
+
+    def change(self, added: list[Path], removed: list[Path]) -> None:
+        """O(changed): watch for these cgroup directories too, and no longer for those."""
+        with self._lock:
+            for d in removed:
+                p = self._point.pop(d, None)
+                if p is None:
                     continue
-                self._watches[wd] = p
+                self._refs[p] -= 1
+                if self._refs[p] <= 0:
+                    del self._refs[p]
+                    if p in self._wd_of:
+                        self._unwatch(p)
+            for d in added:
+                if d in self._point:
+                    continue
+                p = self._point[d] = self._watch_point(d)
+                self._refs[p] = self._refs.get(p, 0) + 1
+                if p not in self._wd_of:
+                    self._add_watch(p)
+
+    def refresh(self, cgroup_dirs: list[Path]) -> None:
+        """O(these): the nearest existing ancestor of these cgroup directories may have
+        changed (a directory above them came or went): watch the right one."""
+        with self._lock:
+            for d in cgroup_dirs:
+                new = self._watch_point(d)
+                old = self._point.get(d)
+                if new == old:
+                    continue
+                self._point[d] = new
+                self._refs[new] = self._refs.get(new, 0) + 1
+                if new not in self._wd_of:
+                    self._add_watch(new)
+                if old is not None:
+                    self._refs[old] -= 1
+                    if self._refs[old] <= 0:
+                        del self._refs[old]
+                        if old in self._wd_of:
+                            self._unwatch(old)
+            # A watch the kernel removed (its directory went) is made again where it can be.
+            for p in [p for p in self._refs if p not in self._wd_of and p.is_dir()]:
+                self._add_watch(p)
+
+    def _add_watch(self, p: Path) -> None:
+        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(p), _WATCH_MASK)
+        if wd < 0:
+            log.warning("cannot watch %s: %s", p, os.strerror(ctypes.get_errno()))
+            return
+        self._watches[wd] = p
+        self._wd_of[p] = wd
+
+    def _unwatch(self, p: Path) -> None:
+        wd = self._wd_of.pop(p)
+        self._watches.pop(wd, None)
+        self._libc.inotify_rm_watch(self._fd, wd)
 
     def watched(self) -> list[Path]:
         with self._lock:
@@ -295,20 +500,35 @@ class CgroupWatcher(_Watcher):
                     continue
                 off = 0
                 names = []
+                paths: list[Path] | None = []
                 while off + 16 <= len(data):
                     wd, mask, _cookie, ln = struct.unpack_from("iIII", data, off)
                     name = data[off + 16:off + 16 + ln].split(b"\0", 1)[0].decode(errors="replace")
                     off += 16 + ln
+                    with self._lock:
+                        where = self._watches.get(wd)
                     if mask & IN_Q_OVERFLOW:
                         names.append("(overflow)")
+                        paths = None
                     elif mask & IN_IGNORED:
                         with self._lock:
-                            self._watches.pop(wd, None)
+                            gone = self._watches.pop(wd, None)
+                            if gone is not None and self._wd_of.get(gone) == wd:
+                                del self._wd_of[gone]
+                        if gone is None:
+                            continue  # a watch we removed ourselves
                         names.append("(watch removed)")
+                        if paths is not None:
+                            paths.append(gone)  # the directory went: everything below it may have
                     else:
                         names.append(name or "(self)")
+                        if paths is not None and where is not None:
+                            # An entry of a watched directory, or (no name) the directory itself.
+                            paths.append(where / name if name else where)
+                        else:
+                            paths = None
                 if names:
-                    self.emit(Event("cgroup", ", ".join(names)))
+                    self.emit(Event("cgroup", ", ".join(names), paths=None if paths is None else tuple(paths)))
         finally:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -326,6 +546,17 @@ class NftShape:
     rules: frozenset[tuple[str, str, int]]
     sets: frozenset[tuple[str, str]]
     counters: frozenset[tuple[str, str]]
+
+    def devices_as_listed(self, listed: NftShape) -> NftShape:
+        """This (expected) shape with a chain's device left out wherever the listing
+        shows that chain without one: nft 1.0.6's JSON output leaves out the device of a
+        netdev chain (its text output has it). The chain's name (egress_if<ifindex>)
+        still names the interface, so that is all that goes unchecked."""
+        blank = {(c[0], c[1]) for c in listed.chains if not c[4]}
+        if not blank:
+            return self
+        chains = frozenset((f, n, h, p, "" if (f, n) in blank else d) for f, n, h, p, d in self.chains)
+        return NftShape(chains, self.rules, self.sets, self.counters)
 
     def describe_difference(self, other: NftShape) -> str:
         parts = []
@@ -399,6 +630,40 @@ def _nft_listing() -> list[dict[str, Any]] | None:
     return objects
 
 
+def _nft_listing_at_generation(tries: int = 3) -> tuple[int | None, list[dict[str, Any]] | None]:
+    """_nft_listing() and the nftables generation it shows (None when the ruleset kept
+    changing while it was read, or the kernel did not say). Called inside the namespace."""
+    listing = None
+    for _ in range(tries):
+        before = nft_generation()
+        listing = _nft_listing()
+        if before is not None and nft_generation() == before:
+            return before, listing
+    return None, listing
+
+
+def _cgroup_mount() -> Path | None:
+    try:
+        return cgroup2_mount().resolve()
+    except (KsbpfError, OSError):
+        return None
+
+
+def _resolve_cgroup(path: str, mount: Path | None) -> tuple[Path | None, int | None]:
+    """A policy cgroup path -> (its directory or None if it cannot be one, its id or None
+    if it is not there now)."""
+    if mount is None:
+        return None, None
+    try:
+        d = cgroup_dir(path, mount)
+    except KsbpfError:
+        return None, None
+    try:
+        return d, cgroup_id(d)
+    except OSError:
+        return d, None
+
+
 @dataclass
 class LinkState:
     tunnels: dict[int, tuple[str, bool]]  # ifindex -> (name, up)
@@ -431,8 +696,13 @@ class Reconciler:
         self.layers: dict[str, bool] = {}
         self.bpf_engaged = False
         self.cgroup_ids: dict[str, int | None] = {}
+        self._cgroup_dirs: dict[str, Path | None] = {}  # exempt or endpoint cgroup -> its directory
         self._expected: tuple[Any, NftShape] | None = None
         self._fingerprint: str | None = None
+        self._fingerprint_gen: int | None = None  # the nftables generation it was taken at
+        # ksbpf changed exemption sets since the fingerprint; the next nft check takes a new one
+        self.fingerprint_stale = False
+        self.nft_watcher: NftWatcher | None = None  # set by the daemon; without it every change is listed at once
         self._applied_uplinks: dict[int, str] = {}
         self.last_tunnel_follow_s: float | None = None
 
@@ -450,17 +720,71 @@ class Reconciler:
         self._snapshot_nft()
         self.cgroup_ids = self._resolve_cgroups()
 
-    def exemptions_changed(self, effective: Policy) -> None:
-        """After the engine updated the exemption sets and BPF maps."""
+    def exemptions_changed(self, effective: Policy) -> tuple[list[Path], list[Path]]:
+        """After the engine updated the exemption sets and BPF maps. O(changed) in the
+        kernel and the file system: only the cgroups of exemptions that came or went are
+        resolved, and the nft fingerprint is left to the next check (see the module
+        docstring) when the generation bookkeeping allows it. Returns the cgroup
+        directories to watch now and those no longer to watch."""
         self.policy = effective
         self._expected = None
-        self._snapshot_nft()
-        self.cgroup_ids = self._resolve_cgroups()
+        if self._can_defer_fingerprint():
+            self.fingerprint_stale = True
+        else:
+            self._snapshot_nft()
+        old = set(self.cgroup_ids)
+        new = self._cgroup_paths(effective)
+        added, removed = sorted(new - old), sorted(old - new)
+        gone_dirs = []
+        for path in removed:
+            self.cgroup_ids.pop(path, None)
+            d = self._cgroup_dirs.pop(path, None)
+            if d is not None:
+                gone_dirs.append(d)
+        new_dirs = []
+        if added:
+            mount = _cgroup_mount()
+            for path in added:
+                d, cid = _resolve_cgroup(path, mount)
+                self._cgroup_dirs[path] = d
+                self.cgroup_ids[path] = cid
+                if d is not None:
+                    new_dirs.append(d)
+        return new_dirs, gone_dirs
+
+    def _can_defer_fingerprint(self) -> bool:
+        w = self.nft_watcher
+        return (w is not None and w.is_alive() and self._fingerprint is not None
+                and self._fingerprint_gen is not None and (self.fingerprint_stale or not w.lost_unknown))
 
     def _snapshot_nft(self) -> None:
+        """Take what the kernel holds now as the truth (after ksbpf's own change)."""
         with netns(self.netns):
-            listing = _nft_listing()
+            gen, listing = _nft_listing_at_generation()
+        self._adopt(listing, gen)
+
+    def _adopt(self, listing: list[dict[str, Any]] | None, gen: int | None) -> None:
+        w = self.nft_watcher
+        if gen is not None and w is not None and not w.wait_seen(gen):
+            gen = None  # the watcher is behind: the next exemption change lists at once
         self._fingerprint = fingerprint(listing) if listing is not None else None
+        self._fingerprint_gen = gen
+        self.fingerprint_stale = False
+
+    def _foreign_change(self, gen: int | None) -> str | None:
+        """While the fingerprint is stale: did anything but ksbpf change the ksbpf tables
+        since the fingerprint's generation, up to `gen` (the listing in hand)? A reason
+        when it did or when that cannot be told (notifications lost), else None."""
+        w = self.nft_watcher
+        if w is None or not w.is_alive():
+            return "the nftables watcher is not running, so a change by another process cannot be ruled out"
+        if gen is None or not w.wait_seen(gen):
+            return "the ruleset kept changing while it was read"
+        if gen_after(w.foreign_gen, self._fingerprint_gen):
+            return "another process changed the ksbpf tables while ksbpf was changing exemptions"
+        if w.lost_unknown or gen_after(w.lost_upto, self._fingerprint_gen):
+            return "nftables notifications were lost while ksbpf was changing exemptions"
+        return None
 
     def expected_shape(self) -> NftShape:
         from ksbpf.render.nft import render_nft
@@ -472,30 +796,41 @@ class Reconciler:
             self._expected = (key, shape_of(batch["nftables"]))
         return self._expected[1]
 
+    @staticmethod
+    def _cgroup_paths(policy: Policy) -> set[str]:
+        return {e.cgroup for e in policy.exemptions} | set(policy.tunnel.endpoint_cgroups)
+
     def exempt_cgroups(self) -> list[str]:
         if self.policy is None:
             return []
-        return sorted({e.cgroup for e in self.policy.exemptions} | set(self.policy.tunnel.endpoint_cgroups))
+        return sorted(self._cgroup_paths(self.policy))
 
-    def _resolve_cgroups(self) -> dict[str, int | None]:
-        from ksbpf.linux.cgroup import cgroup_dir, cgroup_id
-
+    def _resolve_cgroups(self, fresh: bool = True) -> dict[str, int | None]:
+        """Every exempt and endpoint cgroup -> its id now (None: not there); remembers
+        their directories for cgroup_dirs(). Not `fresh`: the directories already known
+        are reused (a cgroup2 path cannot come to mean another directory), one stat each."""
+        mount: Path | None = None
+        have_mount = False
         out: dict[str, int | None] = {}
+        dirs: dict[str, Path | None] = {}
         for path in self.exempt_cgroups():
-            try:
-                out[path] = cgroup_id(cgroup_dir(path))
-            except (KsbpfError, OSError):
-                out[path] = None
+            if not fresh and path in self._cgroup_dirs:
+                dirs[path] = d = self._cgroup_dirs[path]
+                out[path] = _cgroup_id_or_none(d)
+                continue
+            if not have_mount:
+                mount, have_mount = _cgroup_mount(), True
+            dirs[path], out[path] = _resolve_cgroup(path, mount)
+        self._cgroup_dirs = dirs
         return out
 
-    def cgroup_dirs(self) -> list[Path]:
-        from ksbpf.linux.cgroup import cgroup_dir
-
-        out = []
-        for path in self.exempt_cgroups():
-            with contextlib.suppress(KsbpfError):
-                out.append(cgroup_dir(path))
-        return out
+    def cgroup_dirs(self, under: tuple[Path, ...] | list[Path] | None = None) -> list[Path]:
+        """The directories of the exempt and endpoint cgroups, as last resolved; with
+        `under`, only those at or below one of these directories."""
+        dirs = [d for d in self._cgroup_dirs.values() if d is not None]
+        if under is None:
+            return dirs
+        return [d for d in dirs if _at_or_below(d, under)]
 
     # ------------------------------------------------------------------ guard
 
@@ -555,15 +890,24 @@ class Reconciler:
     # ------------------------------------------------------------------ nftables
 
     def nft_drift(self) -> str | None:
-        """What differs between the kernel's ksbpf tables and the policy, or None."""
+        """What differs between the kernel's ksbpf tables and the policy, or None. With a
+        stale fingerprint (ksbpf changed exemptions since), the listing in hand becomes
+        the fingerprint unless another process may have changed the tables meanwhile."""
+        stale = self.fingerprint_stale
         with netns(self.netns):
-            listing = _nft_listing()
+            gen, listing = _nft_listing_at_generation() if stale else (None, _nft_listing())
         if listing is None:
             return "table inet ksbpf is missing"
-        want = self.expected_shape()
         have = shape_of(listing)
+        want = self.expected_shape().devices_as_listed(have)
         if have != want:
             return want.describe_difference(have) or "the ruleset's shape differs"
+        if stale:
+            foreign = self._foreign_change(gen)
+            if foreign is not None:
+                return foreign
+            self._adopt(listing, gen)
+            return None
         if self._fingerprint is not None and fingerprint(listing) != self._fingerprint:
             return "a rule, set or element was changed"
         return None
@@ -651,9 +995,17 @@ class Reconciler:
         self.layers["bpf"] = True
         return f"{detail}; repaired: {', '.join(repaired) or 'nothing to do'}"
 
-    def check_cgroups(self) -> list[str]:
-        """Exempt or endpoint cgroups recreated (new id) or appeared: BPF maps follow."""
-        now = self._resolve_cgroups()
+    def check_cgroups(self, under: tuple[Path, ...] | list[Path] | None = None) -> list[str]:
+        """Exempt or endpoint cgroups recreated (new id) or appeared: BPF maps follow.
+        `under`: inotify saw directories made or removed there, and only the cgroups at or
+        below them are looked at (O(those)); None: all of them."""
+        if under is None:
+            now = self._resolve_cgroups(fresh=False)
+        else:
+            now = dict(self.cgroup_ids)
+            for path, d in self._cgroup_dirs.items():
+                if d is not None and _at_or_below(d, under):
+                    now[path] = _cgroup_id_or_none(d)
         if now == self.cgroup_ids:
             return []
         changes = [
@@ -665,3 +1017,21 @@ class Reconciler:
             self.engine.bpf_layer(self.policy).update_exemptions(self.policy)
         self.cgroup_ids = now
         return changes
+
+
+def _cgroup_id_or_none(d: Path | None) -> int | None:
+    if d is None:
+        return None
+    try:
+        return cgroup_id(d)
+    except OSError:
+        return None
+
+
+def _at_or_below(d: Path, under: tuple[Path, ...] | list[Path]) -> bool:
+    s = str(d)
+    for u in under:
+        us = str(u)
+        if s == us or s.startswith(us + "/"):
+            return True
+    return False

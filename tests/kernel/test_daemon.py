@@ -759,6 +759,12 @@ def test_control_socket_serves_ksctl_and_refuses_bad_requests(world: World, daem
 
     r = world.ksctl("exempt", "--cgroup", rel, "--allow", "udp/99999")
     assert r.returncode == 2 and "99999" in r.stderr
+    for args, what in ((["--cgroup", f"{rel}/../../..", "--allow", "udp/9"], "'..'"),
+                       (["--cgroup", rel, "--allow", "sctp/9"], "sctp"),
+                       (["--cgroup", "/", "--allow", "udp/9"], "root cgroup")):
+        r = world.ksctl("exempt", *args)
+        assert r.returncode == 2 and what in r.stderr, (args, r.stderr)
+    assert ruleset() == before
     r = world.ksctl("unexempt", "--cgroup", "never/exempted")
     assert r.returncode == 2, r.stderr
     r = world.ksctl("unexempt", "--cgroup", rel)
@@ -772,6 +778,87 @@ def test_control_socket_serves_ksctl_and_refuses_bad_requests(world: World, daem
 
     reply = raw(b'{"op": "reload"}\n')
     assert reply.get("ok") is True and reply["layers"]["nftables"]["engaged"] is True
+
+
+CLIENT_PATH_FORBIDDEN = ("pyroute2", "nftables", "bcc", "ksbpf.linux", "ksbpf.policy", "ksbpf.render", "tomllib")
+
+
+def _imported(stderr: str) -> set[str]:
+    """Module names from `python -X importtime` output."""
+    return {line.split("|")[2].strip() for line in stderr.splitlines() if line.startswith("import time:") and line.count("|") >= 2}
+
+
+def test_ksctl_through_the_daemon_imports_no_kernel_library(world: World, daemon: DaemonFactory) -> None:
+    """A ksctl status/exempt/unexempt process that talks to ksbpfd loads neither pyroute2,
+    nftables nor bcc, nor the engine or the policy parser: the daemon does that work."""
+    d = daemon()
+    svc = world.cgroups("bpf/svc.service")
+    rel = world.cgroups.rel(svc)
+    base = [sys.executable, "-X", "importtime", "-m", "ksbpf.cli", "--netns", world.client, "--state-dir", str(world.state)]
+    for args in (["exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32"], ["status"], ["unexempt", "--cgroup", rel]):
+        r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+        mods = _imported(r.stderr)
+        assert "ksbpf.control" in mods
+        assert [m for m in mods if m.split(".")[0] in CLIENT_PATH_FORBIDDEN or m.startswith(CLIENT_PATH_FORBIDDEN)] == [], args
+    assert d.status()["exemptions"] == []
+
+
+def _exempt_elements(world: World) -> str:
+    return sh("nft", "list", "set", "inet", "ksbpf", "exempt_allow4", netns=world.client).stdout
+
+
+def test_run_time_exemptions_are_not_drift_and_a_change_right_after_one_is(world: World, daemon: DaemonFactory) -> None:
+    """ksbpfd takes the ruleset's new fingerprint after an exemption change off the
+    request's path (by the nftables generation it saw it at): its own changes are never
+    drift, and another process's change in that window is repaired all the same."""
+    d = daemon()
+    svc = world.cgroups("bpf/svc.service")
+    rel = world.cgroups.rel(svc)
+    key = ("ksbpf_drift_repairs_total", (("layer", "nftables"),))
+    exempt = ("exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32")
+    for _ in range(3):
+        assert world.ksctl(*exempt).returncode == 0
+        assert world.ksctl("unexempt", "--cgroup", rel).returncode == 0
+    assert world.ksctl(*exempt).returncode == 0
+    assert "192.0.2.1" in _exempt_elements(world)
+    wait_for(lambda: d.status()["nft_fingerprint_pending"] is False, "the deferred nft check")
+    time.sleep(0.5)
+    assert sum(v for k, v in d.scrape().items() if k[0] == "ksbpf_drift_repairs_total") == 0
+    assert "drift repaired" not in d.log_text()
+
+    # Another process empties the set right after an exemption change, before the new
+    # fingerprint is taken: that must not become the truth.
+    assert world.ksctl("unexempt", "--cgroup", rel).returncode == 0
+    assert world.ksctl(*exempt).returncode == 0
+    sh("nft", "flush", "set", "inet", "ksbpf", "exempt_allow4", netns=world.client)
+    assert "192.0.2.1" not in _exempt_elements(world)
+    wait_for(lambda: d.scrape()[key] >= 1, "the flushed exemption set to be repaired")
+    wait_for(lambda: "192.0.2.1" in _exempt_elements(world), "the exemption's element to be back")
+    wait_for(lambda: d.status()["nft_fingerprint_pending"] is False, "a fingerprint again")
+    assert d.scrape()[key] == 1
+    assert [e["cgroup"] for e in d.status()["exemptions"]] == [rel]
+
+
+def test_a_run_time_exemption_follows_its_cgroup_when_it_appears(world: World, daemon: DaemonFactory) -> None:
+    """Exempted before its cgroup (and that cgroup's parent) exist: the watch is added for
+    this exemption alone, and the cgroup is resolved when it appears."""
+    d = daemon()
+    later = world.bpf_cg / "later.slice" / "x.service"
+    rel = world.cgroups.rel(later)
+    r = world.ksctl("exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32")
+    assert r.returncode == 0, r.stderr
+    assert d.status()["cgroup_ids"][rel] is None
+    later.mkdir(parents=True)
+    wait_for(lambda: d.status()["cgroup_ids"][rel] == os.stat(later).st_ino, "the exemption to find its new cgroup")
+    assert "exemption follows its cgroup" in d.log_text()
+    if bpf_engaged(d.scrape()):
+        u = world.uplink
+        f0 = u.far_count()
+        assert send(u.client, later, "192.0.2.1", 9, 4)["sent"] == 4
+        assert u.far_count() - f0 >= 4
+    assert world.ksctl("unexempt", "--cgroup", rel).returncode == 0
+    assert rel not in d.status()["cgroup_ids"]
 
 
 # =========================================================================== boot lockdown

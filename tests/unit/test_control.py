@@ -235,3 +235,110 @@ def test_stale_sockets_are_replaced_and_live_ones_are_not(tmp_path: Path) -> Non
 def test_bad_request_class_is_a_policy_error() -> None:
     # ksctl maps PolicyError to exit 2: a refused request must be one.
     assert issubclass(BadRequest, PolicyError)
+
+
+# ------------------------------------------------------------------ the ksctl client path
+
+# What `ksctl status|exempt|unexempt` must not import when a daemon serves the namespace:
+# the kernel libraries (pyroute2 alone takes ~100 ms), the engine, and the policy parser
+# (tomllib, dataclasses: the daemon validates the request itself).
+NOT_ON_THE_CLIENT_PATH = ("pyroute2", "nftables", "bcc", "ksbpf.linux", "ksbpf.policy", "ksbpf.render", "tomllib")
+
+KSCTL_CHILD = r"""
+import json, sys
+import ksbpf.control
+ksbpf.control.RUN_DIR = sys.argv[1]  # the test's server instead of /run/ksbpf
+from ksbpf.cli import main
+rc = main(sys.argv[2:])
+print("MODULES " + json.dumps(sorted(sys.modules)))
+sys.exit(rc)
+"""
+
+
+def _ksctl_child(run_dir: Path, *args: str) -> tuple[int, str, str, set[str]]:
+    r = subprocess.run([sys.executable, "-c", KSCTL_CHILD, str(run_dir), "--netns", "t", *args],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out, _, mods = r.stdout.rpartition("MODULES ")
+    return r.returncode, out, r.stderr, set(json.loads(mods)) if mods else set()
+
+
+@pytest.fixture
+def daemon_like(tmp_path: Path) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
+    """A control server answering as ksbpfd does, on a real socket."""
+    calls: list[dict[str, Any]] = []
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        calls.append(req)
+        if req["op"] == "exempt":
+            return {"exemption": req["exemption"].as_dict()}
+        if req["op"] == "unexempt":
+            return {"cgroup": req["cgroup"]}
+        return {"layers": {"nftables": {"engaged": True, "detail": "d"}}, "pid": 1, "tunnels": {},
+                **({"exemption_count": 3} if req.get("brief") else {"exemptions": [{"cgroup": "a"}] * 3})}
+
+    server = ControlServer(socket_path("t", tmp_path), handler, allowed_uid=os.geteuid())
+    server.start()
+    try:
+        yield tmp_path, calls
+    finally:
+        server.close()
+
+
+def _loaded(mods: set[str], prefix: str) -> bool:
+    return any(m == prefix or m.startswith(prefix + ".") for m in mods)
+
+
+def test_ksctl_with_a_daemon_imports_neither_kernel_libraries_nor_the_parser(
+        daemon_like: tuple[Path, list[dict[str, Any]]]) -> None:
+    run_dir, calls = daemon_like
+    rc, out, err, mods = _ksctl_child(run_dir, "exempt", "--cgroup", "/system.slice/x.service/", "--allow", "tcp/443",
+                                      "--allow", "tcp/443", "--to", "10.0.0.0/8")
+    assert rc == 0, err
+    assert mods and [m for m in NOT_ON_THE_CLIENT_PATH if _loaded(mods, m)] == []
+    # The daemon got it raw and validated it; ksctl shows the normalized exemption it answered.
+    assert calls[-1]["exemption"].cgroup == "system.slice/x.service"
+    assert out.startswith("exempted system.slice/x.service: ")
+    assert json.loads(out.split(": ", 1)[1]) == {"cgroup": "system.slice/x.service", "allow": ["tcp/443"], "to": ["10.0.0.0/8"]}
+
+    rc, out, err, mods = _ksctl_child(run_dir, "unexempt", "--cgroup", "system.slice/x.service/")
+    assert rc == 0, err
+    assert out.strip() == "removed exemption for system.slice/x.service"
+    assert [m for m in NOT_ON_THE_CLIENT_PATH if _loaded(mods, m)] == []
+
+    rc, out, err, mods = _ksctl_child(run_dir, "status")
+    assert rc == 0, err
+    assert calls[-1] == {"op": "status", "brief": True}  # the lists that grow with n stay in the daemon
+    assert "exemptions in force: 3" in out
+    assert [m for m in NOT_ON_THE_CLIENT_PATH if _loaded(mods, m)] == []
+    rc, out, err, _ = _ksctl_child(run_dir, "status", "--json")
+    assert rc == 0 and calls[-1] == {"op": "status"} and len(json.loads(out)["exemptions"]) == 3
+
+
+@pytest.mark.parametrize("args, what", [
+    (["exempt", "--cgroup", "a/../../etc", "--allow", "tcp/443"], "'..'"),
+    (["exempt", "--cgroup", "a.service", "--allow", "sctp/443"], "sctp"),
+    (["exempt", "--cgroup", "a.service", "--allow", "tcp/99999"], "99999"),
+    (["exempt", "--cgroup", "a.service"], "at least one"),
+    (["exempt", "--cgroup", "/", "--allow", "tcp/1"], "root cgroup"),
+    (["unexempt", "--cgroup", "a/../b"], "'..'"),
+])
+def test_ksctl_with_a_daemon_refuses_bad_input_with_exit_2_and_nothing_reaches_the_handler(
+        daemon_like: tuple[Path, list[dict[str, Any]]], args: list[str], what: str) -> None:
+    run_dir, calls = daemon_like
+    rc, _out, err, _ = _ksctl_child(run_dir, *args)
+    assert rc == 2 and what in err, err
+    assert calls == []
+
+
+def test_status_brief_is_a_boolean() -> None:
+    assert validate_request(b'{"op": "status", "brief": true}') == {"op": "status", "brief": True}
+    with pytest.raises(PolicyError) as exc:
+        validate_request(b'{"op": "status", "brief": 1}')
+    assert exc.value.key == "brief"
+
+
+def test_cli_default_policy_path_is_the_policy_modules() -> None:
+    from ksbpf.cli import DEFAULT_POLICY
+    from ksbpf.policy import DEFAULT_POLICY_PATH
+
+    assert DEFAULT_POLICY == str(DEFAULT_POLICY_PATH)

@@ -13,7 +13,17 @@ import pytest
 
 from ksbpf.daemon import check_policy_dir_mode, check_policy_file_mode, read_policy_file
 from ksbpf.errors import PolicyError
-from ksbpf.reconcile import NFT_MSG_NEWGEN, NftShape, fingerprint, parse_nft_notifications, shape_of
+from ksbpf.reconcile import (
+    NFT_MSG_NEWGEN,
+    CgroupWatcher,
+    Event,
+    NftShape,
+    fingerprint,
+    gen_after,
+    parse_nft_generations,
+    parse_nft_notifications,
+    shape_of,
+)
 from ksbpf.render.nft import render_nft
 
 POLICY = """
@@ -95,6 +105,15 @@ def test_nftables_notifications_name_the_table_and_the_writer() -> None:
     )
     assert parse_nft_notifications(data) == [(3, "ksbpf", None), (8, "other", None), (NFT_MSG_NEWGEN, None, 4242)]
     assert parse_nft_notifications(data[:30]) == []  # a truncated message is not guessed at
+    # The generation a transaction ends with (also the answer to NFT_MSG_GETGEN).
+    assert parse_nft_generations(data) == [(7, 4242)]
+
+
+def test_generations_compare_across_the_u32_wrap() -> None:
+    assert gen_after(8, 7) and not gen_after(7, 8) and not gen_after(7, 7)
+    assert gen_after(3, 0xFFFFFFF0)  # wrapped: 3 came after 2**32 - 16
+    assert not gen_after(0xFFFFFFF0, 3)
+    assert gen_after(1, None) and not gen_after(None, 1) and not gen_after(None, None)
 
 
 def test_shape_of_a_rendered_batch_matches_what_it_adds() -> None:
@@ -140,3 +159,63 @@ def test_shapes_compare_as_values() -> None:
     b = NftShape(frozenset(), frozenset({("inet", "output", 2)}), frozenset(), frozenset())
     assert a != b and a == NftShape(frozenset(), frozenset({("inet", "output", 3)}), frozenset(), frozenset())
     assert "rules" in a.describe_difference(b)
+
+
+def test_a_listing_without_netdev_devices_is_compared_without_them() -> None:
+    """nft 1.0.6 lists a netdev chain in JSON without its device (its text output has it):
+    that must not look like drift, or every check would "repair" the ruleset."""
+    want = NftShape(frozenset({("inet", "output", "output", "drop", ""), ("netdev", "egress_if3", "egress", "drop", "eth0")}),
+                    frozenset(), frozenset(), frozenset())
+    listed = NftShape(frozenset({("inet", "output", "output", "drop", ""), ("netdev", "egress_if3", "egress", "drop", "")}),
+                      frozenset(), frozenset(), frozenset())
+    assert want != listed and want.devices_as_listed(listed) == listed
+    assert want.devices_as_listed(want) == want  # a listing that names devices is compared with them
+    other = NftShape(frozenset({("inet", "output", "output", "drop", ""), ("netdev", "egress_if3", "egress", "drop", "eth1")}),
+                     frozenset(), frozenset(), frozenset())
+    assert want.devices_as_listed(other) != other
+
+
+def _drain(events: list[Event], want: int = 1, timeout: float = 5.0) -> list[Event]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(events) < want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(events)
+
+
+def test_cgroup_watcher_follows_exemptions_one_at_a_time(tmp_path: Path) -> None:
+    """Real inotify on directories standing in for cgroups: change() adds and drops the
+    watch for one exemption's cgroup without touching the others' (shared parents are
+    counted), refresh() moves a watch down when a missing parent appears, and an event
+    names the directory that came or went."""
+    slice_ = tmp_path / "system.slice"
+    slice_.mkdir()
+    a, b = slice_ / "a.service", slice_ / "b.service"
+    later = tmp_path / "later.slice" / "c.service"  # its parent does not exist yet
+    events: list[Event] = []
+    w = CgroupWatcher(events.append)
+    w.start()
+    try:
+        w.watch([a])
+        assert w.watched() == [slice_]
+        w.change([b, later], [])
+        assert w.watched() == [tmp_path, slice_]
+        w.change([], [a])
+        assert w.watched() == [tmp_path, slice_]  # b still needs system.slice
+        w.change([], [b])
+        assert w.watched() == [tmp_path]
+
+        (tmp_path / "later.slice").mkdir()
+        got = _drain(events)
+        assert got and got[0].kind == "cgroup" and got[0].paths == (tmp_path / "later.slice",)
+        w.refresh([later])
+        assert w.watched() == [tmp_path / "later.slice"]
+        events.clear()
+        later.mkdir()
+        got = _drain(events)
+        assert got and got[0].paths == (later,)
+        w.change([], [later])
+        assert w.watched() == []
+    finally:
+        w.stop()
