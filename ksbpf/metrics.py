@@ -1,7 +1,7 @@
 """Prometheus metrics of the daemon: a custom collector, read at scrape time.
 
 Drop counters come straight from the kernel on every scrape: the named nft counters
-(`list counters`, never a ruleset listing) and the pinned BPF drop map. Everything else
+(one counter-object dump per table, never a ruleset listing) and the pinned BPF drop map. Everything else
 (layers engaged, tunnel links, exemptions, apply durations, drift repairs) is state the
 daemon keeps current from events and checks, handed over as a snapshot.
 
