@@ -201,6 +201,7 @@ class Daemon:
         self.netns: str | None = args.netns
         base = Path(args.state_dir) if args.state_dir else DEFAULT_STATE_DIR
         self.engine = LinuxEngine(netns=self.netns, state_dir=state_dir_for(self.netns, base), bpf=not args.no_bpf)
+        self.engine.defer_bpf_cleanup = True  # run after each reply (_answer)
         self.rec = Reconciler(self.engine, bpf=not args.no_bpf, settle_s=args.settle)
         self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.notifier = Notifier()
@@ -622,7 +623,8 @@ class Daemon:
             call.error = e
         finally:
             call.done.set()
-        # Off the request's path: the next request must not wait for drop counters.
+        # Off the request's path: the old BPF entries' grace period, the drop counters.
+        self._guard(self.engine.finish_bpf_cleanup)
         self._status_soon()
 
     def _exemptions_changed(self, effective: Policy) -> None:

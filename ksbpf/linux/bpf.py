@@ -1339,6 +1339,9 @@ class BpfLayer:
     last_apply: ApplyStats | None = field(default=None, init=False)
     _policy: Policy | None = field(default=None, init=False, repr=False)
     _cgroup_cache: dict[int, tuple[Path, ...]] = field(default_factory=dict, init=False, repr=False)
+    # What update_exemptions(defer_cleanup=True) left to delete after a grace period:
+    # (generation, [(map name, keys)]). Every write runs it first (_finish_cleanup).
+    _pending: list[tuple[Generation, list[tuple[str, list[bytes]]]]] = field(default_factory=list, init=False, repr=False)
 
     name = "bpf"
 
@@ -1402,6 +1405,7 @@ class BpfLayer:
         mode = self._netns_mode()
         _ensure_bpffs()
         with self._locked():
+            self._finish_cleanup()
             pins_kept = self._check_instance_maps(mode)
             target_id = cgroup_id(target)
             previous = self._attached(extra=[target])
@@ -1618,13 +1622,14 @@ class BpfLayer:
             raise BpfError(f"filling generation {gen.number}: {e}") from None
 
     @staticmethod
-    def _write(gen: Generation, want: Version) -> tuple[str, ...]:
+    def _write(gen: Generation, want: Version,
+               pending: list[tuple[Generation, list[tuple[str, list[bytes]]]]] | None = None) -> tuple[str, ...]:
         """Bring a generation's maps to `want`: the next version is written beside the live
         one (what changed under new tags and rule set ids, in the other tunnel bank), then
         ks_active flips to it in one u32 write, then, after a grace period, what only the old
-        version used is deleted. A failure before the flip leaves the live version whole
-        (what was written is unreferenced, and cleared by the next write). Returns what
-        changed."""
+        version used is deleted (or, given `pending`, recorded there for _finish_cleanup). A
+        failure before the flip leaves the live version whole (what was written is
+        unreferenced, and cleared by the next write). Returns what changed."""
         with _open_maps(gen) as maps:
             found = _active_config(maps["ks_active"], maps["ks_config"])
             live = found if found is not None and found[1].version else None  # version 0: never filled
@@ -1650,12 +1655,40 @@ class BpfLayer:
             slot = 1 - live[0] if live else 0
             maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
             maps["ks_active"].update(_KEY0, struct.pack("<I", slot))
+            if live is not None and pending is not None:
+                names = {id(m): name for name, m in maps.items()}
+                pending.append((gen, [(names[id(m)], keys) for cleanup in cleanups for m, keys in cleanup]))
+                return step.changed
             if live is not None:
                 rcu_grace_period()
             for cleanup in cleanups:
                 for m, keys in cleanup:
                     m.delete_many(keys)
         return step.changed
+
+    def _finish_cleanup(self) -> None:
+        """Delete what deferred writes left, after a grace period from now (which also
+        covers every run that began before their flips). Under the instance lock."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rcu_grace_period()
+        for gen, entries in pending:
+            try:
+                with _open_maps(gen) as maps:
+                    for name, keys in entries:
+                        maps[name].delete_many(keys)
+            except OSError:
+                # The generation was replaced or removed meanwhile. Entries left under an
+                # old tag are read by no version and the next write clears them.
+                pass
+
+    def finish_cleanup(self) -> None:
+        """Run what update_exemptions(defer_cleanup=True) left (ksbpfd: once the reply is
+        out, so the grace period is not on the request's path)."""
+        if self._pending:
+            with self._locked(create=False):
+                self._finish_cleanup()
 
     def _attach(self, gen: Generation, target: Path, previous: list[Attached]) -> str:
         """Swap the new generation in for the previous one. Returns how: "first" (nothing
@@ -1772,20 +1805,22 @@ class BpfLayer:
                     raise BpfError(f"updating tunnels of generation {g.number}: {e}") from None
         return tuple(sorted(wanted))
 
-    def update_exemptions(self, policy: Policy) -> dict[str, int | None]:
+    def update_exemptions(self, policy: Policy, defer_cleanup: bool = False) -> dict[str, int | None]:
         """Re-resolve exempt and endpoint cgroups to ids (call when cgroups come and go,
         and after exemptions change at run time). A cgroup recreated under the same path
         gets a new id and keeps its exemption. Only exemptions and endpoint cgroups are
         taken from `policy`; any other change needs apply(). Written as a new version
         beside the live one, so a packet sees the old exemptions or the new, never a mix.
-        Returns path -> id (None: not there now)."""
+        Returns path -> id (None: not there now). `defer_cleanup`: the old version's
+        entries are deleted by finish_cleanup() (or the next write), not before returning."""
         plan = render(policy)
         check_capacity(plan)
         with self._locked(create=False):
+            self._finish_cleanup()
             resolved = resolve_cgroups(plan)
             for g in self._live():
                 try:
-                    self._write(g, Version(cgroups=cgroup_wants(plan, resolved)))
+                    self._write(g, Version(cgroups=cgroup_wants(plan, resolved)), self._pending if defer_cleanup else None)
                 except OSError as e:
                     raise BpfError(f"updating exemptions of generation {g.number}: {e}") from None
         if self._policy is not None:
@@ -1905,6 +1940,7 @@ class BpfLayer:
         if not self.dir.exists() and not extra and self._policy is None:
             return
         with self._locked():
+            self._pending = []  # the maps go with their generations
             for a in self._attached(extra=extra):
                 self._detach(a.prog_id, a.kind, a.cgroup)
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -107,6 +107,9 @@ class LinuxEngine:
         self.bpf_enabled = bpf
         self.exemptions = ExemptionStore(self.state_dir)
         self._bpf: Any = None
+        # A long-lived caller (ksbpfd) deletes the BPF maps' old entries after answering
+        # (finish_bpf_cleanup): the grace period before it is then not on the request's path.
+        self.defer_bpf_cleanup = False
         # (file key, parsed): a 10,000-entry policy takes ~0.3 s to parse again
         self._snapshot: tuple[tuple[int, int, int] | None, Policy] | None = None
 
@@ -246,6 +249,10 @@ class LinuxEngine:
             out["bpf"] = LayerStatus(False, e.reason)
         return out
 
+    def finish_bpf_cleanup(self) -> None:
+        if self._bpf is not None:
+            self._bpf.finish_cleanup()
+
     # ---------------------------------------------------------------- exemptions
 
     def set_exemption(self, exemption: Exemption) -> Policy:
@@ -267,7 +274,7 @@ class LinuxEngine:
         self.nft.change_exemptions(before, policy)
         try:
             if self.bpf_enabled and self._as_status(self.bpf_layer(policy).status()).engaged:
-                self.bpf_layer(policy).update_exemptions(policy)
+                self.bpf_layer(policy).update_exemptions(policy, defer_cleanup=self.defer_bpf_cleanup)
         except ImportError:
             pass
         except BackendError:

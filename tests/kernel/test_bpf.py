@@ -1174,3 +1174,30 @@ def test_a_changed_attach_cgroup_makes_a_new_generation(lab: Lab, layers: list[B
     assert [len(x) for x in _attached(lab.dirs["w"])] == [1, 1]
     assert layer.status()[0]
     run_cases(lab, layer, moved, [Case("w/app", "10.77.0.2", 7401), Case("w/app", "10.88.0.2", 7402)])
+
+
+@requires_bpf
+def test_deferred_cleanup_keeps_the_new_version_and_runs_before_the_next_write(lab: Lab, layers: list[BpfLayer]) -> None:
+    """ksbpfd answers an exempt request before the grace period: the new version is live
+    at once, the old one's entries go with finish_cleanup() or the next write."""
+    layer = new_layer(lab, layers)
+    policy = make_policy(lab)
+    layer.apply(policy)
+    narrower = policy.with_exemptions(tuple(
+        Exemption(e.cgroup, allow=(parse_port_spec("udp/443"),)) if e.cgroup == lab.rel("w/ex") else e
+        for e in policy.exemptions
+    ))
+    _, _, settled = _gen_state(layer)
+    layer.update_exemptions(narrower, defer_cleanup=True)
+    run_cases(lab, layer, narrower, [Case("w/ex", "10.77.0.2", 5303), Case("w/ex", "10.77.0.3", 443)])
+    _, _, deferred = _gen_state(layer)
+    assert deferred["ks_cgroups"] > settled["ks_cgroups"], "the old version's cgroup entries are still there"
+    layer.finish_cleanup()
+    _, _, after = _gen_state(layer)
+    assert after["ks_cgroups"] == settled["ks_cgroups"]
+    layer.finish_cleanup()  # nothing pending: a no-op
+    # A deferred write followed by another write: the second runs the first's cleanup first.
+    layer.update_exemptions(policy, defer_cleanup=True)
+    layer.update_exemptions(narrower)
+    assert _gen_state(layer)[2] == after
+    run_cases(lab, layer, narrower, [Case("w/ex", "10.77.0.2", 5303), Case("w/ex", "10.77.0.3", 443)])
