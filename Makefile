@@ -40,7 +40,12 @@ kernel: setup
 test: setup lint
 	$(VENV)/bin/pytest -q tests
 
+# The benchmark also needs a C compiler (its UDP sender), perf (where the time goes) and
+# matplotlib (the plots); without perf or matplotlib it says so and leaves those parts out.
+BENCH_PKGS := gcc libc6-dev linux-perf python3-matplotlib
+
 bench: setup
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BENCH_PKGS)
 	$(PY) -m bench.run
 
 clean:
