@@ -682,15 +682,7 @@ def test_tunnel_recreated_with_new_ifindex(lab: Lab, layers: list[BpfLayer]) -> 
     policy = make_policy(lab)
     layer.apply(policy)
     (first,) = layer.update_tunnel_ifindexes()
-    sh("ip", "-n", lab.client, "link", "del", lab.tun)
-    sh("ip", "-n", lab.client, "link", "add", lab.tun, "type", "veth", "peer", "name", "ft0", "netns", lab.far)
-    for ns, dev, addrs in ((lab.client, lab.tun, ["10.88.0.1/24"]), (lab.far, "ft0", ["10.88.0.2/24"])):
-        for a in addrs:
-            sh("ip", "-n", ns, "addr", "add", a, "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-    # Netdev chains follow a device by name on some kernels and not on others: rebuild.
-    sh("nft", "delete", "table", "netdev", "ksfar", netns=lab.far)
-    sh("nft", "-f", "-", netns=lab.far, input=FAR_NFT.format(up="fu0", tun="ft0"))
+    recreate_tunnel(lab)
     # The stale ifindex no longer matches: the new link is blocked until the map follows.
     assert lab.send("w/app", [{"dst": "10.88.0.2", "port": 6501}]) == [{"ok": 0, "eperm": 1, "mark": 0}]
     new = layer.update_tunnel_ifindexes()
