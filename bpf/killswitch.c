@@ -341,10 +341,21 @@ static __always_inline int ks_is_tunnel(u32 ifindex, u32 bank)
     }
 }
 
-int ks_egress(struct __sk_buff *skb)
+// The policy version packets read now: ks_active is read once, and everything a program
+// run looks at comes from that one version (the loader flips it with one u32 write).
+static __always_inline struct ks_config *ks_active_config(void)
 {
     u32 zero = 0, slot;
-    u32 *active;
+    u32 *active = ks_active.lookup(&zero);
+
+    if (!active)
+        return NULL;
+    slot = *active & 1;
+    return ks_config.lookup(&slot);
+}
+
+int ks_egress(struct __sk_buff *skb)
+{
     struct ks_config *cfg;
     struct ks_pkt p = {};
     u32 ifindex = skb->ifindex;
@@ -353,12 +364,7 @@ int ks_egress(struct __sk_buff *skb)
     // Loopback is ifindex 1 in every netns, so this needs no netns check.
     if (ifindex == KS_LOOPBACK_IFINDEX)
         return 1;
-    active = ks_active.lookup(&zero);
-    if (!active)
-        return 0;
-    // Read once: everything below comes from this one version.
-    slot = *active & 1;
-    cfg = ks_config.lookup(&slot);
+    cfg = ks_active_config();
     if (!cfg)
         return 0;
 
@@ -411,17 +417,11 @@ int ks_egress(struct __sk_buff *skb)
 
 int ks_sock_create(struct bpf_sock *sk)
 {
-    u32 zero = 0, slot;
     struct ks_cgroup_key k = {};
-    u32 *active = ks_active.lookup(&zero);
-    struct ks_config *cfg;
+    struct ks_config *cfg = ks_active_config();
     u64 cookie = bpf_get_netns_cookie(sk);
     u32 mark = 0;
 
-    if (!active)
-        return 1;
-    slot = *active & 1;
-    cfg = ks_config.lookup(&slot);
     if (!cfg)
         return 1;
 #ifdef KS_NETNS_SK_STORAGE
