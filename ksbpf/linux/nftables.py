@@ -4,6 +4,7 @@ reads back what the kernel holds."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from ksbpf.errors import BackendError
@@ -21,6 +22,7 @@ from ksbpf.render.nft import (
     render_exemption_update,
     render_nft,
     render_nft_reset,
+    render_set_changes,
 )
 from ksbpf.verdict import Reason, interface_matches
 
@@ -58,11 +60,32 @@ def uplink_interfaces(policy: Policy) -> dict[int, str]:
     return {i: n for i, n in links.items() if n != "lo" and not interface_matches(n, policy.tunnel.interfaces)}
 
 
+def _generation() -> int | None:
+    from ksbpf.reconcile import nft_generation
+
+    return nft_generation()
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What ksbpf's last transaction left in the kernel: the policy, its ruleset's
+    skeleton (render_nft without set elements) and the nftables generation right after."""
+
+    policy: Policy
+    skeleton: dict[str, Any]
+    generation: int
+
+
 class NftLayer:
     name = "nftables"
 
     def __init__(self, netns_name: str | None = None) -> None:
         self.netns = netns_name
+        # A long-lived caller (ksbpfd) re-applies by set element changes while the kernel
+        # provably holds what ksbpf committed last: the namespace's nftables generation has
+        # not moved since (every commit, by anyone, raises it).
+        self.committed: Committed | None = None
+        self.last_apply = ""  # "whole", "changes" or "unchanged"
 
     def is_supported(self) -> tuple[bool, str]:
         try:
@@ -76,18 +99,62 @@ class NftLayer:
             return render_nft(policy, uplink_interfaces(policy), self.read_counters())
 
     def apply(self, policy: Policy) -> None:
+        """Enforce `policy` in one transaction: only the set elements that changed when
+        the kernel holds what ksbpf committed last with the same skeleton, else the whole
+        ruleset (counters carried over)."""
         with netns(self.netns):
             nft = _nft()
-            batch = render_nft(policy, uplink_interfaces(policy), self._counters())
-            _run_json(nft, batch)
+            uplinks = uplink_interfaces(policy)
+            skeleton = render_nft(policy, uplinks, elements=False)
+            if not self._apply_changes(nft, policy, skeleton):
+                self._commit(nft, render_nft(policy, uplinks, self._counters()), policy, skeleton)
+                self.last_apply = "whole"
             missing = self._missing_chains(nft)
         if missing:
+            self.committed = None
             raise BackendError("nftables", f"applied, but the kernel lacks chains: {', '.join(missing)}")
+
+    def _tracked(self, policy: Policy | None = None) -> Committed | None:
+        """The last commit, if the kernel still holds it (and it was of `policy`)."""
+        c = self.committed
+        if c is None or (policy is not None and c.policy != policy) or _generation() != c.generation:
+            return None
+        return c
+
+    def _apply_changes(self, nft: Any, policy: Policy, skeleton: dict[str, Any]) -> bool:
+        c = self._tracked()
+        if c is None or c.skeleton != skeleton:
+            return False
+        batch = render_set_changes(c.policy, policy)
+        if batch is None:
+            return False
+        if len(batch["nftables"]) == 1:  # metainfo only: the kernel holds `policy` already
+            self.committed = Committed(policy, skeleton, c.generation)
+            self.last_apply = "unchanged"
+            return True
+        try:
+            self._commit(nft, batch, policy, skeleton)
+        except BackendError:
+            return False  # nothing changed (one transaction); the whole ruleset goes in instead
+        # Someone else's commit between the check and ours: the result is unknown, so whole.
+        self.last_apply = "changes"
+        return self.committed is not None
+
+    def _commit(self, nft: Any, batch: dict[str, Any], policy: Policy, skeleton: dict[str, Any] | None) -> None:
+        """One transaction; remembers it as the kernel's state only when it was the one
+        commit between two generation reads."""
+        self.committed = None
+        before = _generation()
+        _run_json(nft, batch)
+        after = _generation()
+        if skeleton is not None and before is not None and after == (before + 1) & 0xFFFFFFFF:
+            self.committed = Committed(policy, skeleton, after)
 
     def update_exemptions(self, policy: Policy) -> None:
         """Flush and refill every exemption set: O(all exemptions)."""
         with netns(self.netns):
-            _run_json(_nft(), render_exemption_update(policy))
+            c = self._tracked()
+            self._commit(_nft(), render_exemption_update(policy), policy, c.skeleton if c else None)
 
     def change_exemptions(self, before: Policy, after: Policy) -> None:
         """Only what changed from `before` (what the kernel should hold now) to `after`:
@@ -96,15 +163,18 @@ class NftLayer:
         batch = render_exemption_change(before, after)
         with netns(self.netns):
             nft = _nft()
+            c = self._tracked(before)
+            skeleton = c.skeleton if c else None
             if batch is not None:
                 try:
-                    _run_json(nft, batch)
+                    self._commit(nft, batch, after, skeleton)
                     return
                 except BackendError:
                     pass
-            _run_json(nft, render_exemption_update(after))
+            self._commit(nft, render_exemption_update(after), after, skeleton)
 
     def reset(self) -> None:
+        self.committed = None
         with netns(self.netns):
             _run_json(_nft(), render_nft_reset())
 

@@ -315,3 +315,67 @@ def test_a_policy_beyond_bpf_capacity_is_bad_input_and_changes_no_layer(uplink: 
     assert r.returncode == 2, r.stdout + r.stderr
     assert "65537 endpoints, the BPF layer holds at most 65536" in r.stderr and str(cfg) in r.stderr
     assert snapshot() == before
+
+
+def _stateless_ruleset(netns: str) -> str:
+    return sh("nft", "-s", "list", "ruleset", netns=netns).stdout
+
+
+def test_a_long_lived_layer_re_applies_by_set_changes_exactly_as_a_whole_apply(uplink: Uplink) -> None:
+    """NftLayer (as ksbpfd holds it) takes a policy that differs in set contents only as
+    element changes, and the kernel then holds exactly what a whole apply renders. Any
+    other commit in the namespace since (someone's edit, even one element) makes the
+    next apply whole again, which repairs the edit."""
+    from ksbpf.linux.nftables import NftLayer
+    from ksbpf.policy import loads_policy, merge_exemptions, parse_exemption
+
+    c = uplink.client
+    ex = '[[exempt]]\ncgroup = "system.slice/{n}.service"\nallow = ["tcp/443"]\nto = ["198.51.100.{i}/32"]\n'
+    base = uplink.policy("".join(ex.format(n=f"s{i}", i=i) for i in range(5)))
+    one_more = base.replace('endpoints = ["192.0.2.1:51820/udp"]', 'endpoints = ["192.0.2.1:51820/udp", "192.0.2.1:4500/udp"]')
+    changed = one_more.replace("198.51.100.3/32", "203.0.113.3/32")
+    changed += '[lan]\nallow = true\nnetworks = ["192.168.77.0/24"]\n'
+    p_base, p_more, p_changed = (loads_policy(t) for t in (base, one_more, changed))
+    layer = NftLayer(c)
+    try:
+        layer.apply(p_base)
+        assert layer.last_apply == "whole"
+        layer.apply(p_base)
+        assert layer.last_apply == "unchanged"
+
+        layer.apply(p_more)
+        assert layer.last_apply == "changes"
+        incremental = _stateless_ruleset(c)
+        NftLayer(c).apply(p_more)  # a fresh layer knows nothing: a whole apply
+        assert _stateless_ruleset(c) == incremental
+
+        # that whole apply was a commit the long-lived layer did not make: whole again
+        layer.apply(p_base)
+        assert layer.last_apply == "whole"
+        # lan sets and one exemption change; the skeleton differs (lan rules): whole
+        layer.apply(p_changed)
+        assert layer.last_apply == "whole"
+        lan_only = changed.replace("192.168.77.0/24", "192.168.78.0/24")
+        layer.apply(loads_policy(lan_only))
+        assert layer.last_apply == "changes"
+        incremental = _stateless_ruleset(c)
+        NftLayer(c).apply(loads_policy(lan_only))
+        assert _stateless_ruleset(c) == incremental
+
+        # someone deletes one endpoint element: the next apply of the same policy repairs it
+        layer.apply(loads_policy(lan_only))
+        assert layer.last_apply == "whole"
+        sh("nft", "delete", "element", "inet", "ksbpf", "endpoints4", "{ 192.0.2.1 . udp . 4500 }", netns=c)
+        layer.apply(loads_policy(lan_only))
+        assert layer.last_apply == "whole"
+        assert _stateless_ruleset(c) == incremental
+        # run-time exemption changes keep the layer's record: the next re-apply is by changes
+        p_now = loads_policy(lan_only)
+        extra = parse_exemption({"cgroup": "system.slice/rt.service", "allow": ["udp/123"]}, "<test>", "x")
+        layer.change_exemptions(p_now, merge_exemptions(p_now, (extra,)))
+        layer.apply(p_now)
+        assert layer.last_apply == "changes"
+        NftLayer(c).apply(p_now)
+        assert _stateless_ruleset(c) == incremental
+    finally:
+        layer.reset()

@@ -160,3 +160,34 @@ def test_exemption_change_refuses_when_ids_would_move() -> None:
     after = base.with_exemptions((Exemption(first, allow=tcp), Exemption(second, allow=tcp)))
     assert render_exemption_change(before, after) is None
     assert render_exemption_change(after, base.with_exemptions((Exemption(first, allow=tcp), Exemption(second, listen=tcp)))) is not None
+
+
+def test_set_changes_carry_only_what_differs_and_share_the_skeleton() -> None:
+    """Two policies that differ in endpoints, exemptions or LAN networks render the same
+    skeleton (no set elements), and render_set_changes carries just the difference."""
+    from ksbpf.render.nft import render_set_changes
+
+    def pol(endpoints: list[str], lan: str) -> str:
+        return (f'[tunnel]\ninterfaces = ["wg0"]\nendpoints = {json.dumps(endpoints)}\nendpoint_mark = 0xca6c\n'
+                f'[lan]\nallow = true\nnetworks = ["{lan}"]\n')
+
+    eps = [f"198.18.0.{i}:51820/udp" for i in range(1, 200)]
+    before = loads_policy(pol(eps, "192.168.1.0/24"))
+    after = loads_policy(pol([*eps[1:], "[2001:db8::1]:51820/udp"], "192.168.1.0/24"))
+    assert render_nft(before, {2: "eth0"}, elements=False) == render_nft(after, {2: "eth0"}, elements=False)
+    assert render_nft(before, {2: "eth0"}) != render_nft(after, {2: "eth0"})
+    batch = render_set_changes(before, after)
+    assert batch is not None
+    gone, came = _elements(batch, "delete"), _elements(batch, "add")
+    assert gone == {f"{t} endpoints4": [{"concat": ["198.18.0.1", "udp", 51820]}] for t in ("inet", "netdev")}
+    assert came == {f"{t} endpoints6": [{"concat": ["2001:db8::1", "udp", 51820]}] for t in ("inet", "netdev")}
+    assert not any("flush" in c for c in batch["nftables"])
+
+    lan_moved = loads_policy(pol(eps, "192.168.2.0/24"))
+    batch = render_set_changes(before, lan_moved)
+    assert batch is not None
+    flushed = [c["flush"]["set"] for c in batch["nftables"] if "flush" in c]
+    assert {(s["family"], s["name"]) for s in flushed} == {("inet", "lan4"), ("netdev", "lan4")}  # lan6 is unchanged
+    assert _elements(batch, "add") == {f"{t} lan4": [{"prefix": {"addr": "192.168.2.0", "len": 24}}] for t in ("inet", "netdev")}
+    same = render_set_changes(before, loads_policy(pol(eps, "192.168.1.0/24")))
+    assert same is not None and same["nftables"][1:] == []
