@@ -192,7 +192,8 @@ class ControlPlane:
             return [{"op": "daemon_start", "n": n, "round": rnd, "error": f"ksbpf.control not available: {e}"}]
         self._ksctl("down")
         conf = self.workdir / f"daemon-policy-{n}.toml"
-        conf.write_text(self.engager.policy_text(n, metrics_listen=_free_port_listen()))
+        listen = _free_port_listen()  # kept by the reload: a new address would time the metrics server's rebind
+        conf.write_text(self.engager.policy_text(n, metrics_listen=listen))
         exe = Path(sys.executable).with_name("ksbpfd")
         argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "ksbpf.daemon"]
         argv += ["--netns", self.topo.client_ns, "--state-dir", str(self.engager.state_dir), "--config", str(conf),
@@ -230,7 +231,7 @@ class ControlPlane:
                             ("unexempt_rpc", {"op": "unexempt", "cgroup": cg}),
                             ("reload_same_rpc", {"op": "reload"})):
                 out.append(self._rpc(ControlClient, op, req, base))
-            conf.write_text(self.engager.policy_text(n, extra_endpoints=1, metrics_listen=_free_port_listen()))
+            conf.write_text(self.engager.policy_text(n, extra_endpoints=1, metrics_listen=listen))
             out.append(self._rpc(ControlClient, "reload_rpc", {"op": "reload"}, base))
             time.sleep(settle_s)
             out.append({**base, "op": "daemon_rss_after_reload", **_rss(p.pid)})

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -344,15 +345,21 @@ class Daemon:
         self.base_policy = policy
         self.enforcing = True
         self.layer_detail = {n: s.detail for n, s in result.layers.items()}
-        self.rec.engaged(effective, result.layers)
+        dirs = self.rec.engaged(effective, result.layers)
         self.cgroup_names.set_root(policy.bpf.cgroup)
         if self.cgroup_watcher is not None:
-            self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+            if dirs is None:
+                self.cgroup_watcher.watch(self.rec.cgroup_dirs())
+            else:
+                self.cgroup_watcher.change(*dirs)
+        if self.rec.fingerprint_stale:
+            self._nft_check_at = time.monotonic() + FINGERPRINT_AFTER_S
         for name, st in result.layers.items():
             level = logging.INFO if st.engaged or (name == "bpf" and self.args.no_bpf) else logging.ERROR
             log.log(level, "%s: %s %s: %s", why, name, "engaged" if st.engaged else "NOT ENGAGED", st.detail,
                     extra={"KSBPF_LAYER": name, "KSBPF_EVENT": why})
-        log.info("%s: policy %s applied in %.0f ms", why, policy.source, result.seconds * 1000)
+        log.info("%s: policy %s applied in %.0f ms (nftables: %s)", why, policy.source, result.seconds * 1000,
+                 self.engine.nft.last_apply or "whole")
         self._bpf_retry_at = None
         bpf = result.layers.get("bpf")
         if not self.args.no_bpf and (bpf is None or not bpf.engaged):
@@ -372,8 +379,12 @@ class Daemon:
 
             with netns(self.netns):
                 nft = nftables.Nftables()
-                rc, out, _ = nft.cmd("list tables inet")
-                if rc == 0 and f"table inet {LOCKDOWN_TABLE}\n" in out + "\n":
+                nft.set_json_output(True)
+                # Chains, not tables: libnftables answers `list tables` only after caching
+                # every set element (80 ms at 10,000 exemptions). The lockdown table has chains.
+                rc, out, _ = nft.cmd("list chains inet")
+                chains = json.loads(out).get("nftables", []) if rc == 0 and out else []
+                if any(o.get("chain", {}).get("table") == LOCKDOWN_TABLE for o in chains):
                     rc, _, err = nft.cmd(f"delete table inet {LOCKDOWN_TABLE}")
                     if rc != 0:
                         log.error("cannot remove the lockdown table: %s", err.strip())

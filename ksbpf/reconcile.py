@@ -708,17 +708,26 @@ class Reconciler:
 
     # ------------------------------------------------------------------ expectations
 
-    def engaged(self, effective: Policy, layers: dict[str, Any]) -> None:
-        """After the engine engaged (or re-engaged) `effective`: take it as the truth."""
-        self.policy = effective
+    def engaged(self, effective: Policy, layers: dict[str, Any]) -> tuple[list[Path], list[Path]] | None:
+        """After the engine engaged (or re-engaged) `effective`: take it as the truth.
+        The first time, every cgroup is resolved (watch all of cgroup_dirs()) and None is
+        returned. A re-engage (reload) is O(changed) like exemptions_changed when nftables
+        took set element changes only, and returns the directories to watch now and those
+        no longer to watch."""
+        first = self.policy is None
         self.layers = {n: bool(s.engaged) for n, s in layers.items()}
         self.bpf_engaged = self.layers.get("bpf", False)
         with netns(self.netns):
             self.links = read_links(effective)
         self._applied_uplinks = dict(self.links.uplinks)
-        self._expected = None
-        self._snapshot_nft()
-        self.cgroup_ids = self._resolve_cgroups()
+        if first:
+            self.policy = effective
+            self._expected = None
+            self._snapshot_nft()
+            self.cgroup_ids = self._resolve_cgroups()
+            return None
+        by_changes = getattr(self.engine.nft, "last_apply", "") in ("changes", "unchanged")
+        return self._follow(effective, defer_fingerprint=by_changes)
 
     def exemptions_changed(self, effective: Policy) -> tuple[list[Path], list[Path]]:
         """After the engine updated the exemption sets and BPF maps. O(changed) in the
@@ -726,9 +735,12 @@ class Reconciler:
         resolved, and the nft fingerprint is left to the next check (see the module
         docstring) when the generation bookkeeping allows it. Returns the cgroup
         directories to watch now and those no longer to watch."""
+        return self._follow(effective, defer_fingerprint=True)
+
+    def _follow(self, effective: Policy, defer_fingerprint: bool) -> tuple[list[Path], list[Path]]:
         self.policy = effective
         self._expected = None
-        if self._can_defer_fingerprint():
+        if defer_fingerprint and self._can_defer_fingerprint():
             self.fingerprint_stale = True
         else:
             self._snapshot_nft()

@@ -840,6 +840,38 @@ def test_run_time_exemptions_are_not_drift_and_a_change_right_after_one_is(world
     assert [e["cgroup"] for e in d.status()["exemptions"]] == [rel]
 
 
+def _endpoint_elements(world: World) -> str:
+    return sh("nft", "list", "set", "inet", "ksbpf", "endpoints4", netns=world.client).stdout
+
+
+def test_a_reload_of_set_contents_is_by_element_changes_and_not_drift(world: World, daemon: DaemonFactory) -> None:
+    """A reload whose policy differs in endpoints only goes in as set element changes,
+    its fingerprint taken off the request's path; it is never drift, and another
+    process's edit right after such a reload is repaired all the same."""
+    d = daemon()
+    key = ("ksbpf_drift_repairs_total", (("layer", "nftables"),))
+    one = world.policy().replace('endpoints = ["192.0.2.1:51820/udp"]', 'endpoints = ["192.0.2.1:51820/udp", "192.0.2.7:51820/udp"]')
+    world.write_policy(one)
+    d.signal(signal.SIGHUP)
+    d.notify.wait("READY", "1", count=2)
+    assert "192.0.2.7" in _endpoint_elements(world)
+    assert "reload (SIGHUP): policy" in d.log_text() and "(nftables: changes)" in d.log_text()
+    wait_for(lambda: d.status()["nft_fingerprint_pending"] is False, "the deferred nft check")
+    time.sleep(0.5)
+    assert d.scrape()[key] == 0 and "drift repaired" not in d.log_text()
+
+    # Another process flushes the endpoint set right after the next such reload.
+    world.write_policy(one.replace("192.0.2.7", "192.0.2.8"))
+    d.signal(signal.SIGHUP)
+    d.notify.wait("READY", "1", count=3)
+    sh("nft", "flush", "set", "inet", "ksbpf", "endpoints4", netns=world.client)
+    wait_for(lambda: d.scrape()[key] >= 1, "the flushed endpoint set to be repaired")
+    wait_for(lambda: "192.0.2.8" in _endpoint_elements(world), "the endpoints to be back")
+    elements = _endpoint_elements(world)
+    assert "192.0.2.1" in elements and "192.0.2.7" not in elements
+    assert d.scrape()[key] == 1
+
+
 def test_a_run_time_exemption_follows_its_cgroup_when_it_appears(world: World, daemon: DaemonFactory) -> None:
     """Exempted before its cgroup (and that cgroup's parent) exist: the watch is added for
     this exemption alone, and the cgroup is resolved when it appears."""
