@@ -69,6 +69,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running ksbpfd to re-read its policy file (as SIGHUP does), and wait for it:
+    a bad policy is refused (exit 2) and the one in force stays."""
+    client = _control(args)
+    if client is None:
+        print("ksctl: no ksbpfd serves this namespace; `ksctl up --config FILE` applies a policy directly",
+              file=sys.stderr)
+        return EXIT_FAILED
+    with client:
+        reply = client.request({"op": "reload"})
+    layers = reply.get("layers", {})
+    print("ksbpfd reloaded its policy" + (f" [netns {args.netns}]" if args.netns else ""))
+    for name, st in layers.items():
+        print(f"  {name:<9} {'engaged' if st['engaged'] else 'NOT ENGAGED':<12} {st['detail']}")
+    return EXIT_OK if all(st["engaged"] for st in layers.values()) else EXIT_PARTIAL
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     _engine(args).down()
     print("ksbpf down: all layers removed" + (f" [netns {args.netns}]" if args.netns else ""))
@@ -306,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-bpf", action="store_true", help="engage nftables and routing only")
     up.set_defaults(func=cmd_up)
 
+    sub.add_parser("reload", help="ksbpfd re-reads its policy file (as SIGHUP)").set_defaults(func=cmd_reload)
     sub.add_parser("down", help="remove every layer").set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="each layer's state")

@@ -663,6 +663,23 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: Dae
         scrape(old_port)
 
 
+def test_ksctl_reload_asks_the_daemon_and_a_bad_policy_is_exit_2(world: World, daemon: DaemonFactory) -> None:
+    r = world.ksctl("reload")
+    assert r.returncode == 1 and "no ksbpfd serves this namespace" in r.stderr
+    d = daemon()
+    world.write_policy(world.policy().replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.54"]'))
+    r = world.ksctl("reload")
+    assert r.returncode in (0, 3), r.stdout + r.stderr
+    assert "ksbpfd reloaded its policy" in r.stdout and "nftables  engaged" in r.stdout
+    ruleset = sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout
+    assert "10.64.0.54" in ruleset
+    world.write_policy(world.policy("surprise = 1\n"))
+    r = world.ksctl("reload")
+    assert r.returncode == 2 and "surprise" in r.stderr, r.stdout + r.stderr
+    assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout == ruleset
+    assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="refused") == 1
+
+
 def test_a_policy_refused_at_start_falls_back_to_the_last_applied_one(world: World, daemon: DaemonFactory) -> None:
     d = daemon()
     before = sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout
@@ -789,13 +806,14 @@ def _imported(stderr: str) -> set[str]:
 
 
 def test_ksctl_through_the_daemon_imports_no_kernel_library(world: World, daemon: DaemonFactory) -> None:
-    """A ksctl status/exempt/unexempt process that talks to ksbpfd loads neither pyroute2,
+    """A ksctl status/exempt/unexempt/reload process that talks to ksbpfd loads neither pyroute2,
     nftables nor bcc, nor the engine or the policy parser: the daemon does that work."""
     d = daemon()
     svc = world.cgroups("bpf/svc.service")
     rel = world.cgroups.rel(svc)
     base = [sys.executable, "-X", "importtime", "-m", "ksbpf.cli", "--netns", world.client, "--state-dir", str(world.state)]
-    for args in (["exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32"], ["status"], ["unexempt", "--cgroup", rel]):
+    for args in (["exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32"], ["status"], ["unexempt", "--cgroup", rel],
+                 ["reload"]):
         r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert r.returncode == 0, (args, r.stderr[-2000:])
         mods = _imported(r.stderr)
