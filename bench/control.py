@@ -105,7 +105,7 @@ class ControlPlane:
         from ksbpf.linux.netns import netns
         from ksbpf.linux.nftables import NftLayer, uplink_interfaces
         from ksbpf.linux.routing import RoutingLayer
-        from ksbpf.policy import loads_policy
+        from ksbpf.policy import loads_policy, merge_exemptions, parse_exemption
         from ksbpf.render.nft import render_nft, to_json
 
         text = self.engager.policy_text(n)
@@ -134,6 +134,15 @@ class ControlPlane:
         t0 = time.monotonic()
         nft.read_counters()
         t["nft_read_counters_s"] = time.monotonic() - t0
+        one_more = loads_policy(self.engager.policy_text(n, extra_endpoints=1), "<bench>")
+        t0 = time.monotonic()
+        nft.apply(one_more)
+        t["nft_apply_changes_s"] = time.monotonic() - t0  # what ksbpfd's reload sends
+        nft.apply(policy)
+        one = parse_exemption({"cgroup": f"{self.topo.cgroup_rel}/ex/runtime", "allow": ["tcp/443"]}, "<bench>", "")
+        t0 = time.monotonic()
+        nft.change_exemptions(policy, merge_exemptions(policy, (one,)))
+        t["nft_change_exemption_s"] = time.monotonic() - t0
         t0 = time.monotonic()
         nft.update_exemptions(policy)
         t["nft_update_exemptions_s"] = time.monotonic() - t0
@@ -233,6 +242,8 @@ class ControlPlane:
                 out.append(self._rpc(ControlClient, op, req, base))
             conf.write_text(self.engager.policy_text(n, extra_endpoints=1, metrics_listen=listen))
             out.append(self._rpc(ControlClient, "reload_rpc", {"op": "reload"}, base))
+            conf.write_text(self.engager.policy_text(n, extra_endpoints=2, metrics_listen=listen))
+            out.append(self._sample("reload_ksctl_daemon", n, rnd, "reload"))
             time.sleep(settle_s)
             out.append({**base, "op": "daemon_rss_after_reload", **_rss(p.pid)})
             return out

@@ -144,7 +144,9 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                                 ("exempt_daemon", n_max, EXEMPT_S, f"`ksctl exempt` through ksbpfd (n={n_max:,})"),
                                 ("reload", n_max, RELOAD_S, f"reload of a {n_max:,}+{n_max:,}-entry policy"),
                                 ("reload_rpc", n_max, RELOAD_S,
-                                 f"reload of a {n_max:,}+{n_max:,}-entry policy through ksbpfd")):
+                                 f"reload of a {n_max:,}+{n_max:,}-entry policy through ksbpfd"),
+                                ("reload_ksctl_daemon", n_max, RELOAD_S,
+                                 f"`ksctl reload` of a {n_max:,}+{n_max:,}-entry policy (ksbpfd)")):
         r = ctl.get((op, n))
         if r is None:
             continue
@@ -268,15 +270,18 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
            ("exempt_rpc", "  exempt request to ksbpfd (no ksctl start)", "wall_s"),
            ("reload_same_rpc", "  reload request, same policy (warm up)", "wall_s"),
            ("reload_rpc", "  reload request, one endpoint more", "wall_s"),
+           ("reload_ksctl_daemon", "`ksctl reload` with ksbpfd running (one endpoint more)", "wall_s"),
            ("daemon_rss", "ksbpfd RSS at rest, MiB", "rss_kb"),
            ("daemon_rss_after_reload", "ksbpfd RSS after a reload, MiB", "rss_kb"),
            ("breakdown", "  parse the policy", "parse_s"),
            ("breakdown", "  render nft JSON", "nft_render_s"),
            ("breakdown", "  nft apply (first)", "nft_apply_cold_s"),
-           ("breakdown", "  nft apply (again)", "nft_apply_warm_s"),
+           ("breakdown", "  nft apply (again: unchanged, nothing sent)", "nft_apply_warm_s"),
+           ("breakdown", "  nft apply, one endpoint more (set changes)", "nft_apply_changes_s"),
            ("breakdown", "  nft status (lists the table)", "nft_status_s"),
            ("breakdown", "  nft counters read", "nft_read_counters_s"),
-           ("breakdown", "  nft exemption sets update (flush + refill)", "nft_update_exemptions_s"),
+           ("breakdown", "  nft exemption change (what `ksctl exempt` sends)", "nft_change_exemption_s"),
+           ("breakdown", "  nft exemption sets refilled (the fallback)", "nft_update_exemptions_s"),
            ("breakdown", "  routing apply", "routing_apply_s"),
            ("breakdown", "  BPF apply (all)", "bpf_apply_s"),
            ("breakdown", "  BCC compile (clang/LLVM)", "bcc_compile_s"),
