@@ -11,6 +11,7 @@ from ksbpf.errors import BackendError
 from ksbpf.linux.layer import LayerStatus
 from ksbpf.linux.netns import netns
 from ksbpf.linux.nftcounters import read_counters
+from ksbpf.linux.nftgen import nft_generation
 from ksbpf.policy import Policy
 from ksbpf.render.nft import (
     INET,
@@ -61,8 +62,6 @@ def uplink_interfaces(policy: Policy) -> dict[int, str]:
 
 
 def _generation() -> int | None:
-    from ksbpf.reconcile import nft_generation
-
     return nft_generation()
 
 
