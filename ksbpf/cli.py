@@ -59,6 +59,17 @@ def _control(args: argparse.Namespace) -> Any:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    client = _control(args)
+    if client is not None:
+        # ksbpfd stays the only writer: it reloads its policy file (which this must be).
+        import time
+
+        t0 = time.monotonic()
+        with client:
+            reply = client.request({"op": "reload", "config": os.path.abspath(args.config)})
+        print(f"ksbpf up ({args.config}) in {(time.monotonic() - t0) * 1000:.0f} ms by ksbpfd"
+              + (f" [netns {args.netns}]" if args.netns else ""))
+        return _print_daemon_layers(reply.get("layers", {}))
     eng = _engine(args)
     result = eng.up_file(args.config)
     print(f"ksbpf up ({args.config}) in {result.seconds * 1000:.0f} ms" + (f" [netns {args.netns}]" if args.netns else ""))
@@ -79,11 +90,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     with client:
         reply = client.request({"op": "reload"})
-    layers = reply.get("layers", {})
     print("ksbpfd reloaded its policy" + (f" [netns {args.netns}]" if args.netns else ""))
+    return _print_daemon_layers(reply.get("layers", {}))
+
+
+def _print_daemon_layers(layers: dict[str, Any]) -> int:
     for name, st in layers.items():
         print(f"  {name:<9} {'engaged' if st['engaged'] else 'NOT ENGAGED':<12} {st['detail']}")
-    return EXIT_OK if all(st["engaged"] for st in layers.values()) else EXIT_PARTIAL
+    if not all(st["engaged"] for st in layers.values()):
+        print(f"ksctl: layers not engaged: {', '.join(n for n, st in layers.items() if not st['engaged'])} "
+              "(the others are enforcing)", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ Protocol: one JSON object per line each way, on an AF_UNIX stream socket.
     {"op": "exempt", "exemption": {...}}      -> {"ok": true, "exemption": {...}}  (normalized)
     {"op": "unexempt", "cgroup": "a/b"}       -> {"ok": true, "cgroup": "a/b"}
     {"op": "reload"}                          -> {"ok": true, "layers": {...}}
+    {"op": "reload", "config": "/abs/path"}   -> the same, refused unless that is the daemon's
+                                                 policy file (`ksctl up --config` with ksbpfd running)
     {"op": "down"}                            -> {"ok": true}   (remove every layer; the daemon idles)
     anything wrong                            -> {"error": "...", "code": "bad_request"|"forbidden"|"failed"}
 
@@ -61,6 +63,7 @@ OPS: dict[str, frozenset[str]] = {
 # Keys a request may leave out.
 OPTIONAL: dict[str, frozenset[str]] = {
     "status": frozenset({"brief"}),
+    "reload": frozenset({"config"}),
 }
 
 
@@ -126,6 +129,11 @@ def validate_request(raw: bytes | str) -> dict[str, Any]:
             raise BadRequest(str(e), "cgroup") from None
         if not out["cgroup"]:
             raise BadRequest("the root cgroup is never exempted", "cgroup")
+    elif op == "reload" and "config" in req:
+        config = req["config"]
+        if not isinstance(config, str) or not os.path.isabs(config) or "\0" in config:
+            raise BadRequest("expected an absolute path", "config")
+        out["config"] = config
     return out
 
 

@@ -618,7 +618,13 @@ class Daemon:
                 log.info("removed the exemption of %s", req["cgroup"], extra={"KSBPF_EVENT": "unexempt"})
                 call.reply = {"cgroup": req["cgroup"]}
             elif op == "reload":
-                call.reply = self._reload("ksctl")
+                asked = req.get("config")
+                if asked is not None and os.path.realpath(asked) != os.path.realpath(self.config):
+                    # Applying another file under a running daemon would be undone as drift.
+                    raise PolicyError(f"ksbpfd enforces {self.config}, not {asked}: edit that file and run "
+                                      "`ksctl reload`, or stop ksbpfd to apply another file directly",
+                                      source="ksctl up", key="--config")
+                call.reply = self._reload("ksctl up" if asked is not None else "ksctl")
             elif op == "down":
                 self.engine.down()
                 self.enforcing = False

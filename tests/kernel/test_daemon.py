@@ -679,6 +679,20 @@ def test_ksctl_reload_asks_the_daemon_and_a_bad_policy_is_exit_2(world: World, d
     assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout == ruleset
     assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="refused") == 1
 
+    # `ksctl up` of the daemon's own file is a reload by the daemon; of another file, refused
+    # (the daemon would undo it as drift), and nothing changes.
+    world.write_policy(world.policy().replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.55"]'))
+    r = world.ksctl("up", "--config", str(world.policy_path))
+    assert r.returncode in (0, 3) and "by ksbpfd" in r.stdout, r.stdout + r.stderr
+    ruleset = sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout
+    assert "10.64.0.55" in ruleset
+    other = world.tmp / "other.toml"
+    other.write_text(world.policy().replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.99"]'))
+    r = world.ksctl("up", "--config", str(other))
+    assert r.returncode == 2 and f"ksbpfd enforces {world.policy_path}" in r.stderr, r.stdout + r.stderr
+    assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout == ruleset
+    assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="ok") == 2
+
 
 def test_a_policy_refused_at_start_falls_back_to_the_last_applied_one(world: World, daemon: DaemonFactory) -> None:
     d = daemon()
@@ -806,14 +820,14 @@ def _imported(stderr: str) -> set[str]:
 
 
 def test_ksctl_through_the_daemon_imports_no_kernel_library(world: World, daemon: DaemonFactory) -> None:
-    """A ksctl status/exempt/unexempt/reload process that talks to ksbpfd loads neither pyroute2,
+    """A ksctl status/exempt/unexempt/reload/up process that talks to ksbpfd loads neither pyroute2,
     nftables nor bcc, nor the engine or the policy parser: the daemon does that work."""
     d = daemon()
     svc = world.cgroups("bpf/svc.service")
     rel = world.cgroups.rel(svc)
     base = [sys.executable, "-X", "importtime", "-m", "ksbpf.cli", "--netns", world.client, "--state-dir", str(world.state)]
     for args in (["exempt", "--cgroup", rel, "--allow", "udp/9", "--to", "192.0.2.1/32"], ["status"], ["unexempt", "--cgroup", rel],
-                 ["reload"]):
+                 ["reload"], ["up", "--config", str(world.policy_path)]):
         r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert r.returncode == 0, (args, r.stderr[-2000:])
         mods = _imported(r.stderr)

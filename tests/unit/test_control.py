@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_valid_requests_come_back_normalized() -> None:
     assert validate_request(b'{"op": "status"}') == {"op": "status"}
     assert validate_request('{"op": "reload"}') == {"op": "reload"}
+    assert validate_request('{"op": "reload", "config": "/etc/ksbpf/policy.toml"}') == {
+        "op": "reload", "config": "/etc/ksbpf/policy.toml"}
     assert validate_request('{"op": "down"}') == {"op": "down"}
     assert validate_request('{"op": "unexempt", "cgroup": "/system.slice/sshd.service/"}') == {
         "op": "unexempt", "cgroup": "system.slice/sshd.service"}
@@ -52,7 +54,11 @@ def test_valid_requests_come_back_normalized() -> None:
     (b'{"op": 1}', "op"),
     (b'{"op": "shell", "cmd": "id"}', "op"),
     (b'{"op": "status", "verbose": true}', "verbose"),
-    (b'{"op": "reload", "config": "/tmp/evil.toml"}', "config"),
+    # `config` only names the file the caller expects the daemon to enforce; the daemon
+    # refuses any but its own and never reads it (tests/kernel/test_daemon.py)
+    (b'{"op": "reload", "config": "evil.toml"}', "config"),
+    (b'{"op": "reload", "config": 5}', "config"),
+    (b'{"op": "reload", "config": "/etc/ksbpf/p\\u0000.toml"}', "config"),
     (b'{"op": "exempt"}', "exemption"),
     (b'{"op": "exempt", "exemption": "a"}', "exemption"),
     (b'{"op": "exempt", "exemption": {"cgroup": "a"}}', "exemption.allow"),
