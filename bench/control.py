@@ -240,6 +240,7 @@ class ControlPlane:
                             ("unexempt_rpc", {"op": "unexempt", "cgroup": cg}),
                             ("reload_same_rpc", {"op": "reload"})):
                 out.append(self._rpc(ControlClient, op, req, base))
+            out.append(self._sample("up_daemon", n, rnd, "up", "--config", str(conf)))
             conf.write_text(self.engager.policy_text(n, extra_endpoints=1, metrics_listen=listen))
             out.append(self._rpc(ControlClient, "reload_rpc", {"op": "reload"}, base))
             conf.write_text(self.engager.policy_text(n, extra_endpoints=2, metrics_listen=listen))
