@@ -505,7 +505,8 @@ def render_exemption_change(before: Policy, after: Policy) -> Json | None:
         return None
     old = {e.cgroup: e for e in before.exemptions}
     new = {e.cgroup: e for e in after.exemptions}
-    changed = sorted(c for c in old.keys() | new.keys() if old.get(c) != new.get(c))
+    # `is` first: an unchanged exemption is the same object, and dataclass == is slow at 10,000
+    changed = sorted(c for c in old.keys() | new.keys() if old.get(c) is not new.get(c) and old.get(c) != new.get(c))
     cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
     for verb, side, ids in (("delete", old, ids_before), ("add", new, ids_after)):
         for table_family in (INET, NETDEV):
