@@ -69,10 +69,13 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import ksbpf
 from ksbpf.errors import BpfError, KsbpfError
@@ -80,7 +83,7 @@ from ksbpf.linux import headers
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.netns import netns
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
-from ksbpf.policy import IPNetwork, Policy, PortSpec, normalize_cgroup
+from ksbpf.policy import Exemption, IPNetwork, Policy, PortSpec, normalize_cgroup
 from ksbpf.verdict import DROP_REASONS, Reason, interface_matches
 
 BPFFS = Path("/sys/fs/bpf")
@@ -308,6 +311,10 @@ def _possible_cpus() -> int:
 class BpfMap:
     """A map opened by fd (pinned path or id), read and written with bpf(2)."""
 
+    # Elements written (updated or deleted) per map name, by every BpfMap of this process:
+    # how tests and benchmarks see that an update is O(changed) without timing it.
+    written: ClassVar[Counter[str]] = Counter()
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.info = map_info(fd)
@@ -354,6 +361,10 @@ class BpfMap:
         return v.raw
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        BpfMap.written[self.info.name] += 1
+        self._update(key, value, flags)
+
+    def _update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         k = self._key(key)
         if self.percpu and len(value) == self.info.value_size:
             value = value.ljust(self.value_stride, b"\0") * self.ncpus
@@ -363,6 +374,10 @@ class BpfMap:
         _sys_bpf(_BPF_MAP_UPDATE_ELEM, a, f"update {self.info.name}")
 
     def delete(self, key: bytes) -> bool:
+        BpfMap.written[self.info.name] += 1
+        return self._delete(key)
+
+    def _delete(self, key: bytes) -> bool:
         k = self._key(key)
         a = _attr()
         struct.pack_into("<IIQ", a, 0, self.fd, 0, ctypes.addressof(k))
@@ -457,6 +472,7 @@ class BpfMap:
         """Write entries, thousands per syscall where the kernel batches for this map type."""
         if not entries:
             return
+        BpfMap.written[self.info.name] += len(entries)
         ks, vs = self.info.key_size, self.info.value_size
         if not self.percpu:
             items = list(entries.items())
@@ -479,13 +495,14 @@ class BpfMap:
             else:
                 return
         for k, v in entries.items():
-            self.update(k, v)
+            self._update(k, v)
 
     def delete_many(self, keys: Iterable[bytes]) -> None:
         """Delete keys that are there (a batch stops at the first missing one)."""
         todo = list(keys)
         if not todo:
             return
+        BpfMap.written[self.info.name] += len(todo)
         ks = self.info.key_size
         while todo:
             part = todo[:8192]
@@ -500,7 +517,7 @@ class BpfMap:
                     continue
                 if e.errno in _NO_BATCH:
                     for k in todo[n:]:
-                        self.delete(k)
+                        self._delete(k)
                     return
                 raise
             todo = todo[len(part):]
@@ -551,6 +568,32 @@ class ExemptionRules:
     listen: tuple[PortSpec, ...]
     to: tuple[IPNetwork, ...]  # both families, as Exemption.to_networks gives them
     from_: tuple[IPNetwork, ...]
+
+    @cached_property
+    def digest(self) -> int:
+        """Of what rule_keys writes for it (ports and networks, not the cgroup or mark), as
+        64 bits; the low 32 are kept in its ks_cgroups entry (CgroupEntry.digest)."""
+        parts: list[bytes] = []
+        for specs, networks in ((self.allow, self.to), (self.listen, self.from_)):
+            parts.append(b"".join(struct.pack("<BHH", IPPROTO[s.proto], s.first, s.last) for s in specs))
+            parts.append(b"".join(n.network_address.packed + bytes((n.prefixlen,)) for n in networks) if specs else b"")
+        data = b"|".join(len(p).to_bytes(4, "little") + p for p in parts)
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+    @cached_property
+    def want(self) -> CgroupWant:
+        """What its cgroup is when it is no endpoint cgroup (kept, as the rules are kept)."""
+        return CgroupWant(self, self.mark, False)
+
+    @cached_property
+    def counts(self) -> tuple[int, int]:
+        """(ks_ports keys, ks_nets keys) rule_keys writes for it."""
+        ports = nets = 0
+        for specs, networks in ((self.allow, self.to), (self.listen, self.from_)):
+            if specs:
+                ports += sum(len(port_prefixes(s.first, s.last)) for s in specs)
+                nets += len(networks)
+        return ports, nets
 
 
 @dataclass(frozen=True)
@@ -629,7 +672,43 @@ def scope(rules: int, kind: int) -> int:
     return (rules << 1) | kind
 
 
-def render(policy: Policy) -> BpfPlan:
+# Exemption -> its ExemptionRules, by identity, for the exemptions the last render saw:
+# ksbpfd re-renders the same Exemption objects on every exempt (its policy snapshot and
+# run-time store are cached), so only the new one is built and digested again.
+_RENDERED: dict[int, tuple[Exemption, int, ExemptionRules]] = {}
+
+
+def _render_exemptions(policy: Policy) -> tuple[ExemptionRules, ...]:
+    global _RENDERED
+    ids = exemption_ids([e.cgroup for e in policy.exemptions])
+    memo: dict[int, tuple[Exemption, int, ExemptionRules]] = _RENDERED
+    fresh: dict[int, tuple[Exemption, int, ExemptionRules]] = {}
+    out: list[ExemptionRules] = []
+    for e in policy.exemptions:
+        mark = exempt_mark(ids[e.cgroup])
+        hit = memo.get(id(e))
+        # The memo holds the Exemption itself, so its id cannot have been reused; it is frozen.
+        if hit is not None and hit[0] is e and hit[1] == mark:
+            rules = hit[2]
+        else:
+            rules = ExemptionRules(
+                cgroup=e.cgroup,
+                mark=mark,
+                allow=e.allow,
+                listen=e.listen,
+                # Networks only where there are ports for them (rule_keys ignores the others).
+                to=e.to_networks(4) + e.to_networks(6) if e.allow else (),
+                from_=e.from_networks(4) + e.from_networks(6) if e.listen else (),
+            )
+        fresh[id(e)] = (e, mark, rules)
+        out.append(rules)
+    _RENDERED = fresh
+    return tuple(out)
+
+
+def render(policy: Policy, sets: bool = True) -> BpfPlan:
+    """`sets=False` leaves the endpoint and DNS key sets empty (update_exemptions takes
+    only exemptions and endpoint cgroups from a policy; LAN still counts for capacity)."""
     t = policy.tunnel
     flags = 0
     if policy.ipv6.mode == "block":
@@ -638,27 +717,15 @@ def render(policy: Policy) -> BpfPlan:
         flags |= F_ENDPOINT_MARK
     if t.endpoint_cgroups:
         flags |= F_ENDPOINT_CGROUPS
-    ids = exemption_ids([e.cgroup for e in policy.exemptions])
-    exemptions = tuple(
-        ExemptionRules(
-            cgroup=e.cgroup,
-            mark=exempt_mark(ids[e.cgroup]),
-            allow=e.allow,
-            listen=e.listen,
-            # Networks only where there are ports for them (rule_keys ignores the others).
-            to=e.to_networks(4) + e.to_networks(6) if e.allow else (),
-            from_=e.from_networks(4) + e.from_networks(6) if e.listen else (),
-        )
-        for e in policy.exemptions
-    )
     return BpfPlan(
         flags=flags,
         endpoint_mark=t.endpoint_mark or 0,
         tunnel_patterns=t.interfaces,
-        endpoints=tuple(dict.fromkeys(endpoint_key(ep.family, ep.proto, ep.port, ep.address) for ep in t.endpoints)),
-        dns=tuple(dict.fromkeys(addr_key(a) for a in policy.dns.servers)),
+        endpoints=tuple(dict.fromkeys(endpoint_key(ep.family, ep.proto, ep.port, ep.address)
+                                      for ep in t.endpoints)) if sets else (),
+        dns=tuple(dict.fromkeys(addr_key(a) for a in policy.dns.servers)) if sets else (),
         lan=policy.lan_networks(4) + policy.lan_networks(6),
-        exemptions=exemptions,
+        exemptions=_render_exemptions(policy),
         endpoint_cgroups=t.endpoint_cgroups,
         endpoint_cgroup_mark=DEFAULT_ENDPOINT_MARK if t.endpoint_cgroups and t.endpoint_mark is None else 0,
     )
@@ -686,11 +753,10 @@ def check_capacity(plan: BpfPlan) -> None:
     """Refuse a policy the maps cannot hold, naming the limit, before anything is touched."""
     cgroups = len(set(plan.endpoint_cgroups) | {e.cgroup for e in plan.exemptions})
     ports, nets = 0, len(plan.lan)
-    for rules in plan.exemptions:  # as rule_keys, counted
-        for specs, networks in ((rules.allow, rules.to), (rules.listen, rules.from_)):
-            if specs:
-                ports += sum(len(port_prefixes(s.first, s.last)) for s in specs)
-                nets += len(networks)
+    for rules in plan.exemptions:
+        p, n = rules.counts
+        ports += p
+        nets += n
     for what, count, unit, limit in (
         ("tunnel.endpoints", len(plan.endpoints), "endpoints", MAX_ENDPOINTS),
         ("dns.servers", len(plan.dns), "servers", MAX_DNS),
@@ -762,19 +828,22 @@ def build_digest(source_dir: Path, flags: list[str], source: headers.KernelSourc
 
 @dataclass(frozen=True)
 class CgroupEntry:
-    """A ks_cgroups value (struct ks_cgroup)."""
+    """A ks_cgroups value (struct ks_cgroup). `digest` lives in the struct's pad, which the
+    programs never read: the low 32 bits of the exemption's ExemptionRules.digest, so that a
+    later write can tell which entries a new version changes from the map alone."""
 
     rules: int = 0
     mark: int = 0
     endpoint: int = 0
+    digest: int = 0
 
     def pack(self) -> bytes:
-        return struct.pack(CGROUP_FMT, self.rules, self.mark, self.endpoint, 0)
+        return struct.pack(CGROUP_FMT, self.rules, self.mark, self.endpoint, self.digest)
 
     @classmethod
     def unpack(cls, raw: bytes) -> CgroupEntry:
-        r, m, e, _ = struct.unpack(CGROUP_FMT, raw)
-        return cls(r, m, e)
+        r, m, e, d = struct.unpack(CGROUP_FMT, raw)
+        return cls(r, m, e, d)
 
 
 @dataclass(frozen=True)
@@ -785,6 +854,25 @@ class CgroupWant:
     mark: int
     endpoint: bool
 
+    def entry(self, rule_set: int) -> CgroupEntry:
+        """Its ks_cgroups value with its exemption as rule set `rule_set`."""
+        digest = self.rules.digest & 0xFFFFFFFF if self.rules is not None else 0
+        return CgroupEntry(rule_set if self.rules is not None else 0, self.mark, int(self.endpoint), digest)
+
+    @cached_property
+    def _tail(self) -> bytes:
+        return self.entry(0).pack()[4:]
+
+    @cached_property
+    def mix(self) -> int:
+        """Of everything but the cgroup id, as 64 bits (see Version.digest)."""
+        data = self._tail + (self.rules.digest.to_bytes(8, "little") if self.rules is not None else b"-")
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+    def written_as(self, raw: bytes | None) -> bool:
+        """Does a packed ks_cgroups value already say this (whatever its rule set id)?"""
+        return raw is not None and raw[4:] == self._tail and (raw[:4] != b"\0\0\0\0") == (self.rules is not None)
+
 
 def cgroup_wants(plan: BpfPlan, ids: Mapping[str, int | None]) -> dict[int, CgroupWant]:
     """ks_cgroups entries of a plan, by the cgroup ids its paths resolved to (None: not there)."""
@@ -792,7 +880,7 @@ def cgroup_wants(plan: BpfPlan, ids: Mapping[str, int | None]) -> dict[int, Cgro
     for rules in plan.exemptions:
         cid = ids.get(rules.cgroup)
         if cid is not None:
-            out[cid] = CgroupWant(rules, rules.mark, False)
+            out[cid] = rules.want
     for path in plan.endpoint_cgroups:
         cid = ids.get(path)
         if cid is None:
@@ -803,6 +891,14 @@ def cgroup_wants(plan: BpfPlan, ids: Mapping[str, int | None]) -> dict[int, Cgro
     return out
 
 
+def cgroups_changed(held: Mapping[int, bytes], want: Mapping[int, CgroupWant]) -> list[int]:
+    """Cgroup ids whose ks_cgroups entry (`held`: packed values) must change (added,
+    removed or different), sorted."""
+    out = [cid for cid, w in want.items() if not w.written_as(held.get(cid))]
+    out += [cid for cid in held if cid not in want]
+    return sorted(out)
+
+
 def _digest(items: Iterable[bytes]) -> int:
     """Of a set of byte strings, as 64 bits."""
     data = b"".join(len(item).to_bytes(4, "little") + item for item in sorted(set(items)))
@@ -810,6 +906,7 @@ def _digest(items: Iterable[bytes]) -> int:
 
 
 DIGESTS = ("endpoints", "dns", "lan", "cgroups")
+_M64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -832,11 +929,35 @@ class Version:
         if part == "lan" and self.lan is not None:
             return _digest(net_key(0, n) for n in self.lan)
         if part == "cgroups" and self.cgroups is not None:
-            return _digest(f"{cid}|{w.mark}|{int(w.endpoint)}|{w.rules!r}".encode() for cid, w in self.cgroups.items())
+            # A sum of per-entry mixes: cheap for tens of thousands of exemptions whose mixes
+            # are kept (ExemptionRules.want). Which entries changed is decided against the
+            # map itself (cgroups_changed); this is bookkeeping.
+            total = len(self.cgroups)
+            for cid, w in self.cgroups.items():
+                total += (cid * 0x9E3779B97F4A7C15 & _M64) ^ w.mix
+            return total & _M64
         return None
 
 
+@dataclass(frozen=True)
+class Held:
+    """What a generation's maps hold under the live version's tags, as read back from the
+    kernel (None: not read). In-place updates are computed against this, not against a
+    memory of what was written, so they also repair entries deleted behind our back."""
+
+    endpoints: frozenset[bytes] | None = None  # untagged endpoint_key()s
+    dns: frozenset[bytes] | None = None  # untagged addr_key()s
+    cgroups: Mapping[int, bytes] | None = None  # cgroup id -> packed CgroupEntry
+    reserved_rules: int = 0  # the ks_cgroups bookkeeping entry (RESERVE_KEY): no id below it is fresh
+
+
 _HEADER_FIELDS = ("netns_cookie", "generation", "cgroup_id", "flags", "endpoint_mark", "build", "instance")
+
+# Paths of an update (Step.path):
+PATH_NEW = "new"  # a new generation, everything written as its first version
+PATH_VERSIONED = "versioned"  # what changed written beside the live version, then ks_active flips
+PATH_DELTA = "delta"  # endpoint and DNS keys added and deleted in place under the live tags
+PATH_ONE_CGROUP = "one cgroup"  # one ks_cgroups entry replaced in place, its rules under a fresh id
 
 
 @dataclass(frozen=True)
@@ -846,12 +967,37 @@ class Step:
     config: Config
     changed: tuple[str, ...]  # of "config", "tunnels", *DIGESTS
     exemption_rules: Mapping[int, int]  # cgroup id -> its new rule set id, when "cgroups" changed
+    path: str = PATH_VERSIONED  # "" when nothing changed
+    # PATH_DELTA: part ("endpoints", "dns") -> (untagged keys to add, keys to delete)
+    delta: Mapping[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = field(default_factory=dict)
+    cgroup: int | None = None  # PATH_ONE_CGROUP: the cgroup id whose entry changes
+
+    def describe(self) -> tuple[str, ...]:
+        """What was written and how, e.g. ("endpoints (delta +1 -0)",)."""
+        if self.path == PATH_DELTA:
+            return tuple(f"{part} (delta +{len(a)} -{len(r)})" for part, (a, r) in self.delta.items())
+        if self.path == PATH_ONE_CGROUP:
+            return (f"cgroups (one cgroup {self.cgroup})",)
+        if self.path == PATH_VERSIONED:
+            return tuple(f"{part} (versioned)" for part in self.changed)
+        return self.changed
 
 
-def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version) -> Step:
-    """Decide an update from the live version (None: a new generation, nothing written yet)
-    and the wanted one. Parts that differ get the new version's tag, fresh rule set ids or
-    the other tunnel bank; the rest is shared with the live version. Pure."""
+def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version, held: Held | None = None) -> Step:
+    """Decide an update from the live version (None: a new generation, nothing written yet),
+    what the maps hold under its tags (`held`, where read) and the wanted version. Pure.
+
+    A part differs when its digest does or, where held was read, when the maps do not hold
+    it. How it is written:
+    - PATH_DELTA when only endpoint and/or DNS sets differ: each packet makes one lookup in
+      one of those maps, so adding and deleting keys in place under the live tag judges it
+      by the old set or the new, never a mix; the config keeps its tags.
+    - PATH_ONE_CGROUP when only ks_cgroups differs, in exactly one entry: a packet's ancestor
+      walk sees that one entry old or new; its rules go under a fresh rule set id first.
+    - PATH_VERSIONED otherwise: parts that differ get the new version's tag, fresh rule set
+      ids or the other tunnel bank; the rest is shared with the live version.
+    The in-place paths change only bookkeeping in the config (version, digests, next_rules),
+    which no program reads: the live slot is rewritten in place, with no flip."""
     if live is None:
         if want.header is None:
             raise ValueError("a new generation needs a whole version")
@@ -859,6 +1005,7 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version) 
                        next_rules=1, tunnel_bank=1, digests=(0, 0, 0, 0))
     else:
         base = live
+    held = held or Held()
     version = base.version + 1
     cfg = replace(base, version=version)
     changed: list[str] = []
@@ -871,14 +1018,52 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version) 
         changed.append("tunnels")
         cfg = replace(cfg, tunnel_bank=1 - base.tunnel_bank)
     digests = list(base.digests)
-    next_rules = base.next_rules
-    rules: dict[int, int] = {}
+    next_rules = max(base.next_rules, held.reserved_rules)
+    wanted_sets = {"endpoints": want.endpoints, "dns": want.dns}
+    held_sets = {"endpoints": held.endpoints, "dns": held.dns}
+    delta: dict[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = {}
+    cgroup_diff: list[int] | None = None
     for i, part in enumerate(DIGESTS):
         d = want.digest(part)
-        if d is None or (live is not None and d == live.digests[i]):
+        if d is None:
             continue
-        changed.append(part)
-        digests[i] = d
+        differs = live is None or d != live.digests[i]
+        if live is not None and part in held_sets:
+            keys, have = wanted_sets[part], held_sets[part]
+            if keys is not None and have is not None:
+                wanted = frozenset(keys)
+                delta[part] = (tuple(sorted(wanted - have)), tuple(sorted(have - wanted)))
+                differs = differs or wanted != have
+        if live is not None and part == "cgroups" and held.cgroups is not None:
+            assert want.cgroups is not None
+            cgroup_diff = cgroups_changed(held.cgroups, want.cgroups)
+            differs = differs or bool(cgroup_diff)
+        if differs:
+            changed.append(part)
+            digests[i] = d
+
+    in_place = live is not None and changed and "config" not in changed and "tunnels" not in changed
+    if in_place and set(changed) <= {"endpoints", "dns"} and all(p in delta for p in changed):
+        cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]))
+        return Step(cfg, tuple(changed), {}, PATH_DELTA, {p: delta[p] for p in changed})
+    if in_place and changed == ["cgroups"] and cgroup_diff is not None and len(cgroup_diff) == 1:
+        assert want.cgroups is not None and held.cgroups is not None
+        (cid,) = cgroup_diff
+        w, raw = want.cgroups.get(cid), held.cgroups.get(cid)
+        old = CgroupEntry.unpack(raw) if raw is not None else None
+        rules: dict[int, int] = {}
+        if w is not None and w.rules is not None:
+            if old is not None and old.rules and old.digest == w.entry(0).digest:
+                rules[cid] = old.rules  # same grant, only its mark or endpoint flag changed
+            else:
+                rules[cid], next_rules = next_rules, next_rules + 1
+        cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]), next_rules=next_rules)
+        return Step(cfg, ("cgroups",), rules, PATH_ONE_CGROUP, cgroup=cid)
+
+    rules = {}
+    for part in DIGESTS:
+        if part not in changed:
+            continue
         if part == "endpoints":
             cfg = replace(cfg, endpoints_tag=version)
         elif part == "dns":
@@ -895,7 +1080,8 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version) 
                     rules[cid], next_rules = next_rules, next_rules + 1
             cfg = replace(cfg, cgroups_tag=version)
     cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]), next_rules=next_rules)
-    return Step(cfg, tuple(changed), rules)
+    path = PATH_NEW if live is None else PATH_VERSIONED if changed else ""
+    return Step(cfg, tuple(changed), rules, path)
 
 
 # =========================================================================== loader child
@@ -1185,6 +1371,8 @@ class ApplyStats:
     rss_kb: int  # this process after apply (the daemon's steady state; bcc is never imported here)
     compiled: bool = True
     changed: tuple[str, ...] = ()  # what an in-place apply wrote or repaired
+    # how, per part: e.g. ("endpoints (delta +1 -0)",) or ("dns (versioned)",) (Step.describe)
+    writes: tuple[str, ...] = ()
 
 
 def _rss_kb() -> int:
@@ -1239,23 +1427,72 @@ def _write_tunnels(maps: Mapping[str, BpfMap], masks: Mapping[int, int], bank: i
     maps["ks_tunnels_big"].delete_many(drop)
 
 
-def _write_tagged(m: BpfMap, keys: Iterable[bytes], tag: int, live_tag: int | None) -> list[tuple[BpfMap, list[bytes]]]:
+# ks_cgroups bookkeeping, looked up by no program (cgroup ids start at 1 and the ancestor
+# walks stop at id 0): its `rules` is the first rule set id that no write has used yet. A
+# write raises it before it writes rules under new ids, so ids a write that died used (and
+# whose keys it left) are never handed out again; only a versioned write sweeps those keys.
+RESERVE_KEY = struct.pack(CGROUP_KEY_FMT, 0, 0, 0)
+
+
+@dataclass
+class _Read:
+    """A generation's policy maps as read at the start of a write."""
+
+    endpoint_keys: list[bytes] | None = None
+    dns_keys: list[bytes] | None = None
+    cgroup_items: dict[bytes, bytes] | None = None
+
+    def held(self, live: Config | None) -> Held:
+        if live is None:
+            return Held()
+        cgroups = None
+        reserved = 0
+        if self.cgroup_items is not None:
+            tag = struct.pack("<I", live.cgroups_tag)
+            cgroups = {int.from_bytes(k[:8], "little"): v for k, v in self.cgroup_items.items() if k[8:12] == tag}
+            if RESERVE_KEY in self.cgroup_items:
+                reserved = CgroupEntry.unpack(self.cgroup_items[RESERVE_KEY]).rules
+        return Held(
+            endpoints=None if self.endpoint_keys is None else
+            frozenset(k[4:] for k in self.endpoint_keys if key_tag(k) == live.endpoints_tag),
+            dns=None if self.dns_keys is None else frozenset(k[4:] for k in self.dns_keys if key_tag(k) == live.dns_tag),
+            cgroups=cgroups,
+            reserved_rules=reserved,
+        )
+
+
+def _read(maps: Mapping[str, BpfMap], want: Version, live: Config | None) -> _Read:
+    """Batched reads (a few syscalls for tens of thousands of entries) of what `want` sets."""
+    if live is None:
+        return _Read()
+    return _Read(
+        endpoint_keys=maps["ks_endpoints"].keys() if want.endpoints is not None else None,
+        dns_keys=maps["ks_dns"].keys() if want.dns is not None else None,
+        cgroup_items=dict(maps["ks_cgroups"].items()) if want.cgroups is not None or want.lan is not None else None,
+    )
+
+
+def _write_tagged(m: BpfMap, keys: Iterable[bytes], tag: int, live_tag: int | None,
+                  existing: list[bytes] | None = None) -> list[tuple[BpfMap, list[bytes]]]:
     """Write `keys` under `tag` beside the live version's (`live_tag`); returns what to
-    delete once the new version is live."""
-    existing = m.keys() if live_tag is not None else []
+    delete once the new version is live. `existing`: the map's keys, if read already."""
+    if existing is None:
+        existing = m.keys() if live_tag is not None else []
     m.delete_many([k for k in existing if key_tag(k) != live_tag])  # left by a write that died
     m.update_many({tagged(tag, k): b"\1" for k in keys})
     return [(m, [k for k in existing if key_tag(k) == live_tag])]
 
 
-def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version,
-                 old: Config | None) -> list[tuple[BpfMap, list[bytes]]]:
+def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version, old: Config | None,
+                 entries: dict[bytes, bytes] | None = None) -> list[tuple[BpfMap, list[bytes]]]:
     """LAN and exemption rules of the next version under their new rule set ids and, when
     exemptions changed, its ks_cgroups entries under its tag. Returns what to delete once
-    the new version is live."""
+    the new version is live. `entries`: ks_cgroups as read already."""
     cfg = step.config
     cgm, ports, nets = maps["ks_cgroups"], maps["ks_ports"], maps["ks_nets"]
-    entries = dict(cgm.items()) if old is not None else {}
+    if entries is None:
+        entries = dict(cgm.items()) if old is not None else {}
+    entries = {k: v for k, v in entries.items() if k != RESERVE_KEY}
     live_rules: set[int] = set()
     if old is not None:
         live_rules = {old.lan_rules} | {CgroupEntry.unpack(v).rules for k, v in entries.items()
@@ -1263,6 +1500,8 @@ def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version,
     existing = {"ports": ports.keys() if old else [], "nets": nets.keys() if old else []}
     for m, keys in ((ports, existing["ports"]), (nets, existing["nets"])):
         m.delete_many([k for k in keys if rule_set_of(k) not in live_rules])  # left by a write that died
+    if old is not None:
+        cgm.update(RESERVE_KEY, CgroupEntry(cfg.next_rules).pack())
 
     new_ports: dict[bytes, bytes] = {}
     new_nets: dict[bytes, bytes] = {}
@@ -1282,7 +1521,7 @@ def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version,
                 p, n = rule_keys(w.rules, rule_set)
                 new_ports.update(dict.fromkeys(p, b"\1"))
                 new_nets.update(dict.fromkeys(n, b"\1"))
-            new_entries[cgroup_key(cid, cfg.cgroups_tag)] = CgroupEntry(rule_set, w.mark, int(w.endpoint)).pack()
+            new_entries[cgroup_key(cid, cfg.cgroups_tag)] = w.entry(rule_set).pack()
         new_rules |= set(step.exemption_rules.values())
         ports.update_many(new_ports)
         nets.update_many(new_nets)
@@ -1297,29 +1536,160 @@ def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version,
     return cleanup
 
 
+_DELTA_MAPS = {"endpoints": ("ks_endpoints", "endpoints_tag"), "dns": ("ks_dns", "dns_tag")}
+
+
+def _write_delta(maps: Mapping[str, BpfMap], step: Step, read: _Read, slot: int) -> None:
+    """PATH_DELTA: add and delete endpoint and DNS keys in place under the live tags, then
+    rewrite the live config slot (bookkeeping only). Deleted keys go at once: a packet that
+    finds one missing is judged by the new set. On failure what was done is undone (best
+    effort; the next write compares with the maps again) and the error raised."""
+    undo: list[tuple[BpfMap, list[bytes], list[bytes]]] = []  # (map, added, deleted)
+    try:
+        for part, (add, remove) in step.delta.items():
+            name, tag_field = _DELTA_MAPS[part]
+            m, tag = maps[name], getattr(step.config, tag_field)
+            existing = read.endpoint_keys if part == "endpoints" else read.dns_keys
+            m.delete_many([k for k in existing or () if key_tag(k) != tag])  # left by a write that died
+            added, deleted = [tagged(tag, k) for k in add], [tagged(tag, k) for k in remove]
+            undo.append((m, added, deleted))
+            m.delete_many(deleted)
+            m.update_many(dict.fromkeys(added, b"\1"))
+        maps["ks_config"].update(struct.pack("<I", slot), step.config.pack())
+    except OSError:
+        for m, added, deleted in reversed(undo):
+            try:
+                m.delete_many(added)
+                m.update_many(dict.fromkeys(deleted, b"\1"))
+            except OSError:
+                pass
+        raise
+
+
+def _write_one_cgroup(maps: Mapping[str, BpfMap], step: Step, want: Version, held: Held, read: _Read,
+                      slot: int, hint: CgroupWant | None) -> tuple[list[tuple[BpfMap, list[bytes]]], frozenset[int]]:
+    """PATH_ONE_CGROUP: the one exemption's rules under a fresh rule set id (referenced by
+    nothing yet), then its ks_cgroups element replaced, inserted or deleted under the live
+    tag (one atomic element update), then the live config slot rewritten (bookkeeping only).
+    Returns what to delete after a grace period: the old rule set's keys when `hint` (what
+    the last write of this process wanted for that cgroup) is verifiably what the map holds,
+    else the old rule set id, whose keys a sweep of ks_ports and ks_nets finds."""
+    assert want.cgroups is not None and held.cgroups is not None and step.cgroup is not None
+    cfg, cid = step.config, step.cgroup
+    cgm, ports, nets = maps["ks_cgroups"], maps["ks_ports"], maps["ks_nets"]
+    w, raw = want.cgroups.get(cid), held.cgroups.get(cid)
+    old = CgroupEntry.unpack(raw) if raw is not None else None
+    key = cgroup_key(cid, cfg.cgroups_tag)
+    cgm.delete_many([k for k in read.cgroup_items or {}  # left by a write that died
+                     if k != RESERVE_KEY and struct.unpack(CGROUP_KEY_FMT, k)[1] != cfg.cgroups_tag])
+    rule_set = step.exemption_rules.get(cid, 0)
+    fresh = w is not None and w.rules is not None and (old is None or rule_set != old.rules)
+    new_ports: list[bytes] = []
+    new_nets: list[bytes] = []
+    touched = False
+    try:
+        if fresh:
+            assert w is not None and w.rules is not None
+            cgm.update(RESERVE_KEY, CgroupEntry(cfg.next_rules).pack())
+            new_ports, new_nets = rule_keys(w.rules, rule_set)
+            ports.update_many(dict.fromkeys(new_ports, b"\1"))
+            nets.update_many(dict.fromkeys(new_nets, b"\1"))
+        touched = True
+        if w is None:
+            cgm.delete(key)
+        else:
+            cgm.update(key, w.entry(rule_set).pack())
+        maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
+    except OSError:
+        try:
+            if touched:
+                if old is None:
+                    cgm.delete(key)
+                else:
+                    cgm.update(key, old.pack())
+            ports.delete_many(new_ports)
+            nets.delete_many(new_nets)
+        except OSError:
+            pass
+        raise
+    if old is None or not old.rules or (w is not None and old.rules == rule_set):
+        return [], frozenset()
+    if hint is not None and hint.rules is not None and hint.written_as(raw):
+        p, n = rule_keys(hint.rules, old.rules)
+        return [(ports, p), (nets, n)], frozenset()
+    return [], frozenset({old.rules})
+
+
+def _sweep_rule_sets(maps: Mapping[str, BpfMap], rule_sets: frozenset[int]) -> None:
+    """Delete every ks_ports and ks_nets key of these rule sets."""
+    for name in ("ks_ports", "ks_nets"):
+        m = maps[name]
+        m.delete_many([k for k in m.keys() if rule_set_of(k) in rule_sets])
+
+
+_NORMALIZED: dict[str, str] = {}  # policy cgroup path -> normalize_cgroup(path)
+
+
 def resolve_cgroups(plan: BpfPlan) -> dict[str, int | None]:
-    """Exempt and endpoint cgroup paths -> their ids now (None: not there)."""
+    """Exempt and endpoint cgroup paths -> their ids now (None: not there). A directory
+    holding many of them is read once (its entries carry their inode numbers, which are
+    the cgroup ids), the others are one stat each."""
     paths = [e.cgroup for e in plan.exemptions] + list(plan.endpoint_cgroups)
     try:
         root = str(cgroup2_mount().resolve())
     except (KsbpfError, OSError):
         return dict.fromkeys(paths)
     out: dict[str, int | None] = {}
+    by_parent: dict[str, list[tuple[str, str]]] = {}
     for path in paths:
         if path in out:
             continue
+        out[path] = None
+        rel = _NORMALIZED.get(path)
+        if rel is None:
+            try:
+                rel = normalize_cgroup(path)
+            except ValueError:
+                continue
+            if len(_NORMALIZED) > 4 * MAX_CGROUPS:
+                _NORMALIZED.clear()
+            _NORMALIZED[path] = rel
+        parent, _, name = rel.rpartition("/")
+        by_parent.setdefault(parent if name else "\0root", []).append((path, name))
+    for parent, children in by_parent.items():
+        where = root if parent in ("", "\0root") else f"{root}/{parent}"
+        if len(children) >= 16:
+            try:
+                with os.scandir(where) as it:
+                    found = {e.name: e for e in it}
+            except OSError:
+                found = {}
+            for path, name in children:
+                e = found.get(name)
+                if e is not None and e.is_dir(follow_symlinks=False):
+                    out[path] = e.inode()
+            continue
         # One stat, not cgroup_dir's realpath: a normalized path has no '..', and cgroupfs
-        # has no symlinks, so the join cannot leave the mount (tens of thousands per apply).
-        try:
-            rel = normalize_cgroup(path)
-            st = os.stat(f"{root}/{rel}" if rel else root)
-            out[path] = st.st_ino if stat.S_ISDIR(st.st_mode) else None
-        except (ValueError, OSError):
-            out[path] = None
+        # has no symlinks, so the join cannot leave the mount.
+        for path, name in children:
+            try:
+                st = os.stat(f"{where}/{name}" if name else where)
+                out[path] = st.st_ino if stat.S_ISDIR(st.st_mode) else None
+            except OSError:
+                pass
     return out
 
 
 # =========================================================================== the layer
+
+
+@dataclass
+class _Pending:
+    """Deletions a deferred write left for after a grace period."""
+
+    gen: Generation
+    entries: list[tuple[str, list[bytes]]]  # (map name, keys)
+    sweep: frozenset[int] = frozenset()  # rule sets whose every ks_ports / ks_nets key goes
 
 
 @dataclass
@@ -1339,9 +1709,12 @@ class BpfLayer:
     last_apply: ApplyStats | None = field(default=None, init=False)
     _policy: Policy | None = field(default=None, init=False, repr=False)
     _cgroup_cache: dict[int, tuple[Path, ...]] = field(default_factory=dict, init=False, repr=False)
-    # What update_exemptions(defer_cleanup=True) left to delete after a grace period:
-    # (generation, [(map name, keys)]). Every write runs it first (_finish_cleanup).
-    _pending: list[tuple[Generation, list[tuple[str, list[bytes]]]]] = field(default_factory=list, init=False, repr=False)
+    # What update_exemptions(defer_cleanup=True) left to delete after a grace period.
+    # Every write runs it first (_finish_cleanup).
+    _pending: list[_Pending] = field(default_factory=list, init=False, repr=False)
+    # (generation dir, cgroup id -> want) of the last write: see _remember.
+    _written: tuple[Path, dict[int, CgroupWant]] | None = field(default=None, init=False, repr=False)
+    last_step: Step | None = field(default=None, init=False, repr=False)  # of the last write
 
     name = "bpf"
 
@@ -1418,8 +1791,9 @@ class BpfLayer:
                             build=build_digest(_source_dir(), flags, source, mode))
             if live is not None and live[1].build == header.build:
                 gen = live[0]
-                changed = self._update(gen, plan, replace(header, generation=gen.number))
-                changed += tuple(f"attached {kind}" for kind in self._reattach(gen, target))
+                step = self._update(gen, plan, replace(header, generation=gen.number))
+                writes = step.describe()
+                changed = step.changed + tuple(f"attached {kind}" for kind in self._reattach(gen, target))
                 self._retire(keep=gen.number, cgroups=[target])
                 how = "in place" if changed else "unchanged"
                 load, compiled = LoadStats.nothing(mode), False
@@ -1435,9 +1809,10 @@ class BpfLayer:
                     self._discard(gen, target)
                     raise
                 self._retire(keep=number, cgroups=[target])
-                changed, compiled = (), True
+                changed, compiled, writes = (), True, ()
         self._policy = policy
-        self.last_apply = ApplyStats(gen.number, load, time.monotonic() - t0, how, _rss_kb(), compiled, changed)
+        self.last_apply = ApplyStats(gen.number, load, time.monotonic() - t0, how, _rss_kb(), compiled, changed,
+                                     writes)
         return self.last_apply
 
     def _reusable(self, attached: list[Attached], target_id: int) -> tuple[Generation, Config] | None:
@@ -1463,10 +1838,11 @@ class BpfLayer:
                        cgroups=cgroup_wants(plan, resolve_cgroups(plan)),
                        tunnels=frozenset(self._tunnel_ifindexes(plan.tunnel_patterns)))
 
-    def _update(self, gen: Generation, plan: BpfPlan, header: Config) -> tuple[str, ...]:
+    def _update(self, gen: Generation, plan: BpfPlan, header: Config) -> Step:
         version = self._version(plan, header)
         try:
-            return self._write(gen, version)
+            self.last_step = self._write(gen, version)
+            return self.last_step
         except OSError as e:
             raise BpfError(f"updating generation {gen.number} in place: {e}") from None
 
@@ -1617,54 +1993,83 @@ class BpfLayer:
                         m.update(struct.pack(DROP_KEY_FMT, REASON_NUMBERS[r], 0, 0), zero, BPF_NOEXIST)
                     except FileExistsError:
                         pass
-            self._write(gen, self._version(plan, header))
+            self.last_step = self._write(gen, self._version(plan, header))
         except OSError as e:
             raise BpfError(f"filling generation {gen.number}: {e}") from None
 
-    @staticmethod
-    def _write(gen: Generation, want: Version,
-               pending: list[tuple[Generation, list[tuple[str, list[bytes]]]]] | None = None) -> tuple[str, ...]:
-        """Bring a generation's maps to `want`: the next version is written beside the live
-        one (what changed under new tags and rule set ids, in the other tunnel bank), then
-        ks_active flips to it in one u32 write, then, after a grace period, what only the old
-        version used is deleted (or, given `pending`, recorded there for _finish_cleanup). A
-        failure before the flip leaves the live version whole (what was written is
-        unreferenced, and cleared by the next write). Returns what changed."""
+    def _write(self, gen: Generation, want: Version, defer: bool = False) -> Step:
+        """Bring a generation's maps to `want` (plan_step chooses how). Versioned: the next
+        version is written beside the live one (what changed under new tags and rule set
+        ids, in the other tunnel bank), then ks_active flips to it in one u32 write, then,
+        after a grace period, what only the old version used is deleted. In place (delta,
+        one cgroup): only what changed is written, under the live tags. A failure leaves the
+        live version in force: a versioned write's entries are unreferenced (and cleared by
+        the next write), an in-place one undoes itself. `defer`: the grace period and what
+        it guards are left to _finish_cleanup (finish_cleanup() or the next write). Returns
+        the step taken."""
         with _open_maps(gen) as maps:
             found = _active_config(maps["ks_active"], maps["ks_config"])
             live = found if found is not None and found[1].version else None  # version 0: never filled
             old = live[1] if live else None
             masks = _tunnel_masks(maps)
-            step = plan_step(old, _tunnels_of(masks, old.tunnel_bank) if old else frozenset(), want)
+            read = _read(maps, want, old)
+            held = read.held(old)
+            step = plan_step(old, _tunnels_of(masks, old.tunnel_bank) if old else frozenset(), want, held)
             if old is not None and not step.changed:
-                return ()
+                self._remember(gen, want)
+                return step
             cfg = step.config
-            cleanups: list[list[tuple[BpfMap, list[bytes]]]] = []
-            if "endpoints" in step.changed:
-                assert want.endpoints is not None
-                cleanups.append(_write_tagged(maps["ks_endpoints"], want.endpoints, cfg.endpoints_tag,
-                                             old.endpoints_tag if old else None))
-            if "dns" in step.changed:
-                assert want.dns is not None
-                cleanups.append(_write_tagged(maps["ks_dns"], want.dns, cfg.dns_tag, old.dns_tag if old else None))
-            if "lan" in step.changed or "cgroups" in step.changed:
-                cleanups.append(_write_rules(maps, step, want, old))
-            if "tunnels" in step.changed:
-                assert want.tunnels is not None
-                _write_tunnels(maps, masks, cfg.tunnel_bank, want.tunnels)
-            slot = 1 - live[0] if live else 0
-            maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
-            maps["ks_active"].update(_KEY0, struct.pack("<I", slot))
-            if live is not None and pending is not None:
+            cleanups: list[tuple[BpfMap, list[bytes]]] = []
+            sweep: frozenset[int] = frozenset()
+            if step.path == PATH_DELTA:
+                assert live is not None
+                _write_delta(maps, step, read, live[0])
+                self._remember(gen, want)
+                return step
+            if step.path == PATH_ONE_CGROUP:
+                assert live is not None and want.cgroups is not None and step.cgroup is not None
+                hint = self._written[1].get(step.cgroup) if self._written and self._written[0] == gen.path else None
+                cleanups, sweep = _write_one_cgroup(maps, step, want, held, read, live[0], hint)
+                self._remember(gen, want)
+                if not cleanups and not sweep:
+                    return step  # nothing only the old entry used: no grace period to wait for
+            else:
+                if "endpoints" in step.changed:
+                    assert want.endpoints is not None
+                    cleanups += _write_tagged(maps["ks_endpoints"], want.endpoints, cfg.endpoints_tag,
+                                              old.endpoints_tag if old else None, read.endpoint_keys)
+                if "dns" in step.changed:
+                    assert want.dns is not None
+                    cleanups += _write_tagged(maps["ks_dns"], want.dns, cfg.dns_tag, old.dns_tag if old else None,
+                                              read.dns_keys)
+                if "lan" in step.changed or "cgroups" in step.changed:
+                    cleanups += _write_rules(maps, step, want, old, read.cgroup_items)
+                if "tunnels" in step.changed:
+                    assert want.tunnels is not None
+                    _write_tunnels(maps, masks, cfg.tunnel_bank, want.tunnels)
+                slot = 1 - live[0] if live else 0
+                maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
+                maps["ks_active"].update(_KEY0, struct.pack("<I", slot))
+                self._remember(gen, want)
+            if live is not None and defer:
+                # Also when there is nothing to delete: the next flip rewrites the config slot
+                # packets may still be reading until a grace period has passed.
                 names = {id(m): name for name, m in maps.items()}
-                pending.append((gen, [(names[id(m)], keys) for cleanup in cleanups for m, keys in cleanup]))
-                return step.changed
+                self._pending.append(_Pending(gen, [(names[id(m)], keys) for m, keys in cleanups], sweep))
+                return step
             if live is not None:
                 rcu_grace_period()
-            for cleanup in cleanups:
-                for m, keys in cleanup:
-                    m.delete_many(keys)
-        return step.changed
+            for m, keys in cleanups:
+                m.delete_many(keys)
+            if sweep:
+                _sweep_rule_sets(maps, sweep)
+        return step
+
+    def _remember(self, gen: Generation, want: Version) -> None:
+        """What the maps now hold for each cgroup id, as a hint for the next one-cgroup
+        write (which verifies it against the entry's digest before trusting it)."""
+        if want.cgroups is not None:
+            self._written = (gen.path, dict(want.cgroups))
 
     def _finish_cleanup(self) -> None:
         """Delete what deferred writes left, after a grace period from now (which also
@@ -1673,11 +2078,13 @@ class BpfLayer:
             return
         pending, self._pending = self._pending, []
         rcu_grace_period()
-        for gen, entries in pending:
+        for p in pending:
             try:
-                with _open_maps(gen) as maps:
-                    for name, keys in entries:
+                with _open_maps(p.gen) as maps:
+                    for name, keys in p.entries:
                         maps[name].delete_many(keys)
+                    if p.sweep:
+                        _sweep_rule_sets(maps, p.sweep)
             except OSError:
                 # The generation was replaced or removed meanwhile. Entries left under an
                 # old tag are read by no version and the next write clears them.
@@ -1809,18 +2216,20 @@ class BpfLayer:
         """Re-resolve exempt and endpoint cgroups to ids (call when cgroups come and go,
         and after exemptions change at run time). A cgroup recreated under the same path
         gets a new id and keeps its exemption. Only exemptions and endpoint cgroups are
-        taken from `policy`; any other change needs apply(). Written as a new version
-        beside the live one, so a packet sees the old exemptions or the new, never a mix.
-        Returns path -> id (None: not there now). `defer_cleanup`: the old version's
-        entries are deleted by finish_cleanup() (or the next write), not before returning."""
-        plan = render(policy)
+        taken from `policy`; any other change needs apply(). One cgroup's entry changed
+        (`ksctl exempt` / `unexempt`) is replaced in place; more are written as a new
+        version beside the live one: a packet sees the old exemptions or the new, never a
+        mix (last_step says which). Returns path -> id (None: not there now).
+        `defer_cleanup`: what only the old version used is deleted by finish_cleanup() (or
+        the next write) after the grace period, not before returning."""
+        plan = render(policy, sets=False)
         check_capacity(plan)
         with self._locked(create=False):
             self._finish_cleanup()
             resolved = resolve_cgroups(plan)
             for g in self._live():
                 try:
-                    self._write(g, Version(cgroups=cgroup_wants(plan, resolved)), self._pending if defer_cleanup else None)
+                    self.last_step = self._write(g, Version(cgroups=cgroup_wants(plan, resolved)), defer_cleanup)
                 except OSError as e:
                     raise BpfError(f"updating exemptions of generation {g.number}: {e}") from None
         if self._policy is not None:

@@ -1001,6 +1001,7 @@ def test_warm_apply_and_one_endpoint_more_do_not_compile(lab: Lab, layers: list[
         policy.tunnel, endpoints=(*policy.tunnel.endpoints, Endpoint(ip_address("10.77.0.3"), 51821, "udp"))))
     stats = layer.apply(more)
     assert (stats.compiled, stats.replacement, stats.changed) == (False, "in place", ("endpoints",))
+    assert stats.writes == ("endpoints (delta +1 -0)",)
     assert runs.count == 1 and _attached(lab.root) == progs
     gen, version, sizes = _gen_state(layer)
     assert (gen, version) == (state[0], state[1] + 1)
@@ -1181,15 +1182,156 @@ def test_deferred_cleanup_keeps_the_new_version_and_runs_before_the_next_write(l
     ))
     _, _, settled = _gen_state(layer)
     layer.update_exemptions(narrower, defer_cleanup=True)
+    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
     run_cases(lab, layer, narrower, [Case("w/ex", "10.77.0.2", 5303), Case("w/ex", "10.77.0.3", 443)])
     _, _, deferred = _gen_state(layer)
-    assert deferred["ks_cgroups"] > settled["ks_cgroups"], "the old version's cgroup entries are still there"
+    # One entry replaced in place (+ the reserve entry); the old grant's rules still there.
+    assert deferred["ks_cgroups"] == settled["ks_cgroups"] + 1
+    assert deferred["ks_ports"] == settled["ks_ports"] + 1, "the old rule set's port keys are still there"
     layer.finish_cleanup()
     _, _, after = _gen_state(layer)
-    assert after["ks_cgroups"] == settled["ks_cgroups"]
+    assert after["ks_cgroups"] == deferred["ks_cgroups"] and after["ks_ports"] < settled["ks_ports"]
     layer.finish_cleanup()  # nothing pending: a no-op
     # A deferred write followed by another write: the second runs the first's cleanup first.
     layer.update_exemptions(policy, defer_cleanup=True)
     layer.update_exemptions(narrower)
     assert _gen_state(layer)[2] == after
     run_cases(lab, layer, narrower, [Case("w/ex", "10.77.0.2", 5303), Case("w/ex", "10.77.0.3", 443)])
+    # Two exemptions changed at once: a new version, then the old one's entries go.
+    both = narrower.with_exemptions(tuple(
+        Exemption(e.cgroup, allow=(parse_port_spec("udp/444"),)) for e in narrower.exemptions))
+    layer.update_exemptions(both, defer_cleanup=True)
+    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_VERSIONED
+    assert _gen_state(layer)[2]["ks_cgroups"] > after["ks_cgroups"], "both versions' entries until the cleanup"
+    layer.finish_cleanup()
+    assert _gen_state(layer)[2]["ks_cgroups"] == after["ks_cgroups"]
+    run_cases(lab, layer, both, [Case("w/ex", "10.77.0.3", 444), Case("w/svc", "10.77.0.3", 444),
+                                 Case("w/svc", "10.77.0.2", 40001, sport=5353)])
+
+
+# ---------------------------------------------------------------- O(changed) in-place updates
+
+
+class Writes:
+    """Map elements this process writes (BpfMap.written), per map, since the last take()."""
+
+    def __init__(self) -> None:
+        self.mark = kbpf.BpfMap.written.copy()
+
+    def take(self) -> dict[str, int]:
+        now = kbpf.BpfMap.written.copy()
+        out = {k: n for k, n in (now - self.mark).items() if n}
+        self.mark = now
+        return out
+
+
+def _many(lab: Lab, n: int) -> Policy:
+    for i in range(n):
+        lab.dirs[f"many/e{i}"] = lab.cgroups(f"many/e{i}")
+    return big_policy(lab, n)
+
+
+def _tunnel_with(policy: Policy, endpoints: tuple[Endpoint, ...]) -> Policy:
+    return dataclasses.replace(policy, tunnel=dataclasses.replace(policy.tunnel, endpoints=endpoints))
+
+
+@requires_bpf
+def test_one_endpoint_of_thousands_is_written_alone_and_drift_is_repaired(lab: Lab, layers: list[BpfLayer]) -> None:
+    n = 2000
+    layer = new_layer(lab, layers)
+    policy = _many(lab, n)
+    layer.apply(policy)
+    writes = Writes()
+    new_ep = Endpoint(ip_address("10.77.0.2"), 20000 + n, "udp")
+    more = _tunnel_with(policy, (*policy.tunnel.endpoints, new_ep))
+    stats = layer.apply(more)
+    assert (stats.replacement, stats.changed, stats.writes) == ("in place", ("endpoints",), ("endpoints (delta +1 -0)",))
+    # One endpoint key and the live config slot (bookkeeping only, no flip).
+    assert writes.take() == {"ks_endpoints": 1, "ks_config": 1}
+    gone = policy.tunnel.endpoints[5]
+    fewer = _tunnel_with(more, tuple(e for e in more.tunnel.endpoints if e != gone))
+    assert layer.apply(fewer).writes == ("endpoints (delta +0 -1)",)
+    assert writes.take() == {"ks_endpoints": 1, "ks_config": 1}
+    gen, version, sizes = _gen_state(layer)
+    assert sizes["ks_endpoints"] == n + 1, "the live version's keys only"
+    assert layer.status()[0]
+    run_cases(lab, layer, fewer, [
+        Case("w/ep", "10.77.0.2", new_ep.port, mark=ENDPOINT_MARK),  # added: passes
+        Case("w/ep", "10.77.0.2", gone.port, mark=ENDPOINT_MARK),  # removed: no_tunnel
+        Case("w/ep", "10.77.0.2", 20000, mark=ENDPOINT_MARK),
+        Case("w/app", "10.77.0.2", new_ep.port),  # without the mark
+    ])
+
+    # Someone deletes a live key by hand: blocked (an allow-list) until the next apply,
+    # which compares with what the map holds and puts it back, alone.
+    cfg = kbpf.Generation(gen, layer.dir / f"g{gen}").config()
+    assert cfg is not None and cfg.version == version
+    with kbpf.BpfMap.pinned(layer.dir / f"g{gen}" / "ks_endpoints") as m:
+        assert m.delete(kbpf.tagged(cfg.endpoints_tag, kbpf.endpoint_key(4, "udp", 20000, ip_address("10.77.0.2"))))
+    run_cases(lab, layer, _tunnel_with(fewer, tuple(e for e in fewer.tunnel.endpoints if e.port != 20000)),
+              [Case("w/ep", "10.77.0.2", 20000, mark=ENDPOINT_MARK)])
+    writes.take()
+    stats = layer.apply(fewer)
+    assert (stats.replacement, stats.writes) == ("in place", ("endpoints (delta +1 -0)",))
+    assert writes.take() == {"ks_endpoints": 1, "ks_config": 1}
+    run_cases(lab, layer, fewer, [Case("w/ep", "10.77.0.2", 20000, mark=ENDPOINT_MARK)])
+    assert layer.apply(fewer).replacement == "unchanged" and not writes.take()
+
+
+@requires_bpf
+def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, layers: list[BpfLayer]) -> None:
+    n = 2000
+    layer = new_layer(lab, layers)
+    policy = _many(lab, n)
+    layer.apply(policy)
+    base = _gen_state(layer)[2]
+    lab.dirs["many/new"] = lab.cgroups("many/new")
+    new = Exemption(lab.rel("many/new"), allow=(parse_port_spec("udp/31999"),), to=(ip_network("10.77.0.3/32"),))
+    exempted = policy.with_exemptions((*policy.exemptions, new))
+    writes = Writes()
+    resolved = layer.update_exemptions(exempted)
+    assert resolved[new.cgroup] == cgroup_id(lab.dirs["many/new"])
+    step = layer.last_step
+    assert step is not None and (step.path, step.cgroup) == (kbpf.PATH_ONE_CGROUP, resolved[new.cgroup])
+    # Its entry and the reserve entry, its one port and one network, the config slot.
+    assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
+    cases = [Case("many/new", "10.77.0.3", 31999), Case("many/new", "10.77.0.3", 31998),
+             Case("many/e7", "10.77.0.3", 30007), Case("many/e7", "10.77.0.3", 31999)]
+    run_cases(lab, layer, exempted, cases)
+
+    # A narrower grant for it: one entry again, the old rules after the grace period.
+    narrower = exempted.with_exemptions((*policy.exemptions, dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),))))
+    layer.update_exemptions(narrower, defer_cleanup=True)
+    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
+    layer.finish_cleanup()
+    assert writes.take() == {"ks_ports": 1, "ks_nets": 1}, "exactly the old grant's keys"
+    run_cases(lab, layer, narrower, cases)
+
+    # Unexempt: its entry goes; its rules after the grace period.
+    layer.update_exemptions(policy)
+    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert writes.take() == {"ks_cgroups": 1, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
+    run_cases(lab, layer, policy, cases)
+    assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 1}  # + the reserve entry
+
+    # From a fresh process (no memory of the last write): the old rules are found by a sweep.
+    BpfLayer(layer.instance, netns=lab.client).update_exemptions(exempted)
+    writes.take()
+    fresh = BpfLayer(layer.instance, netns=lab.client)
+    fresh.update_exemptions(narrower)
+    assert fresh.last_step is not None and fresh.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1 + 1, "ks_nets": 1 + 1, "ks_config": 1}
+    run_cases(lab, fresh, narrower, cases)
+    assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 2, "ks_ports": base["ks_ports"] + 1,
+                                    "ks_nets": base["ks_nets"] + 1}
+
+    # Two exemptions at once: a versioned write of them all.
+    writes.take()
+    two = narrower.with_exemptions(tuple(e for e in narrower.exemptions if e.cgroup not in (new.cgroup, lab.rel("many/e7"))))
+    fresh.update_exemptions(two)
+    assert fresh.last_step is not None and fresh.last_step.path == kbpf.PATH_VERSIONED
+    assert fresh.last_step.describe() == ("cgroups (versioned)",)
+    assert writes.take()["ks_cgroups"] > n
+    run_cases(lab, fresh, two, cases)
+    assert fresh.status()[0]

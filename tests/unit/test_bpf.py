@@ -345,3 +345,183 @@ def test_build_digest_follows_what_the_build_depends_on(tmp_path: Path) -> None:
     assert d != bpf.build_digest(src, flags, ks, "sk_storage")
     (src / "killswitch.h").write_text("// changed")
     assert d != bpf.build_digest(src, flags, ks, "helper")
+
+
+# ---------------------------------------------------------------- in-place paths (plan_step with held)
+
+
+def held_of(step: bpf.Step, want: bpf.Version, **kw: object) -> bpf.Held:
+    """What the maps hold once `step` (a versioned or new one) wrote `want`."""
+    assert want.endpoints is not None and want.dns is not None and want.cgroups is not None
+    cgroups = {cid: w.entry(step.exemption_rules.get(cid, 0)).pack() for cid, w in want.cgroups.items()}
+    base = bpf.Held(frozenset(want.endpoints), frozenset(want.dns), cgroups, step.config.next_rules)
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def with_endpoints(pol: Policy, *extra: str) -> Policy:
+    from ksbpf.policy import parse_endpoint
+
+    t = pol.tunnel
+    return dataclasses.replace(pol, tunnel=dataclasses.replace(t, endpoints=(*t.endpoints, *map(parse_endpoint, extra))))
+
+
+def test_one_endpoint_more_is_a_delta_under_the_live_tag() -> None:
+    first = bpf.plan_step(None, frozenset(), version())
+    live, held = first.config, held_of(first, version())
+    more = version(with_endpoints(policy(), "192.0.2.9:1194/udp"))
+    step = bpf.plan_step(live, frozenset({5}), more, held)
+    assert (step.path, step.changed) == (bpf.PATH_DELTA, ("endpoints",))
+    new_key = bpf.endpoint_key(4, "udp", 1194, ipaddress.ip_address("192.0.2.9"))
+    assert step.delta == {"endpoints": ((new_key,), ())}
+    assert step.describe() == ("endpoints (delta +1 -0)",)
+    # Tags stay; only bookkeeping differs, so the live slot may be rewritten in place.
+    c = step.config
+    assert dataclasses.replace(c, version=live.version, digests=live.digests) == live
+    assert c.digests[0] == more.digest("endpoints") and c.version == live.version + 1
+
+
+def test_delta_is_against_what_the_map_holds_and_repairs_drift() -> None:
+    first = bpf.plan_step(None, frozenset(), version())
+    live = first.config
+    gone = bpf.endpoint_key(4, "udp", 51820, ipaddress.ip_address("198.51.100.7"))
+    stray = bpf.endpoint_key(4, "udp", 9, ipaddress.ip_address("203.0.113.1"))
+    held = held_of(first, version(), endpoints=frozenset({stray} | set(version().endpoints) - {gone}))
+    # The same policy, but the map lost one key and gained another: a delta puts it right.
+    step = bpf.plan_step(live, frozenset({5}), version(), held)
+    assert (step.path, step.changed) == (bpf.PATH_DELTA, ("endpoints",))
+    assert step.delta == {"endpoints": ((gone,), (stray,))}
+    # Without a read of the map, the digest alone says nothing changed.
+    assert bpf.plan_step(live, frozenset({5}), version()).changed == ()
+
+
+def test_dns_and_endpoints_together_are_one_delta() -> None:
+    first = bpf.plan_step(None, frozenset(), version())
+    pol = with_endpoints(policy(), "192.0.2.9:1194/udp")
+    pol = dataclasses.replace(pol, dns=dataclasses.replace(pol.dns, servers=pol.dns.servers[:1]))
+    step = bpf.plan_step(first.config, frozenset({5}), version(pol), held_of(first, version()))
+    assert step.path == bpf.PATH_DELTA and set(step.delta) == {"endpoints", "dns"}
+    assert step.delta["dns"] == ((), (bpf.addr_key(ipaddress.ip_address("fd00::53")),))
+
+
+@pytest.mark.parametrize("other", ["config", "tunnels", "cgroups", "lan"])
+def test_a_set_change_with_anything_else_is_versioned(other: str) -> None:
+    first = bpf.plan_step(None, frozenset(), version())
+    pol = with_endpoints(policy(), "192.0.2.9:1194/udp")
+    kw: dict[str, object] = {}
+    if other == "config":
+        pol, kw = dataclasses.replace(pol, ipv6=dataclasses.replace(pol.ipv6, mode="block")), {"flags": bpf.F_IPV6_BLOCK}
+    elif other == "tunnels":
+        kw = {"tunnels": frozenset({5, 6})}
+    elif other == "cgroups":
+        kw = {"ids": {e.cgroup: 200 + i for i, e in enumerate(pol.exemptions)}}
+    else:
+        pol = dataclasses.replace(pol, lan=dataclasses.replace(pol.lan, allow=True,
+                                                              networks=(ipaddress.ip_network("192.168.1.0/24"),)))
+    step = bpf.plan_step(first.config, frozenset({5}), version(pol, **kw), held_of(first, version()))  # type: ignore[arg-type]
+    assert step.path == bpf.PATH_VERSIONED and "endpoints" in step.changed and other in step.changed
+    assert step.config.endpoints_tag == step.config.version, "the endpoints under the new version's tag"
+
+
+def exempt_policy(n: int, extra: str = "") -> Policy:
+    rules = "".join(f'[[exempt]]\ncgroup = "s/e{i}"\nallow = ["udp/{1000 + i}"]\n' for i in range(n))
+    return loads_policy(f'[tunnel]\ninterfaces = ["wg0"]\nendpoints = ["192.0.2.1:1/udp"]\nendpoint_mark = 1\n{rules}{extra}')
+
+
+def test_exempting_one_cgroup_replaces_one_entry_under_a_fresh_rule_set() -> None:
+    pol = exempt_policy(50)
+    ids = {f"s/e{i}": 1000 + i for i in range(60)}
+    first = bpf.plan_step(None, frozenset(), version(pol, ids=ids))
+    held = held_of(first, version(pol, ids=ids), reserved_rules=first.config.next_rules + 3)
+    one_more = pol.with_exemptions((*pol.exemptions, *exempt_policy(51).exemptions[50:]))
+    want = bpf.Version(cgroups=bpf.cgroup_wants(bpf.render(one_more, sets=False), ids))
+    step = bpf.plan_step(first.config, frozenset(), want, held)
+    assert (step.path, step.changed, step.cgroup) == (bpf.PATH_ONE_CGROUP, ("cgroups",), 1050)
+    # Past what a write that died may have used (the reserve entry), never reused.
+    assert step.exemption_rules == {1050: first.config.next_rules + 3}
+    assert step.config.next_rules == first.config.next_rules + 4
+    assert step.config.cgroups_tag == first.config.cgroups_tag
+    # And unexempting it again: one entry, no rule set.
+    held2 = dataclasses.replace(held, cgroups={**held.cgroups, 1050: want.cgroups[1050].entry(99).pack()})  # type: ignore[index, dict-item]
+    back = bpf.plan_step(step.config, frozenset(), bpf.Version(cgroups=bpf.cgroup_wants(bpf.render(pol), ids)), held2)
+    assert (back.path, back.cgroup, back.exemption_rules) == (bpf.PATH_ONE_CGROUP, 1050, {})
+
+
+def test_a_changed_grant_of_one_cgroup_is_one_entry_and_a_mark_only_change_keeps_its_rules() -> None:
+    pol = exempt_policy(5)
+    ids = {f"s/e{i}": 1000 + i for i in range(5)}
+    first = bpf.plan_step(None, frozenset(), version(pol, ids=ids))
+    held = held_of(first, version(pol, ids=ids))
+    narrower = exempt_policy(5).exemptions
+    narrower = (*narrower[:2], dataclasses.replace(narrower[2], allow=(PortSpec("udp", 7, 7),)), *narrower[3:])
+    step = bpf.plan_step(first.config, frozenset(), bpf.Version(cgroups=bpf.cgroup_wants(
+        bpf.render(pol.with_exemptions(narrower)), ids)), held)
+    assert (step.path, step.cgroup) == (bpf.PATH_ONE_CGROUP, 1002)
+    assert step.exemption_rules[1002] >= first.config.next_rules
+    # The same grant, only the endpoint flag: its entry changes, its rule set stays.
+    plan = bpf.render(pol)
+    wants = bpf.cgroup_wants(plan, ids)
+    wants[1003] = dataclasses.replace(wants[1003], endpoint=True)
+    step = bpf.plan_step(first.config, frozenset(), bpf.Version(cgroups=wants), held)
+    assert (step.path, step.cgroup) == (bpf.PATH_ONE_CGROUP, 1003)
+    assert step.exemption_rules == {1003: first.exemption_rules[1003]}
+
+
+def test_two_cgroups_at_once_are_versioned() -> None:
+    pol = exempt_policy(5)
+    ids = {f"s/e{i}": 1000 + i for i in range(5)}
+    first = bpf.plan_step(None, frozenset(), version(pol, ids=ids))
+    held = held_of(first, version(pol, ids=ids))
+    fewer = bpf.Version(cgroups=bpf.cgroup_wants(bpf.render(pol.with_exemptions(pol.exemptions[2:])), ids))
+    step = bpf.plan_step(first.config, frozenset(), fewer, held)
+    assert step.path == bpf.PATH_VERSIONED and step.config.cgroups_tag == step.config.version
+    assert step.describe() == ("cgroups (versioned)",)
+    # An entry gone from the map behind our back and one real change: two, versioned too.
+    lost = dict(held.cgroups)  # type: ignore[arg-type]
+    del lost[1004]
+    step = bpf.plan_step(first.config, frozenset(), bpf.Version(cgroups=bpf.cgroup_wants(
+        bpf.render(pol.with_exemptions(pol.exemptions[1:])), ids)), dataclasses.replace(held, cgroups=lost))
+    assert step.path == bpf.PATH_VERSIONED
+
+
+def test_entries_written_by_an_older_loader_are_not_trusted() -> None:
+    """Entries without a rules digest (pad 0) all differ: the first write re-tags them."""
+    pol = exempt_policy(3)
+    ids = {f"s/e{i}": 1000 + i for i in range(3)}
+    first = bpf.plan_step(None, frozenset(), version(pol, ids=ids))
+    held = held_of(first, version(pol, ids=ids))
+    old = {cid: dataclasses.replace(bpf.CgroupEntry.unpack(v), digest=0).pack() for cid, v in held.cgroups.items()}  # type: ignore[union-attr]
+    assert bpf.cgroups_changed(old, version(pol, ids=ids).cgroups) == [1000, 1001, 1002]  # type: ignore[arg-type]
+    assert bpf.cgroups_changed(held.cgroups, version(pol, ids=ids).cgroups) == []  # type: ignore[arg-type]
+
+
+def test_rules_digest_follows_the_keys_and_render_reuses_exemptions() -> None:
+    pol = exempt_policy(3)
+    a, b = bpf.render(pol).exemptions, bpf.render(pol).exemptions
+    assert all(x is y for x, y in zip(a, b, strict=True)), "the same Exemption objects render to the same rules"
+    fresh = bpf.render(exempt_policy(3)).exemptions
+    assert [r.digest for r in fresh] == [r.digest for r in a] and fresh[0] is not a[0]
+    assert len({r.digest for r in a}) == 3
+    wider = dataclasses.replace(a[0], allow=(PortSpec("udp", 1000, 1001),))
+    assert wider.digest != a[0].digest
+    assert a[0].counts == (1, 2)  # one port, any network of both families
+
+
+def test_resolve_cgroups_reads_a_crowded_directory_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr(bpf, "cgroup2_mount", lambda: tmp_path)
+    for i in range(40):
+        (tmp_path / "s" / f"e{i}").mkdir(parents=True)
+    (tmp_path / "s" / "file").write_text("")
+    (tmp_path / "lone").mkdir()
+    names = [f"s/e{i}" for i in range(45)] + ["s/file", "lone", "nope/x"]
+    rules = "".join(f'[[exempt]]\ncgroup = "{n}"\nallow = ["udp/1"]\n' for n in names)
+    plan = bpf.render(loads_policy(f'[tunnel]\ninterfaces = ["wg0"]\nendpoints = ["192.0.2.1:1/udp"]\nendpoint_mark = 1\n{rules}'))
+    got = bpf.resolve_cgroups(plan)
+    want = {e.cgroup: None for e in plan.exemptions}
+    for e in plan.exemptions:
+        p = tmp_path / e.cgroup.strip("/")
+        if p.is_dir():
+            want[e.cgroup] = os.stat(p).st_ino
+    assert got == want
+    assert got["s/e0"] is not None and got["s/e44"] is None and got["s/file"] is None and got["lone"] is not None
