@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from ksbpf.errors import PolicyError
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, EXEMPT_MARK_BASE, EXEMPT_MARK_MASK, is_exempt_mark
 
+_T = TypeVar("_T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Proto = Literal["tcp", "udp"]
@@ -32,6 +34,7 @@ _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 _IFGLOB_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,14}\*$")
 # systemd unit and slice names (escaped with \x2d and friends) fit this set.
 _CGROUP_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_.@:+\\-]{1,255}$")
+_CGROUP_CANONICAL_RE = re.compile(r"[A-Za-z0-9_.@:+\\-]{1,255}(?:/[A-Za-z0-9_.@:+\\-]{1,255})*")
 
 
 @dataclass(frozen=True, order=True)
@@ -209,6 +212,8 @@ class _Reader:
 
     def get_list(self, name: str, item: type) -> list[Any]:
         values = self.get(name, list, [])
+        if item is not bool and set(map(type, values)) <= {item}:  # the common case, at C speed
+            return list(values)
         for i, v in enumerate(values):
             if not isinstance(v, item) or isinstance(v, bool):
                 raise self.fail(f"{name}[{i}]", f"expected {_typename(item)}, got {type(v).__name__}")
@@ -277,7 +282,28 @@ def _no_zone(text: str) -> None:
         raise ValueError(f"{text!r}: IPv6 zone ids ('%...') are not supported")
 
 
+def _ipv4_packed(text: str) -> bytes | None:
+    """The 4 bytes of `text` if it is the one spelling ipaddress accepts for an IPv4
+    address (dotted decimal, no leading zeros), else None: inet_aton is lax ("1", "0x1",
+    "1.2.3.4 junk", leading zeros), but only a canonical text survives the round trip."""
+    try:
+        packed = socket.inet_aton(text)
+    except (OSError, ValueError):  # ValueError: NUL or non-ASCII
+        return None
+    return packed if socket.inet_ntoa(packed) == text else None
+
+
 def parse_network(text: str) -> IPNetwork:
+    # Fast path, same result as ipaddress.ip_network: ADDRESS/PREFIX with a canonical IPv4
+    # address, a decimal prefix <= 32 and no host bits. Anything else takes the slow path.
+    addr, slash, prefix = text.partition("/")
+    if slash and 0 < len(prefix) <= 2 and prefix.isascii() and prefix.isdigit():
+        packed = _ipv4_packed(addr)
+        plen = int(prefix)
+        if packed is not None and plen <= 32:
+            value = int.from_bytes(packed, "big")
+            if value & ((1 << (32 - plen)) - 1) == 0:
+                return ipaddress.IPv4Network((value, plen))
     _no_zone(text)
     try:
         return ipaddress.ip_network(text, strict=True)
@@ -286,6 +312,9 @@ def parse_network(text: str) -> IPNetwork:
 
 
 def parse_address(text: str) -> IPAddress:
+    packed = _ipv4_packed(text)
+    if packed is not None:
+        return ipaddress.IPv4Address(packed)
     _no_zone(text)
     try:
         return ipaddress.ip_address(text)
@@ -311,6 +340,13 @@ def normalize_cgroup(path: str) -> str:
 
     Returns the canonical form: no leading or trailing '/', '' for the root.
     """
+    # Fast path: already canonical (non-empty components of the allowed characters).
+    if type(path) is str and _CGROUP_CANONICAL_RE.fullmatch(path):
+        if "." not in path:
+            return path
+        parts = path.split("/")
+        if "." not in parts and ".." not in parts:
+            return path
     if not isinstance(path, str) or "\x00" in path:
         raise ValueError("cgroup path must be a string without NUL")
     parts = [p for p in path.strip("/").split("/") if p]
@@ -347,31 +383,132 @@ def _parse_listen(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
-def _convert(reader: _Reader, name: str, values: list[str], fn: Any) -> tuple[Any, ...]:
-    out = []
-    for i, v in enumerate(values):
-        try:
-            out.append(fn(v))
-        except ValueError as e:
-            raise reader.fail(f"{name}[{i}]", str(e)) from None
-    return tuple(out)
+class _Memo(Generic[_T]):
+    """A pure validator (text -> value or ValueError) remembering its successes, bounded by
+    generations: after `rotate` only what was asked for since the previous rotate is kept."""
+
+    __slots__ = ("fn", "new", "old")
+
+    def __init__(self, fn: Callable[[str], _T]) -> None:
+        self.fn = fn
+        self.new: dict[str, _T] = {}
+        self.old: dict[str, _T] = {}
+
+    def get(self, text: str) -> _T:
+        new = self.new
+        if text in new:
+            return new[text]
+        old = self.old
+        value = old[text] if text in old else self.fn(text)
+        new[text] = value
+        return value
+
+    def rotate(self) -> None:
+        self.old, self.new = self.new, {}
 
 
-def parse_exemption(data: Mapping[str, Any], source: str, prefix: str) -> Exemption:
+class _Validators:
+    """The per-item validators a parse applies, plain or memoized (string -> value).
+    Memoized, a value is computed once however often its string occurs (the 10,000
+    "tcp/443" of a large policy) and, kept by a PolicyParser, across parses."""
+
+    def __init__(self, memo: bool) -> None:
+        fns: tuple[Callable[[str], Any], ...] = (
+            validate_interface, parse_endpoint, parse_address, parse_network, normalize_cgroup, parse_port_spec,
+        )
+        self.memos = tuple(_Memo(fn) for fn in fns) if memo else ()
+        calls = tuple(m.get for m in self.memos) if memo else fns
+        self.interface: Callable[[str], str] = calls[0]
+        self.endpoint: Callable[[str], Endpoint] = calls[1]
+        self.address: Callable[[str], IPAddress] = calls[2]
+        self.network: Callable[[str], IPNetwork] = calls[3]
+        self.cgroup: Callable[[str], str] = calls[4]
+        self.port_spec: Callable[[str], PortSpec] = calls[5]
+
+    def rotate(self, after_failure: bool = False) -> None:
+        """Forget what the previous generation used and was not used since. After a failed
+        parse (which stopped early and so used only part of the policy), keep both
+        generations unless that would let the memo grow past twice its last size."""
+        for m in self.memos:
+            if not after_failure or len(m.new) > 2 * len(m.old) + 1024:
+                m.rotate()
+
+
+_PLAIN = _Validators(memo=False)
+
+
+def _convert(reader: _Reader, name: str, values: list[str], fn: Callable[[str], Any]) -> tuple[Any, ...]:
+    try:
+        return tuple(map(fn, values))
+    except ValueError:
+        for i, v in enumerate(values):  # again, to name the first bad item
+            try:
+                fn(v)
+            except ValueError as e:
+                raise reader.fail(f"{name}[{i}]", str(e)) from None
+        raise
+
+
+_EXEMPTION_KEYS = frozenset(("cgroup", "allow", "listen", "to", "from"))
+_ABSENT: tuple[str, ...] = ()
+
+
+def _exemption_fast(data: Mapping[str, Any], v: _Validators) -> Exemption | None:
+    """The exemption in `data` if it is valid and plain (a str cgroup, lists of str), else
+    None, and then `_exemption_checked` gives the result or the error: the same result
+    with less work than a _Reader."""
+    if not _EXEMPTION_KEYS.issuperset(data):
+        return None
+    cgroup = data.get("cgroup")
+    allow_l = data.get("allow", _ABSENT)
+    listen_l = data.get("listen", _ABSENT)
+    to_l = data.get("to", _ABSENT)
+    from_l = data.get("from", _ABSENT)
+    if type(cgroup) is not str:
+        return None
+    for values in (allow_l, listen_l, to_l, from_l):
+        if values is not _ABSENT:
+            if type(values) is not list:
+                return None
+            for item in values:
+                if type(item) is not str:
+                    return None
+    if (not allow_l and not listen_l) or (to_l and not allow_l) or (from_l and not listen_l):
+        return None
+    try:
+        cgroup = v.cgroup(cgroup)
+        allow = tuple(map(v.port_spec, allow_l)) if allow_l else ()
+        listen = tuple(map(v.port_spec, listen_l)) if listen_l else ()
+        to = tuple(map(v.network, to_l)) if to_l else ()
+        from_ = tuple(map(v.network, from_l)) if from_l else ()
+    except ValueError:
+        return None
+    if not cgroup:
+        return None
+    return Exemption(
+        cgroup,
+        allow if len(allow) <= 1 else tuple(sorted(set(allow))),
+        listen if len(listen) <= 1 else tuple(sorted(set(listen))),
+        to,
+        from_,
+    )
+
+
+def _exemption_checked(data: Mapping[str, Any], source: str, prefix: str, v: _Validators) -> Exemption:
     r = _Reader(data, source, prefix)
     cgroup = r.get("cgroup", str)
     if cgroup is None:
         raise r.fail("cgroup", "is required")
     try:
-        cgroup = normalize_cgroup(cgroup)
+        cgroup = v.cgroup(cgroup)
     except ValueError as e:
         raise r.fail("cgroup", str(e)) from None
     if not cgroup:
         raise r.fail("cgroup", "the root cgroup cannot be exempted (that would exempt everything)")
-    allow = _convert(r, "allow", r.get_list("allow", str), parse_port_spec)
-    listen = _convert(r, "listen", r.get_list("listen", str), parse_port_spec)
-    to = _convert(r, "to", r.get_list("to", str), parse_network)
-    from_ = _convert(r, "from", r.get_list("from", str), parse_network)
+    allow = _convert(r, "allow", r.get_list("allow", str), v.port_spec)
+    listen = _convert(r, "listen", r.get_list("listen", str), v.port_spec)
+    to = _convert(r, "to", r.get_list("to", str), v.network)
+    from_ = _convert(r, "from", r.get_list("from", str), v.network)
     r.finish()
     if not allow and not listen:
         raise r.fail("allow", "an exemption needs at least one 'allow' or 'listen' port")
@@ -382,16 +519,24 @@ def parse_exemption(data: Mapping[str, Any], source: str, prefix: str) -> Exempt
     return Exemption(cgroup, tuple(sorted(set(allow))), tuple(sorted(set(listen))), to, from_)
 
 
+def parse_exemption(data: Mapping[str, Any], source: str, prefix: str) -> Exemption:
+    return _exemption_fast(data, _PLAIN) or _exemption_checked(data, source, prefix, _PLAIN)
+
+
 def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
+    return _parse_policy(data, source, _Validators(memo=True))
+
+
+def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Policy:
     top = _Reader(data, source, "")
     tunnel_t = top.get("tunnel", dict)
     if tunnel_t is None:
         raise top.fail("tunnel", "is required")
     t = _Reader(tunnel_t, source, "tunnel")
-    interfaces = _convert(t, "interfaces", t.get_list("interfaces", str), validate_interface)
+    interfaces = _convert(t, "interfaces", t.get_list("interfaces", str), v.interface)
     if not interfaces:
         raise t.fail("interfaces", "at least one tunnel interface is required")
-    endpoints = _convert(t, "endpoints", t.get_list("endpoints", str), parse_endpoint)
+    endpoints = _convert(t, "endpoints", t.get_list("endpoints", str), v.endpoint)
     mark_v = t.get("endpoint_mark", (int, str))
     mark = None
     if mark_v is not None:
@@ -399,7 +544,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
             mark = parse_mark(mark_v)
         except ValueError as e:
             raise t.fail("endpoint_mark", str(e)) from None
-    ep_cgroups = _convert(t, "endpoint_cgroups", t.get_list("endpoint_cgroups", str), normalize_cgroup)
+    ep_cgroups = _convert(t, "endpoint_cgroups", t.get_list("endpoint_cgroups", str), v.cgroup)
     t.finish()
     if mark is not None and is_exempt_mark(mark):
         raise t.fail("endpoint_mark", f"{mark:#x} lies in the range ksbpf reserves for exemptions ({EXEMPT_MARK_BASE:#x}/{EXEMPT_MARK_MASK:#x})")
@@ -408,13 +553,13 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     tunnel = Tunnel(interfaces, endpoints, mark, ep_cgroups)
 
     dns_r = _Reader(top.get("dns", dict, {}), source, "dns")
-    dns = Dns(_convert(dns_r, "servers", dns_r.get_list("servers", str), parse_address))
+    dns = Dns(_convert(dns_r, "servers", dns_r.get_list("servers", str), v.address))
     dns_r.finish()
 
     lan_r = _Reader(top.get("lan", dict, {}), source, "lan")
     lan = Lan(
         bool(lan_r.get("allow", bool, False)),
-        _convert(lan_r, "networks", lan_r.get_list("networks", str), parse_network),
+        _convert(lan_r, "networks", lan_r.get_list("networks", str), v.network),
     )
     lan_r.finish()
 
@@ -427,7 +572,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     bpf_r = _Reader(top.get("bpf", dict, {}), source, "bpf")
     cg = bpf_r.get("cgroup", str, "/")
     try:
-        cg = normalize_cgroup(cg)
+        cg = v.cgroup(cg)
     except ValueError as e:
         raise bpf_r.fail("cgroup", str(e)) from None
     ksrc = bpf_r.get("kernel_source", str)
@@ -447,7 +592,7 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>") -> Policy:
     for i, ex in enumerate(ex_list):
         if not isinstance(ex, dict):
             raise top.fail(f"exempt[{i}]", "expected a table ([[exempt]])")
-        exemption = parse_exemption(ex, source, f"exempt[{i}]")
+        exemption = _exemption_fast(ex, v) or _exemption_checked(ex, source, f"exempt[{i}]", v)
         if exemption.cgroup in seen:
             raise top.fail(f"exempt[{i}].cgroup", f"{exemption.cgroup!r} is exempted twice")
         seen.add(exemption.cgroup)
