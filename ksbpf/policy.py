@@ -619,6 +619,140 @@ def loads_policy(text: str, source: str = "<policy>") -> Policy:
     return parse_policy(data, source)
 
 
+# ------------------------------------------------------------------ incremental parsing
+
+# Why parsing a policy chunk by chunk gives what parsing it whole gives.
+#
+# The text is cut before every line whose first non-blank character is '[': every table
+# header, and also any such line inside a multi-line string or array. A cut inside a
+# multi-line string or array leaves the chunk before it unterminated, so that chunk fails
+# to parse alone. Parsing is left to right and where a statement starts does not depend on
+# the tables defined so far, so by induction from the start of the text: if every chunk
+# parses alone, every cut lies between two statements and each chunk alone means what it
+# means in the whole text. Then:
+# - a chunk under an `[[exempt]]` header appends exactly its one table to `exempt`, as long
+#   as no other chunk defines anything under `exempt` (a static `exempt = [...]`,
+#   `[exempt.x]`, `[[exempt.allow]]`, `["exempt"]`: those chunks have an "exempt" key);
+# - the other chunks with disjoint top-level keys cannot see each other's tables, so their
+#   union is the whole text minus `exempt`; if their keys overlap (`[a]` then `[a.b]`, a
+#   table defined twice), they are parsed together as one text, which is sound now that
+#   the cuts are known to lie between statements.
+# Only "\n" ends a line, as in TOML (re's ^ under MULTILINE), so "\r\n" is never cut.
+# Exemptions are validated one by one and checked for duplicate cgroups over the merged
+# list, as parse_policy does. Anything unusual, and any error at all, goes to the full
+# path (loads_policy), so every PolicyError, exempt[i] index included, is the full path's.
+
+_CUT_RE = re.compile(r"^(?=[ \t]*\[)", re.MULTILINE)
+_EXEMPT_HEADER_RE = re.compile(r"[ \t]*\[\[[ \t]*exempt[ \t]*\]\]")
+
+# A parsed chunk: the Exemption of an [[exempt]] chunk, the TOML of any other, None if
+# it does not parse alone, is not valid, or is unusual (the full path must decide).
+_Chunk = Exemption | dict[str, Any] | None
+
+
+class PolicyParser:
+    """`loads_policy` for a long-lived reader of one policy (the daemon, reloading its file):
+    `loads` returns the same Policy, or raises the same PolicyError, but parses and
+    validates again only the parts of the text that changed since the previous call or two.
+
+    Keep one instance per policy file for the life of the process (it is not thread-safe)
+    and give it every text read from that file, e.g. ksbpfd's reload:
+    `self.parser = PolicyParser()` once, then `self.parser.loads(text, str(path))`.
+    It holds the parsed chunks of the last two calls and the validated items of the last
+    two validations, so it stays about the size of two parsed policies.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, _Chunk] = {}  # chunk text -> parsed, of the last call
+        self._older_chunks: dict[str, _Chunk] = {}  # of the call before
+        self._rest: tuple[tuple[str, ...], Policy] | None = None  # non-exempt chunks -> Policy
+        self._rest_validators = _Validators(memo=True)
+        self._rest_failed = False
+        self._exempt_validators = _Validators(memo=True)
+
+    def loads(self, text: str, source: str = "<policy>") -> Policy:
+        policy = self._loads_chunked(text, source) if type(text) is str else None
+        return loads_policy(text, source) if policy is None else policy
+
+    def _loads_chunked(self, text: str, source: str) -> Policy | None:
+        newer, older = self._chunks, self._older_chunks
+        seen: dict[str, _Chunk] = {}
+        self._exempt_validators.rotate()
+        exemptions: list[Exemption] = []
+        rest_texts: list[str] = []
+        rest_data: list[dict[str, Any]] = []
+        ok = True
+        # Every chunk is looked up even after a bad one, so that the cache keeps them all.
+        for chunk in _CUT_RE.split(text):
+            if not chunk:
+                continue
+            if chunk in seen:
+                got = seen[chunk]
+            else:
+                if chunk in newer:
+                    got = newer[chunk]
+                elif chunk in older:
+                    got = older[chunk]
+                else:
+                    got = self._parse_chunk(chunk)
+                seen[chunk] = got
+            if isinstance(got, Exemption):
+                exemptions.append(got)
+            elif got is None:
+                ok = False
+            else:
+                rest_texts.append(chunk)
+                rest_data.append(got)
+        self._older_chunks, self._chunks = newer, seen
+        if not ok or len({e.cgroup for e in exemptions}) != len(exemptions):
+            return None
+        key = tuple(rest_texts)
+        if self._rest is not None and self._rest[0] == key:
+            base = self._rest[1]
+        else:
+            merged = self._merge(rest_texts, rest_data)
+            if merged is None:
+                return None
+            self._rest_validators.rotate(after_failure=self._rest_failed)
+            self._rest_failed = True
+            try:
+                base = _parse_policy(merged, source, self._rest_validators)
+            except Exception:  # the full path raises it again, or the right PolicyError
+                return None
+            self._rest_failed = False
+            self._rest = (key, base)
+        return replace(base, exemptions=tuple(exemptions), source=source)
+
+    @staticmethod
+    def _merge(texts: list[str], parsed: list[dict[str, Any]]) -> dict[str, Any] | None:
+        merged: dict[str, Any] = {}
+        for data in parsed:
+            if not merged.keys().isdisjoint(data):
+                try:
+                    merged = tomllib.loads("".join(texts))
+                except Exception:
+                    return None
+                break
+            merged.update(data)
+        return None if "exempt" in merged else merged
+
+    def _parse_chunk(self, chunk: str) -> _Chunk:
+        try:
+            data = tomllib.loads(chunk)
+        except Exception:
+            return None
+        if _EXEMPT_HEADER_RE.match(chunk) is None:
+            return None if "exempt" in data else data
+        tables = data.get("exempt")
+        if len(data) != 1 or type(tables) is not list or len(tables) != 1 or type(tables[0]) is not dict:
+            return None
+        v = self._exempt_validators
+        try:
+            return _exemption_fast(tables[0], v) or _exemption_checked(tables[0], "", "", v)
+        except Exception:
+            return None
+
+
 def load_policy(path: str | Path) -> Policy:
     p = Path(path)
     try:
