@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ from typing import Any
 
 from ksbpf import __version__
 from ksbpf.errors import BackendError, KsbpfError, PolicyError
-from ksbpf.policy import DEFAULT_POLICY_PATH, Policy, loads_policy
+from ksbpf.policy import DEFAULT_POLICY_PATH, Policy, PolicyParser, loads_policy
 
 log = logging.getLogger("ksbpfd")
 
@@ -82,9 +83,10 @@ def check_policy_dir_mode(st: os.stat_result, path: Path) -> None:
         )
 
 
-def read_policy_file(path: Path) -> tuple[Policy, str]:
+def read_policy_file(path: Path, parser: PolicyParser | None = None) -> tuple[Policy, str]:
     """Read and validate a policy file, refusing one that anyone but root could write.
-    The checks are on the file that was opened (fstat), not on the name."""
+    The checks are on the file that was opened (fstat), not on the name. `parser`: the
+    daemon's, which re-parses only what changed since the last read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
@@ -103,7 +105,7 @@ def read_policy_file(path: Path) -> tuple[Policy, str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise PolicyError("not UTF-8 text", source=str(path)) from None
-    return loads_policy(text, str(path)), text
+    return (parser.loads(text, str(path)) if parser is not None else loads_policy(text, str(path))), text
 
 
 # ------------------------------------------------------------------ systemd
@@ -199,6 +201,7 @@ class Daemon:
 
         self.args = args
         self.config = Path(args.config)
+        self.parser = PolicyParser()  # a reload re-parses only what changed in the file
         self.netns: str | None = args.netns
         base = Path(args.state_dir) if args.state_dir else DEFAULT_STATE_DIR
         self.engine = LinuxEngine(netns=self.netns, state_dir=state_dir_for(self.netns, base), bpf=not args.no_bpf)
@@ -275,7 +278,7 @@ class Daemon:
 
     def _initial_policy(self) -> tuple[Policy, str]:
         try:
-            return read_policy_file(self.config)
+            return read_policy_file(self.config, self.parser)
         except PolicyError as e:
             try:
                 snapshot = self.engine.applied_policy_path.read_text()
@@ -358,14 +361,20 @@ class Daemon:
             level = logging.INFO if st.engaged or (name == "bpf" and self.args.no_bpf) else logging.ERROR
             log.log(level, "%s: %s %s: %s", why, name, "engaged" if st.engaged else "NOT ENGAGED", st.detail,
                     extra={"KSBPF_LAYER": name, "KSBPF_EVENT": why})
-        log.info("%s: policy %s applied in %.0f ms (nftables: %s)", why, policy.source, result.seconds * 1000,
-                 self.engine.nft.last_apply or "whole")
+        bpf_last = getattr(self.engine._bpf, "last_apply", None)
+        bpf_how = (", ".join(bpf_last.writes) or bpf_last.replacement) if bpf_last is not None else "-"
+        log.info("%s: policy %s applied in %.0f ms (nftables: %s; bpf: %s)", why, policy.source, result.seconds * 1000,
+                 self.engine.nft.last_apply or "whole", bpf_how)
         self._bpf_retry_at = None
         bpf = result.layers.get("bpf")
         if not self.args.no_bpf and (bpf is None or not bpf.engaged):
             self._bpf_backoff = BPF_RETRY_S[0]
             self._bpf_retry_at = time.monotonic() + self._bpf_backoff
         self._remove_lockdown()
+        # A 10,000-entry policy is a million objects; the cyclic collector would walk them
+        # all on a full collection (tens of ms, on some later request). They are freed by
+        # reference counting when replaced; only newer objects need the cyclic collector.
+        gc.freeze()
 
     def _remove_lockdown(self) -> None:
         """units/ksbpf-lockdown.service blocked everything at boot with its own table; our
@@ -397,7 +406,7 @@ class Daemon:
         self.notifier.notify(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6), STATUS=f"reloading ({origin})")
         try:
             try:
-                policy, text = read_policy_file(self.config)
+                policy, text = read_policy_file(self.config, self.parser)
             except PolicyError as e:
                 self.reloads["refused"] += 1
                 self._last_note = f"reload refused: {e}"

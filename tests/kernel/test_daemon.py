@@ -887,7 +887,7 @@ def test_a_reload_of_set_contents_is_by_element_changes_and_not_drift(world: Wor
     d.signal(signal.SIGHUP)
     d.notify.wait("READY", "1", count=2)
     assert "192.0.2.7" in _endpoint_elements(world)
-    assert "reload (SIGHUP): policy" in d.log_text() and "(nftables: changes)" in d.log_text()
+    assert "reload (SIGHUP): policy" in d.log_text() and "(nftables: changes; bpf: " in d.log_text()
     wait_for(lambda: d.status()["nft_fingerprint_pending"] is False, "the deferred nft check")
     time.sleep(0.5)
     assert d.scrape()[key] == 0 and "drift repaired" not in d.log_text()
