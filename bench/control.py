@@ -143,9 +143,6 @@ class ControlPlane:
         t0 = time.monotonic()
         nft.change_exemptions(policy, merge_exemptions(policy, (one,)))
         t["nft_change_exemption_s"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        nft.update_exemptions(policy)
-        t["nft_update_exemptions_s"] = time.monotonic() - t0
         routing = RoutingLayer(ns)
         t0 = time.monotonic()
         routing.apply(policy)

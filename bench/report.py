@@ -284,7 +284,6 @@ def _control_markdown(results: Mapping[str, Any], ns: list[int]) -> list[str]:
            ("breakdown", "  nft status (lists the table)", "nft_status_s"),
            ("breakdown", "  nft counters read", "nft_read_counters_s"),
            ("breakdown", "  nft exemption change (what `ksctl exempt` sends)", "nft_change_exemption_s"),
-           ("breakdown", "  nft exemption sets refilled (the fallback)", "nft_update_exemptions_s"),
            ("breakdown", "  routing apply", "routing_apply_s"),
            ("breakdown", "  BPF apply (all)", "bpf_apply_s"),
            ("breakdown", "  BCC compile (clang/LLVM)", "bcc_compile_s"),

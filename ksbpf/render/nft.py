@@ -478,27 +478,11 @@ def render_nft_reset() -> Json:
     return {"nftables": cmds}
 
 
-def render_exemption_update(policy: Policy) -> Json:
-    """Only the exemption sets, flushed and refilled in one transaction (for `ksctl exempt`)."""
-    ids = exemption_ids([e.cgroup for e in policy.exemptions])
-    cmds: list[Json] = [{"metainfo": {"json_schema_version": 1}}]
-    for table_family in (INET, NETDEV):
-        for fam in (4, 6):
-            for kind in ("allow", "listen"):
-                name = f"exempt_{kind}{fam}"
-                ref = {"family": table_family, "table": TABLE, "name": name}
-                cmds.append({"flush": {"set": ref}})
-                elems = [el for ex in policy.exemptions for el in exempt_elements(ex, exempt_mark(ids[ex.cgroup]), fam, kind)]
-                if elems:
-                    cmds.append({"add": {"element": {**ref, "elem": elems}}})
-    return {"nftables": cmds}
-
-
 def render_exemption_change(before: Policy, after: Policy) -> Json | None:
     """Only the elements of the exemptions that differ between `before` and `after`, in one
     transaction: the old elements go, the new ones come (a packet sees one or the other).
     None when an exemption that stays would change its id (a rare crc collision shuffled
-    them): then the sets must be refilled whole (render_exemption_update)."""
+    them): then the ruleset is applied whole."""
     ids_before = exemption_ids([e.cgroup for e in before.exemptions])
     ids_after = exemption_ids([e.cgroup for e in after.exemptions])
     if any(ids_before[c] != ids_after[c] for c in ids_before.keys() & ids_after.keys()):

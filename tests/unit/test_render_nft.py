@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from ksbpf.policy import Exemption, PortSpec, load_policy, loads_policy
-from ksbpf.render.nft import counter_names, render_exemption_update, render_nft, render_nft_reset
+from ksbpf.render.nft import counter_names, render_nft, render_nft_reset
 from ksbpf.verdict import DROP_REASONS
 
 P = load_policy(Path(__file__).parent / "policies" / "full.toml")
@@ -66,14 +66,6 @@ def test_overlapping_grants_are_merged_for_interval_sets() -> None:
     assert len(s["elem"]) == 1
     _mark, net, proto, ports = s["elem"][0]["concat"]
     assert net == {"prefix": {"addr": "10.0.0.0", "len": 8}} and proto == "tcp" and ports == {"range": [10, 31]}
-
-
-def test_exemption_update_touches_only_exemption_sets() -> None:
-    cmds = render_exemption_update(P)["nftables"][1:]
-    assert {next(iter(c)) for c in cmds} <= {"flush", "add"}
-    for c in cmds:
-        body = c.get("flush", c.get("add", {})).get("set") or c["add"]["element"]
-        assert body["name"].startswith("exempt_")
 
 
 def test_reset_deletes_both_tables() -> None:
