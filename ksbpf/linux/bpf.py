@@ -69,6 +69,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -78,6 +79,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import ksbpf
+from ksbpf import marks
 from ksbpf.errors import BpfError, KsbpfError
 from ksbpf.linux import headers
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
@@ -314,6 +316,9 @@ class BpfMap:
     # Elements written (updated or deleted) per map name, by every BpfMap of this process:
     # how tests and benchmarks see that an update is O(changed) without timing it.
     written: ClassVar[Counter[str]] = Counter()
+    # Whole-map reads (keys() or items()) and single-key lookups, per map name, likewise.
+    read_whole: ClassVar[Counter[str]] = Counter()
+    looked_up: ClassVar[Counter[str]] = Counter()
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -348,6 +353,10 @@ class BpfMap:
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value; for per-CPU maps, every CPU's value back to back."""
+        BpfMap.looked_up[self.info.name] += 1
+        return self._lookup(key)
+
+    def _lookup(self, key: bytes) -> bytes | None:
         k = self._key(key)
         v = ctypes.create_string_buffer(self.value_stride * self.ncpus)
         a = _attr()
@@ -448,6 +457,7 @@ class BpfMap:
             first = False
 
     def keys(self) -> list[bytes]:
+        BpfMap.read_whole[self.info.name] += 1
         if not self.percpu:
             batched = self._items_batched()
             if batched is not None:
@@ -455,13 +465,14 @@ class BpfMap:
         return self._keys_one_by_one()
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
+        BpfMap.read_whole[self.info.name] += 1
         if not self.percpu:
             batched = self._items_batched()
             if batched is not None:
                 yield from batched
                 return
         for k in self._keys_one_by_one():
-            v = self.lookup(k)
+            v = self._lookup(k)
             if v is not None:
                 yield k, v
 
@@ -686,24 +697,35 @@ def _render_exemptions(policy: Policy) -> tuple[ExemptionRules, ...]:
     out: list[ExemptionRules] = []
     for e in policy.exemptions:
         mark = exempt_mark(ids[e.cgroup])
-        hit = memo.get(id(e))
-        # The memo holds the Exemption itself, so its id cannot have been reused; it is frozen.
-        if hit is not None and hit[0] is e and hit[1] == mark:
-            rules = hit[2]
-        else:
-            rules = ExemptionRules(
-                cgroup=e.cgroup,
-                mark=mark,
-                allow=e.allow,
-                listen=e.listen,
-                # Networks only where there are ports for them (rule_keys ignores the others).
-                to=e.to_networks(4) + e.to_networks(6) if e.allow else (),
-                from_=e.from_networks(4) + e.from_networks(6) if e.listen else (),
-            )
+        rules = _rules_for(e, mark, memo)
         fresh[id(e)] = (e, mark, rules)
         out.append(rules)
     _RENDERED = fresh
     return tuple(out)
+
+
+def _rules_for(e: Exemption, mark: int,
+               memo: Mapping[int, tuple[Exemption, int, ExemptionRules]] | None = None) -> ExemptionRules:
+    """One exemption's ExemptionRules with this mark (from the last render's, if it has them)."""
+    hit = (_RENDERED if memo is None else memo).get(id(e))
+    # The memo holds the Exemption itself, so its id cannot have been reused; it is frozen.
+    if hit is not None and hit[0] is e and hit[1] == mark:
+        return hit[2]
+    return ExemptionRules(
+        cgroup=e.cgroup,
+        mark=mark,
+        allow=e.allow,
+        listen=e.listen,
+        # Networks only where there are ports for them (rule_keys ignores the others).
+        to=e.to_networks(4) + e.to_networks(6) if e.allow else (),
+        from_=e.from_networks(4) + e.from_networks(6) if e.listen else (),
+    )
+
+
+def endpoint_cgroup_mark(policy: Policy) -> int:
+    """The mark sock_create gives endpoint cgroups' sockets (0: the VPN client sets its own)."""
+    t = policy.tunnel
+    return DEFAULT_ENDPOINT_MARK if t.endpoint_cgroups and t.endpoint_mark is None else 0
 
 
 def render(policy: Policy, sets: bool = True) -> BpfPlan:
@@ -727,7 +749,7 @@ def render(policy: Policy, sets: bool = True) -> BpfPlan:
         lan=policy.lan_networks(4) + policy.lan_networks(6),
         exemptions=_render_exemptions(policy),
         endpoint_cgroups=t.endpoint_cgroups,
-        endpoint_cgroup_mark=DEFAULT_ENDPOINT_MARK if t.endpoint_cgroups and t.endpoint_mark is None else 0,
+        endpoint_cgroup_mark=endpoint_cgroup_mark(policy),
     )
 
 
@@ -757,9 +779,15 @@ def check_capacity(plan: BpfPlan) -> None:
         p, n = rules.counts
         ports += p
         nets += n
+    check_counts(cgroups, ports, nets, len(plan.endpoints), len(plan.dns))
+
+
+def check_counts(cgroups: int, ports: int, nets: int, endpoints: int = 0, dns: int = 0) -> None:
+    """check_capacity of counts: exempt and endpoint cgroups, port and network rules
+    (LAN included), endpoints, DNS servers."""
     for what, count, unit, limit in (
-        ("tunnel.endpoints", len(plan.endpoints), "endpoints", MAX_ENDPOINTS),
-        ("dns.servers", len(plan.dns), "servers", MAX_DNS),
+        ("tunnel.endpoints", endpoints, "endpoints", MAX_ENDPOINTS),
+        ("dns.servers", dns, "servers", MAX_DNS),
         ("exempt", cgroups, "exempt and endpoint cgroups", MAX_CGROUPS),
         ("exempt", ports, "port rules (a port range takes one per aligned block)", MAX_RULES),
         ("exempt and lan.networks", nets, "network rules", MAX_RULES),
@@ -909,6 +937,20 @@ DIGESTS = ("endpoints", "dns", "lan", "cgroups")
 _M64 = (1 << 64) - 1
 
 
+def cgroup_term(cid: int, w: CgroupWant) -> int:
+    """One entry's share of the cgroups digest (Version.digest), less its count of one."""
+    return (cid * 0x9E3779B97F4A7C15 & _M64) ^ w.mix
+
+
+def cgroups_digest_changed(digest: int, cid: int, old: CgroupWant | None, new: CgroupWant | None) -> int:
+    """The cgroups digest of a version after one entry changed from `old` to `new` (None: absent)."""
+    if old is not None:
+        digest -= 1 + cgroup_term(cid, old)
+    if new is not None:
+        digest += 1 + cgroup_term(cid, new)
+    return digest & _M64
+
+
 @dataclass(frozen=True)
 class Version:
     """A policy version as the maps should hold it, before tags, rule set ids and banks are
@@ -934,7 +976,7 @@ class Version:
             # map itself (cgroups_changed); this is bookkeeping.
             total = len(self.cgroups)
             for cid, w in self.cgroups.items():
-                total += (cid * 0x9E3779B97F4A7C15 & _M64) ^ w.mix
+                total += cgroup_term(cid, w)
             return total & _M64
         return None
 
@@ -1049,18 +1091,10 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version, 
     if in_place and changed == ["cgroups"] and cgroup_diff is not None and len(cgroup_diff) == 1:
         assert want.cgroups is not None and held.cgroups is not None
         (cid,) = cgroup_diff
-        w, raw = want.cgroups.get(cid), held.cgroups.get(cid)
-        old = CgroupEntry.unpack(raw) if raw is not None else None
-        rules: dict[int, int] = {}
-        if w is not None and w.rules is not None:
-            if old is not None and old.rules and old.digest == w.entry(0).digest:
-                rules[cid] = old.rules  # same grant, only its mark or endpoint flag changed
-            else:
-                rules[cid], next_rules = next_rules, next_rules + 1
-        cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]), next_rules=next_rules)
-        return Step(cfg, ("cgroups",), rules, PATH_ONE_CGROUP, cgroup=cid)
+        cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]))
+        return one_cgroup_step(cfg, next_rules, cid, want.cgroups.get(cid), held.cgroups.get(cid))
 
-    rules = {}
+    rules: dict[int, int] = {}
     for part in DIGESTS:
         if part not in changed:
             continue
@@ -1082,6 +1116,209 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version, 
     cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]), next_rules=next_rules)
     path = PATH_NEW if live is None else PATH_VERSIONED if changed else ""
     return Step(cfg, tuple(changed), rules, path)
+
+
+def one_cgroup_step(cfg: Config, next_rules: int, cid: int, w: CgroupWant | None, raw: bytes | None) -> Step:
+    """PATH_ONE_CGROUP of cgroup id `cid` from its entry `raw` (None: absent) to `w` (None:
+    none). `cfg`: the config to write (version and digests already the new ones);
+    `next_rules`: the first rule set id no write has used. Pure."""
+    old = CgroupEntry.unpack(raw) if raw is not None else None
+    rules: dict[int, int] = {}
+    if w is not None and w.rules is not None:
+        if old is not None and old.rules and old.digest == w.entry(0).digest:
+            rules[cid] = old.rules  # same grant, only its mark or endpoint flag changed
+        else:
+            rules[cid], next_rules = next_rules, next_rules + 1
+    return Step(replace(cfg, next_rules=next_rules), ("cgroups",), rules, PATH_ONE_CGROUP, cgroup=cid)
+
+
+# ---------------------------------------------------------------- run-time exemption changes (pure)
+
+
+def natural_id(path: str) -> int:
+    """The exemption id a path gets when no other path took it first (see exemption_ids)."""
+    return (zlib.crc32(path.encode()) & marks.EXEMPT_ID_MASK) or 1
+
+
+def _probe_passes(slot: int, natural: int, assigned: int) -> bool:
+    """Did exemption_ids' probe from `natural` to `assigned` pass over `slot` (taken then)?
+    Ids are 1..EXEMPT_ID_MASK and a probe steps i -> i % MASK + 1, +1 modulo MASK."""
+    m = marks.EXEMPT_ID_MASK
+    return (slot - natural) % m < (assigned - natural) % m
+
+
+@dataclass
+class ExemptionIndex:
+    """What change_exemptions needs of a policy's exemptions as a whole, kept one change at
+    a time: their ids (exemption_ids, hence marks), rule counts (capacity), and whether
+    their paths can be trusted to name distinct cgroups."""
+
+    exemptions: tuple[Exemption, ...]  # the policy's, as written last
+    ids: dict[str, int]  # path -> exemption id
+    by_id: dict[int, str]
+    probed: dict[str, int]  # path -> its natural id, for the few whose id is not it
+    ports: int  # ks_ports keys of all exemptions (ExemptionRules.counts)
+    nets: int  # ks_nets keys of all exemptions, LAN not included
+    # Duplicate or non-canonical paths: two paths may then be one cgroup, whose entry a
+    # one-path change cannot compute alone.
+    odd: bool
+
+    @classmethod
+    def build(cls, exemptions: tuple[Exemption, ...], rules: tuple[ExemptionRules, ...]) -> ExemptionIndex:
+        """From a policy's exemptions and their render (_render_exemptions: same order)."""
+        ids: dict[str, int] = {}
+        probed: dict[str, int] = {}
+        ports = nets = 0
+        mask = marks.EXEMPT_ID_MASK
+        for r in rules:
+            i = r.mark & mask
+            ids[r.cgroup] = i
+            n = natural_id(r.cgroup)
+            if n != i:
+                probed[r.cgroup] = n
+            p, q = r.counts
+            ports += p
+            nets += q
+        odd = len(ids) != len(exemptions) or any(_normalized(p) != p for p in ids)
+        return cls(exemptions, ids, {i: p for p, i in ids.items()}, probed, ports, nets, odd)
+
+    def apply(self, change: ExemptionChange, exemptions: tuple[Exemption, ...]) -> None:
+        """Take a change select_change chose (and that was written)."""
+        path = change.path
+        if change.old is not None and change.old_rules is not None:
+            p, n = change.old_rules.counts
+            self.ports -= p
+            self.nets -= n
+        if change.new is not None and change.new_rules is not None:
+            p, n = change.new_rules.counts
+            self.ports += p
+            self.nets += n
+        if change.new is None:
+            del self.by_id[self.ids.pop(path)]
+            self.probed.pop(path, None)
+        elif change.old is None:
+            self.ids[path] = change.id
+            self.by_id[change.id] = path
+        self.exemptions = exemptions
+
+
+@dataclass(frozen=True)
+class ExemptionChange:
+    """The one exemption path whose exemption differs between two policies."""
+
+    path: str
+    old: Exemption | None  # before's (None: not exempt before)
+    new: Exemption | None  # after's (None: not exempt after)
+    id: int  # its exemption id (a path keeps its id while exempt)
+    old_rules: ExemptionRules | None
+    new_rules: ExemptionRules | None
+    cgroups: int  # exempt and endpoint cgroups of `after` (capacity)
+    ports: int  # port rules of `after`
+    nets: int  # network rules of `after`, LAN included
+
+
+def diff_exemptions(before: tuple[Exemption, ...], after: tuple[Exemption, ...],
+                    limit: int = 1) -> list[tuple[Exemption | None, Exemption | None]] | None:
+    """(before's, after's) exemption of each path whose exemption differs; None when more
+    than `limit` do. Identity first, then ==: merge_exemptions keeps unchanged Exemption
+    objects, so one exemption added, removed or replaced in a sorted tuple costs a scan by
+    identity; anything else is compared path by path."""
+    if before is after:
+        return []
+    nb, na = len(before), len(after)
+    # The first position that differs: a binary search of prefix compares (C-level).
+    lo, hi = 0, min(nb, na)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if before[:mid] == after[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    i = lo
+    if i == nb == na:
+        return []
+    # One insertion, deletion or replacement at i, the rest the same (C-level compares)?
+    if na == nb + 1 and after[i + 1:] == before[i:]:
+        return [(None, after[i])]
+    if nb == na + 1 and before[i + 1:] == after[i:]:
+        return [(before[i], None)]
+    if na == nb and before[i + 1:] == after[i + 1:]:
+        if before[i].cgroup == after[i].cgroup:
+            return [(before[i], after[i])]
+        if limit < 2:
+            return None
+    old = {e.cgroup: e for e in before}
+    new = {e.cgroup: e for e in after}
+    out: list[tuple[Exemption | None, Exemption | None]] = []
+    for path in sorted(old.keys() | new.keys()):
+        x2, y2 = old.get(path), new.get(path)
+        if x2 is y2 or (x2 is not None and y2 is not None and x2 == y2):
+            continue
+        out.append((x2, y2))
+        if len(out) > limit:
+            return None
+    return out
+
+
+def select_change(before: Policy, after: Policy, index: ExemptionIndex | None) -> ExemptionChange | str | None:
+    """Whether going from `before` (what the maps hold) to `after` changes the wanted entry
+    of exactly one exemption path, everything else kept: None when nothing differs, the
+    change, or why not (the caller then writes `after` whole). Pure (index: of `before`)."""
+    bt, at = before.tunnel, after.tunnel
+    if bt.endpoint_cgroups != at.endpoint_cgroups or bt.endpoint_mark != at.endpoint_mark:
+        return "endpoint cgroups differ"
+    if before.lan != after.lan:
+        return "lan differs"
+    diff = diff_exemptions(before.exemptions, after.exemptions)
+    if diff is None:
+        return "more than one exemption differs"
+    if not diff:
+        return None
+    if index is None:
+        return "no index of the written exemptions"
+    if index.exemptions is not before.exemptions and index.exemptions != before.exemptions:
+        return "the exemptions written last are not `before`'s"
+    if index.odd:
+        return "duplicate or non-canonical exemption paths"
+    ((old, new),) = diff
+    path = (old or new).cgroup  # type: ignore[union-attr]
+    if _normalized(path) != path or any(_normalized(c) != c for c in at.endpoint_cgroups):
+        return "a non-canonical cgroup path"
+    if old is not None:
+        eid = index.ids.get(path)
+        if eid is None:
+            return "the index lacks the changed path"
+    else:
+        if path in index.ids:
+            return "the index already has the added path"
+        eid = natural_id(path)
+        if eid in index.by_id:
+            return "its exemption id collides with another's (marks move)"
+    if new is None:
+        for q, n in index.probed.items():
+            if q > path and _probe_passes(eid, n, index.ids[q]):
+                return "removing it moves another exemption's id (marks move)"
+    mark = exempt_mark(eid)
+    old_rules = _rules_for(old, mark) if old is not None else None
+    new_rules = _rules_for(new, mark) if new is not None else None
+    ports, nets = index.ports, index.nets + len(after.lan_networks(4)) + len(after.lan_networks(6))
+    for rules, sign in ((old_rules, -1), (new_rules, 1)):
+        if rules is not None:
+            p, n = rules.counts
+            ports += sign * p
+            nets += sign * n
+    count = len(index.ids) + (new is not None) - (old is not None)
+    for c in set(at.endpoint_cgroups):
+        if not ((c == path and new is not None) or (c != path and c in index.ids)):
+            count += 1
+    return ExemptionChange(path, old, new, eid, old_rules, new_rules, count, ports, nets)
+
+
+def change_want(rules: ExemptionRules | None, endpoint: bool, endpoint_mark: int) -> CgroupWant | None:
+    """The wanted ks_cgroups entry of one path (cgroup_wants for one), None when it has none."""
+    if not endpoint:
+        return rules.want if rules is not None else None
+    return CgroupWant(rules, endpoint_mark or (rules.mark if rules is not None else 0), True)
 
 
 # =========================================================================== loader child
@@ -1630,11 +1867,29 @@ def _sweep_rule_sets(maps: Mapping[str, BpfMap], rule_sets: frozenset[int]) -> N
 _NORMALIZED: dict[str, str] = {}  # policy cgroup path -> normalize_cgroup(path)
 
 
+def _normalized(path: str) -> str | None:
+    """normalize_cgroup(path), memoized; None for an invalid path."""
+    rel = _NORMALIZED.get(path)
+    if rel is None:
+        try:
+            rel = normalize_cgroup(path)
+        except ValueError:
+            return None
+        if len(_NORMALIZED) > 4 * MAX_CGROUPS:
+            _NORMALIZED.clear()
+        _NORMALIZED[path] = rel
+    return rel
+
+
 def resolve_cgroups(plan: BpfPlan) -> dict[str, int | None]:
-    """Exempt and endpoint cgroup paths -> their ids now (None: not there). A directory
-    holding many of them is read once (its entries carry their inode numbers, which are
-    the cgroup ids), the others are one stat each."""
-    paths = [e.cgroup for e in plan.exemptions] + list(plan.endpoint_cgroups)
+    """Exempt and endpoint cgroup paths -> their ids now (None: not there)."""
+    return resolve_paths([e.cgroup for e in plan.exemptions] + list(plan.endpoint_cgroups))
+
+
+def resolve_paths(paths: list[str]) -> dict[str, int | None]:
+    """Cgroup paths -> their ids now (None: not there). A directory holding many of them
+    is read once (its entries carry their inode numbers, which are the cgroup ids), the
+    others are one stat each."""
     try:
         root = str(cgroup2_mount().resolve())
     except (KsbpfError, OSError):
@@ -1645,15 +1900,9 @@ def resolve_cgroups(plan: BpfPlan) -> dict[str, int | None]:
         if path in out:
             continue
         out[path] = None
-        rel = _NORMALIZED.get(path)
+        rel = _normalized(path)
         if rel is None:
-            try:
-                rel = normalize_cgroup(path)
-            except ValueError:
-                continue
-            if len(_NORMALIZED) > 4 * MAX_CGROUPS:
-                _NORMALIZED.clear()
-            _NORMALIZED[path] = rel
+            continue
         parent, _, name = rel.rpartition("/")
         by_parent.setdefault(parent if name else "\0root", []).append((path, name))
     for parent, children in by_parent.items():
@@ -1715,6 +1964,13 @@ class BpfLayer:
     # (generation dir, cgroup id -> want) of the last write: see _remember.
     _written: tuple[Path, dict[int, CgroupWant]] | None = field(default=None, init=False, repr=False)
     last_step: Step | None = field(default=None, init=False, repr=False)  # of the last write
+    # (generation dir, its live config) as the last write of this process left it, and the
+    # exemptions that write was given: change_exemptions trusts the maps to hold those
+    # while the live config is still that one (no other writer came between).
+    _base: tuple[Path, Config] | None = field(default=None, init=False, repr=False)
+    _index: ExemptionIndex | None = field(default=None, init=False, repr=False)
+    # Why the last change_exemptions wrote the whole policy ("" : it did not).
+    last_fallback: str = field(default="", init=False, repr=False)
 
     name = "bpf"
 
@@ -1770,6 +2026,7 @@ class BpfLayer:
         the earlier state stays in force and BpfError says why. `plan`: render(policy),
         if the caller has it."""
         t0 = time.monotonic()
+        self._index = None
         target = self._cgroup(policy.bpf.cgroup)
         source = self._source(policy)
         plan = plan if plan is not None else render(policy)  # the engine checked it already
@@ -1811,6 +2068,7 @@ class BpfLayer:
                 self._retire(keep=number, cgroups=[target])
                 changed, compiled, writes = (), True, ()
         self._policy = policy
+        self._index = ExemptionIndex.build(policy.exemptions, plan.exemptions)
         self.last_apply = ApplyStats(gen.number, load, time.monotonic() - t0, how, _rss_kb(), compiled, changed,
                                      writes)
         return self.last_apply
@@ -2007,6 +2265,7 @@ class BpfLayer:
         the next write), an in-place one undoes itself. `defer`: the grace period and what
         it guards are left to _finish_cleanup (finish_cleanup() or the next write). Returns
         the step taken."""
+        self._base = None
         with _open_maps(gen) as maps:
             found = _active_config(maps["ks_active"], maps["ks_config"])
             live = found if found is not None and found[1].version else None  # version 0: never filled
@@ -2017,6 +2276,7 @@ class BpfLayer:
             step = plan_step(old, _tunnels_of(masks, old.tunnel_bank) if old else frozenset(), want, held)
             if old is not None and not step.changed:
                 self._remember(gen, want)
+                self._base = (gen.path, old)
                 return step
             cfg = step.config
             cleanups: list[tuple[BpfMap, list[bytes]]] = []
@@ -2025,12 +2285,14 @@ class BpfLayer:
                 assert live is not None
                 _write_delta(maps, step, read, live[0])
                 self._remember(gen, want)
+                self._base = (gen.path, cfg)
                 return step
             if step.path == PATH_ONE_CGROUP:
                 assert live is not None and want.cgroups is not None and step.cgroup is not None
                 hint = self._written[1].get(step.cgroup) if self._written and self._written[0] == gen.path else None
                 cleanups, sweep = _write_one_cgroup(maps, step, want, held, read, live[0], hint)
                 self._remember(gen, want)
+                self._base = (gen.path, cfg)
                 if not cleanups and not sweep:
                     return step  # nothing only the old entry used: no grace period to wait for
             else:
@@ -2051,19 +2313,26 @@ class BpfLayer:
                 maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
                 maps["ks_active"].update(_KEY0, struct.pack("<I", slot))
                 self._remember(gen, want)
-            if live is not None and defer:
-                # Also when there is nothing to delete: the next flip rewrites the config slot
-                # packets may still be reading until a grace period has passed.
-                names = {id(m): name for name, m in maps.items()}
-                self._pending.append(_Pending(gen, [(names[id(m)], keys) for m, keys in cleanups], sweep))
-                return step
-            if live is not None:
-                rcu_grace_period()
-            for m, keys in cleanups:
-                m.delete_many(keys)
-            if sweep:
-                _sweep_rule_sets(maps, sweep)
+                self._base = (gen.path, cfg)
+            self._clean_after(gen, maps, cleanups, sweep, defer if live is not None else None)
         return step
+
+    def _clean_after(self, gen: Generation, maps: Mapping[str, BpfMap], cleanups: list[tuple[BpfMap, list[bytes]]],
+                     sweep: frozenset[int], defer: bool | None) -> None:
+        """Delete what only the old version used, after a grace period (`defer`: leave it
+        to _finish_cleanup; None: no version was live, nothing to wait for)."""
+        if defer:
+            # Also when there is nothing to delete: the next flip rewrites the config slot
+            # packets may still be reading until a grace period has passed.
+            names = {id(m): name for name, m in maps.items()}
+            self._pending.append(_Pending(gen, [(names[id(m)], keys) for m, keys in cleanups], sweep))
+            return
+        if defer is not None:
+            rcu_grace_period()
+        for m, keys in cleanups:
+            m.delete_many(keys)
+        if sweep:
+            _sweep_rule_sets(maps, sweep)
 
     def _remember(self, gen: Generation, want: Version) -> None:
         """What the maps now hold for each cgroup id, as a hint for the next one-cgroup
@@ -2224,6 +2493,7 @@ class BpfLayer:
         the next write) after the grace period, not before returning."""
         plan = render(policy, sets=False)
         check_capacity(plan)
+        self._index = None
         with self._locked(create=False):
             self._finish_cleanup()
             resolved = resolve_cgroups(plan)
@@ -2234,6 +2504,106 @@ class BpfLayer:
                     raise BpfError(f"updating exemptions of generation {g.number}: {e}") from None
         if self._policy is not None:
             self._policy = self._policy.with_exemptions(policy.exemptions)
+        self._index = ExemptionIndex.build(policy.exemptions, plan.exemptions)
+        return resolved
+
+    def change_exemptions(self, before: Policy, after: Policy, defer_cleanup: bool = False) -> dict[str, int | None]:
+        """update_exemptions(after) for a run-time change from `before` (what this layer
+        wrote last), in O(changed): when exactly one exemption path differs and its cgroup
+        is the only one whose entry changes, only that path is resolved, its live entry
+        looked up and replaced in place (PATH_ONE_CGROUP: its rules under a fresh rule set
+        id, the old ones after a grace period, `defer_cleanup` as in update_exemptions).
+        Otherwise, or when anything is uncertain (another writer came between, the live
+        entry is not what `before` says, marks of other exemptions would move, ...), it is
+        update_exemptions(after); last_fallback says why. Returns path -> id of the paths
+        it resolved (all of them when it fell back). A policy beyond capacity raises
+        BpfError before anything changes, as update_exemptions does."""
+        picked = select_change(before, after, self._index)
+        if isinstance(picked, str):
+            return self._fall_back(after, defer_cleanup, picked)
+        if picked is None:
+            self.last_fallback = ""
+            self._changed(after, None)
+            return {}
+        check_counts(picked.cgroups, picked.ports, picked.nets)
+        with self._locked(create=False):
+            self._finish_cleanup()
+            try:
+                outcome = self._change_one(picked, after, defer_cleanup)
+            except OSError as e:
+                self._base = None
+                raise BpfError(f"updating exemptions: {e}") from None
+        if isinstance(outcome, str):
+            return self._fall_back(after, defer_cleanup, outcome)
+        self.last_fallback = ""
+        self._changed(after, picked)
+        return outcome
+
+    def _fall_back(self, after: Policy, defer_cleanup: bool, why: str) -> dict[str, int | None]:
+        resolved = self.update_exemptions(after, defer_cleanup)
+        self.last_fallback = why
+        return resolved
+
+    def _changed(self, after: Policy, change: ExemptionChange | None) -> None:
+        """The bookkeeping update_exemptions(after) would leave."""
+        if self._policy is not None:
+            self._policy = self._policy.with_exemptions(after.exemptions)
+        if self._index is not None:
+            if change is not None:
+                self._index.apply(change, after.exemptions)
+            else:
+                self._index.exemptions = after.exemptions
+
+    def _change_one(self, c: ExemptionChange, after: Policy, defer: bool) -> dict[str, int | None] | str:
+        """The in-place half of change_exemptions, under the lock; a string: why not."""
+        gens = self._generations()
+        if len(gens) != 1:
+            return f"{len(gens)} generations"
+        gen = gens[0]
+        if self._base is None or self._base[0] != gen.path:
+            return "no write of this layer to the live generation"
+        with _open_maps(gen) as maps:
+            found = _active_config(maps["ks_active"], maps["ks_config"])
+            if found is None or found[1] != self._base[1]:
+                return "the live version is not the one this layer wrote last"
+            slot, live = found
+            cid = resolve_paths([c.path])[c.path]
+            if cid is None:
+                return f"cgroup {c.path!r} is not there"
+            endpoint = c.path in after.tunnel.endpoint_cgroups
+            mark = endpoint_cgroup_mark(after)
+            old_w = change_want(c.old_rules, endpoint, mark)
+            new_w = change_want(c.new_rules, endpoint, mark)
+            cgm = maps["ks_cgroups"]
+            raw = cgm.lookup(cgroup_key(cid, live.cgroups_tag))
+            if old_w is None and raw is not None:
+                return f"cgroup id {cid} has an entry `before` does not explain (shared with another path?)"
+            if old_w is not None and not old_w.written_as(raw):
+                return f"the live entry of cgroup id {cid} is not what `before` says"
+            resolved: dict[str, int | None] = {c.path: cid}
+            if (new_w is None and raw is None) or (new_w is not None and new_w.written_as(raw)):
+                self.last_step = None  # the same entry: nothing to write
+                self._base = (gen.path, live)
+                return resolved
+            reserve = cgm.lookup(RESERVE_KEY)
+            reserved = CgroupEntry.unpack(reserve).rules if reserve is not None else 0
+            d = live.digests
+            cfg = replace(live, version=live.version + 1,
+                          digests=(d[0], d[1], d[2], cgroups_digest_changed(d[3], cid, old_w, new_w)))
+            step = one_cgroup_step(cfg, max(live.next_rules, reserved), cid, new_w, raw)
+            self._base = None
+            cleanups, sweep = _write_one_cgroup(maps, step, Version(cgroups={cid: new_w} if new_w else {}),
+                                                Held(cgroups={cid: raw} if raw is not None else {}), _Read(), slot,
+                                                old_w)
+            self.last_step = step
+            self._base = (gen.path, step.config)
+            if self._written is not None and self._written[0] == gen.path:
+                if new_w is None:
+                    self._written[1].pop(cid, None)
+                else:
+                    self._written[1][cid] = new_w
+            if cleanups or sweep:
+                self._clean_after(gen, maps, cleanups, sweep, defer)
         return resolved
 
     # ------------------------------------------------------------------ drift, status, reset
@@ -2276,6 +2646,40 @@ class BpfLayer:
             if target is None:
                 raise BpfError(f"the cgroup generation {gen.number} was attached to is gone; apply instead")
             return self._reattach(gen, target)
+
+    def engaged(self) -> bool:
+        """Is the newest generation live (a config) and both its programs attached to its
+        cgroup? A few syscalls, for the run-time exemption path; status() says more."""
+        gens = self._generations()
+        if not gens:
+            return False
+        gen = gens[-1]
+        cfg = gen.config()
+        if cfg is None:
+            return False
+        hints = []
+        if self._policy is not None:
+            try:
+                hints.append(cgroup_dir(self._policy.bpf.cgroup))
+            except KsbpfError:
+                pass
+        target = self._cgroup_by_id(cfg.cgroup_id, hints)
+        if target is None:
+            return False
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            for kind, atype in ATTACH_TYPES.items():
+                pid = gen.prog_id(kind)
+                if pid is None or pid not in prog_query(fd, atype):
+                    return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def status(self) -> tuple[bool, str]:
         """(engaged, detail): engaged means exactly one generation, both programs attached."""
@@ -2348,6 +2752,7 @@ class BpfLayer:
                 pass
         if not self.dir.exists() and not extra and self._policy is None:
             return
+        self._base, self._index = None, None
         with self._locked():
             self._pending = []  # the maps go with their generations
             for a in self._attached(extra=extra):

@@ -273,8 +273,10 @@ class LinuxEngine:
         policy = merge_exemptions(snapshot, exemptions)
         self.nft.change_exemptions(before, policy)
         try:
-            if self.bpf_enabled and self._as_status(self.bpf_layer(policy).status()).engaged:
-                self.bpf_layer(policy).update_exemptions(policy, defer_cleanup=self.defer_bpf_cleanup)
+            # engaged(), not status(): a few syscalls, where status() reads map keys. The
+            # BPF layer writes only what differs from `before` (or all, when unsure).
+            if self.bpf_enabled and (layer := self.bpf_layer(policy)).engaged():
+                layer.change_exemptions(before, policy, defer_cleanup=self.defer_bpf_cleanup)
         except ImportError:
             pass
         except BackendError:
