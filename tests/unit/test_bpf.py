@@ -16,7 +16,7 @@ import pytest
 from ksbpf.errors import BpfError
 from ksbpf.linux import bpf
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
-from ksbpf.policy import Policy, PortSpec, loads_policy
+from ksbpf.policy import Exemption, Policy, PortSpec, loads_policy, merge_exemptions
 from ksbpf.verdict import DROP_REASONS
 
 BASE = """
@@ -525,3 +525,146 @@ def test_resolve_cgroups_reads_a_crowded_directory_once(tmp_path: Path, monkeypa
             want[e.cgroup] = os.stat(p).st_ino
     assert got == want
     assert got["s/e0"] is not None and got["s/e44"] is None and got["s/file"] is None and got["lone"] is not None
+
+
+# ---------------------------------------------------------------- run-time exemption changes (select_change)
+
+
+def indexed(pol: Policy) -> bpf.ExemptionIndex:
+    return bpf.ExemptionIndex.build(pol.exemptions, bpf.render(pol, sets=False).exemptions)
+
+
+def one(path: str, port: int = 443) -> Exemption:
+    return Exemption(path, allow=(PortSpec("tcp", port, port),))
+
+
+def test_diff_exemptions_finds_the_one_that_differs_by_identity_then_equality() -> None:
+    pol = exempt_policy(20)
+    ex = pol.exemptions
+    assert bpf.diff_exemptions(ex, ex) == [] and bpf.diff_exemptions(ex, tuple(ex)) == []
+    copies = tuple(dataclasses.replace(e) for e in ex)  # equal, not identical: unchanged
+    assert bpf.diff_exemptions(ex, copies) == []
+    new = one("s/e10a")
+    added = merge_exemptions(pol, (new,)).exemptions
+    assert bpf.diff_exemptions(ex, added) == [(None, new)]
+    assert bpf.diff_exemptions(added, ex) == [(new, None)]
+    changed = merge_exemptions(pol, (one("s/e3"),)).exemptions
+    assert bpf.diff_exemptions(ex, changed) == [(ex[[e.cgroup for e in ex].index("s/e3")], one("s/e3"))]
+    # Out of order, it is found path by path; more than one change is None (or all, with a limit).
+    assert bpf.diff_exemptions(ex, (new, *ex)) == [(None, new)]
+    two = merge_exemptions(pol, (new, one("s/e3"))).exemptions
+    assert bpf.diff_exemptions(ex, two) is None
+    assert bpf.diff_exemptions(ex, two, limit=2) is not None and len(bpf.diff_exemptions(ex, two, limit=2) or ()) == 2
+    assert bpf.diff_exemptions(ex, (*ex[1:], new)) is None  # one removed, another added
+
+
+def test_select_change_takes_one_exemption_and_computes_its_mark_and_capacity() -> None:
+    pol = exempt_policy(20)
+    idx = indexed(pol)
+    new = one("s/new")
+    after = merge_exemptions(pol, (new,))
+    c = bpf.select_change(pol, after, idx)
+    assert isinstance(c, bpf.ExemptionChange)
+    ids = exemption_ids([e.cgroup for e in after.exemptions])
+    assert (c.path, c.old, c.new, c.id) == ("s/new", None, new, ids["s/new"])
+    assert c.new_rules is not None and c.new_rules.mark == exempt_mark(ids["s/new"])
+    plan = bpf.render(after, sets=False)
+    assert (c.cgroups, c.ports, c.nets) == (21, sum(r.counts[0] for r in plan.exemptions),
+                                            sum(r.counts[1] for r in plan.exemptions) + len(plan.lan))
+    # After it is written the index is after's, as built anew.
+    idx.apply(c, after.exemptions)
+    assert idx == indexed(after)
+    back = bpf.select_change(after, pol, idx)
+    assert isinstance(back, bpf.ExemptionChange) and (back.old, back.new) == (new, None)
+    idx.apply(back, pol.exemptions)
+    assert idx == indexed(pol)
+    assert bpf.select_change(pol, pol.with_exemptions(tuple(pol.exemptions)), idx) is None
+
+
+@pytest.mark.parametrize("why", ["endpoints", "lan", "two", "no index", "stale index", "odd path", "duplicate"])
+def test_select_change_falls_back_when_unsure(why: str) -> None:
+    pol = exempt_policy(5)
+    idx: bpf.ExemptionIndex | None = indexed(pol)
+    after = merge_exemptions(pol, (one("s/new"),))
+    before = pol
+    if why == "endpoints":
+        after = dataclasses.replace(after, tunnel=dataclasses.replace(after.tunnel, endpoint_cgroups=("s/ep",)))
+    elif why == "lan":
+        after = merge_exemptions(exempt_policy(5, '[lan]\nallow = true\nnetworks = ["10.0.0.0/8"]\n'), (one("s/new"),))
+    elif why == "two":
+        after = merge_exemptions(pol, (one("s/new"), one("s/e1")))
+    elif why == "no index":
+        idx = None
+    elif why == "stale index":
+        before = merge_exemptions(pol, (one("s/e2"),))  # not what the index says was written
+        after = merge_exemptions(before, (one("s/new"),))
+    elif why == "odd path":
+        after = pol.with_exemptions((*pol.exemptions, one("/s/new/")))
+    elif why == "duplicate":
+        after = pol.with_exemptions((*pol.exemptions, one("s/e1")))
+    assert isinstance(bpf.select_change(before, after, idx), str)
+
+
+def test_incremental_exemption_ids_agree_with_exemption_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a tiny id space, collisions and probes everywhere: whenever select_change keeps
+    the fast path, every other exemption keeps its id, as exemption_ids says for `after`."""
+    from ksbpf import marks
+
+    monkeypatch.setattr(marks, "EXEMPT_ID_MASK", 31)
+    rng = random.Random(7)
+    kept = fell_back = 0
+    for _ in range(300):
+        paths = sorted(rng.sample([f"a/c{i}" for i in range(40)], rng.randint(1, 20)))
+        pol = exempt_policy(0).with_exemptions(tuple(one(p) for p in paths))
+        idx = indexed(pol)
+        assert all(marks.exemption_ids(paths)[p] == i for p, i in idx.ids.items())
+        if rng.random() < 0.5:
+            path = rng.choice([f"a/c{i}" for i in range(40) if f"a/c{i}" not in paths] or paths)
+            after = merge_exemptions(pol, (one(path, 80),))
+        else:
+            path = rng.choice(paths)
+            after = pol.with_exemptions(tuple(e for e in pol.exemptions if e.cgroup != path))
+        c = bpf.select_change(pol, after, idx)
+        if isinstance(c, str):
+            assert "marks move" in c
+            fell_back += 1
+            continue
+        assert c is not None
+        new_ids = marks.exemption_ids([e.cgroup for e in after.exemptions])
+        assert all(new_ids[p] == idx.ids[p] for p in new_ids if p != path)
+        if c.new is not None:
+            assert new_ids[path] == c.id
+        idx.apply(c, after.exemptions)
+        assert idx == indexed(after)
+        kept += 1
+    assert kept > 50 and fell_back > 10
+
+
+def test_the_cgroups_digest_changes_by_one_entry_as_a_whole_digest_would() -> None:
+    pol = exempt_policy(30)
+    ids: dict[str, int | None] = {f"s/e{i}": 500 + i for i in range(30)}
+    ids["s/new"] = 999
+    wants = bpf.cgroup_wants(bpf.render(pol, sets=False), ids)
+    after = merge_exemptions(pol, (one("s/new"), ))
+    wants2 = bpf.cgroup_wants(bpf.render(after, sets=False), ids)
+    d1 = bpf.Version(cgroups=wants).digest("cgroups")
+    d2 = bpf.Version(cgroups=wants2).digest("cgroups")
+    assert d1 is not None and d2 is not None
+    assert bpf.cgroups_digest_changed(d1, 999, None, wants2[999]) == d2
+    assert bpf.cgroups_digest_changed(d2, 999, wants2[999], None) == d1
+    changed = merge_exemptions(pol, (one("s/e4", 80),))
+    wants3 = bpf.cgroup_wants(bpf.render(changed, sets=False), ids)
+    assert bpf.cgroups_digest_changed(d1, 504, wants[504], wants3[504]) == bpf.Version(cgroups=wants3).digest("cgroups")
+
+
+def test_change_want_is_cgroup_wants_for_one_path() -> None:
+    pol = exempt_policy(2, '[[exempt]]\ncgroup = "s/ep"\nallow = ["tcp/1"]\n')
+    pol = dataclasses.replace(pol, tunnel=dataclasses.replace(pol.tunnel, endpoint_cgroups=("s/ep", "s/ep2"),
+                                                              endpoint_mark=None))
+    plan = bpf.render(pol, sets=False)
+    ids: dict[str, int | None] = {"s/e0": 1, "s/e1": 2, "s/ep": 3, "s/ep2": 4}
+    wants = bpf.cgroup_wants(plan, ids)
+    mark = bpf.endpoint_cgroup_mark(pol)
+    by_path = {r.cgroup: r for r in plan.exemptions}
+    for path, cid in ids.items():
+        assert bpf.change_want(by_path.get(path), path in pol.tunnel.endpoint_cgroups, mark) == wants.get(cid or 0)
