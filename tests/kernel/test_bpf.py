@@ -36,7 +36,7 @@ from ksbpf.linux import bpf as kbpf
 from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, BpfLayer, prog_query
 from ksbpf.linux.cgroup import cgroup_id
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
-from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, parse_port_spec
+from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, merge_exemptions, parse_port_spec
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh, spawn_in, unique
 
@@ -1335,3 +1335,171 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     assert writes.take()["ks_cgroups"] > n
     run_cases(lab, fresh, two, cases)
     assert fresh.status()[0]
+
+
+class Reads:
+    """Whole-map reads and single lookups this process makes (BpfMap.read_whole,
+    BpfMap.looked_up), per map, since the last take()."""
+
+    def __init__(self) -> None:
+        self.mark = (kbpf.BpfMap.read_whole.copy(), kbpf.BpfMap.looked_up.copy())
+
+    def take(self) -> tuple[dict[str, int], int]:
+        """(whole-map reads per map, lookups in all)."""
+        whole, looked = kbpf.BpfMap.read_whole.copy(), kbpf.BpfMap.looked_up.copy()
+        out = {k: n for k, n in (whole - self.mark[0]).items() if n}
+        lookups = sum((looked - self.mark[1]).values())
+        self.mark = (whole, looked)
+        return out, lookups
+
+
+@requires_bpf
+def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry(lab: Lab,
+                                                                                 layers: list[BpfLayer]) -> None:
+    n = 2000
+    layer = new_layer(lab, layers)
+    policy = merge_exemptions(_many(lab, n), ())  # sorted, as the engine merges them
+    layer.apply(policy)
+    base = _gen_state(layer)[2]
+    lab.dirs["many/new"] = lab.cgroups("many/new")
+    new = Exemption(lab.rel("many/new"), allow=(parse_port_spec("udp/31999"),), to=(ip_network("10.77.0.3/32"),))
+    exempted = merge_exemptions(policy, (new,))
+    writes, reads = Writes(), Reads()
+    resolved = layer.change_exemptions(policy, exempted)
+    assert resolved == {new.cgroup: cgroup_id(lab.dirs["many/new"])} and layer.last_fallback == ""
+    step = layer.last_step
+    assert step is not None and (step.path, step.cgroup) == (kbpf.PATH_ONE_CGROUP, resolved[new.cgroup])
+    assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
+    # No whole-map read: the live slot and config, its entry, the reserve entry.
+    whole, lookups = reads.take()
+    assert whole == {} and lookups <= 4
+    cases = [Case("many/new", "10.77.0.3", 31999), Case("many/new", "10.77.0.3", 31998),
+             Case("many/e7", "10.77.0.3", 30007), Case("many/e7", "10.77.0.3", 31999)]
+    run_cases(lab, layer, exempted, cases)
+    # The bookkeeping is what update_exemptions would leave: the same policy again writes nothing.
+    layer.update_exemptions(exempted)
+    assert layer.last_step is not None and layer.last_step.changed == () and not writes.take()
+    reads.take()
+
+    # A narrower grant: one entry, the old rules after the grace period, off the call (deferred).
+    narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
+    layer.change_exemptions(exempted, narrower, defer_cleanup=True)
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
+    assert reads.take()[0] == {}
+    layer.finish_cleanup()
+    assert writes.take() == {"ks_ports": 1, "ks_nets": 1}, "exactly the old grant's keys"
+    assert reads.take()[0] == {}
+    run_cases(lab, layer, narrower, cases)
+
+    # Unexempt, deferred as ksbpfd does: its entry goes at once, its rules after finish_cleanup.
+    reads.take()  # run_cases read the drop counters
+    layer.change_exemptions(narrower, policy, defer_cleanup=True)
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert writes.take() == {"ks_cgroups": 1, "ks_config": 1}
+    whole, lookups = reads.take()
+    assert whole == {} and lookups <= 4
+    layer.finish_cleanup()
+    assert writes.take() == {"ks_ports": 1, "ks_nets": 1}
+    run_cases(lab, layer, policy, cases)
+    assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 1}  # + the reserve entry
+    layer.update_exemptions(policy)
+    assert layer.last_step is not None and layer.last_step.changed == () and not writes.take()
+    assert layer.status()[0] and layer.engaged()
+
+
+@requires_bpf
+def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, layers: list[BpfLayer]) -> None:
+    n = 2000
+    layer = new_layer(lab, layers)
+    policy = merge_exemptions(_many(lab, n), ())
+    layer.apply(policy)
+    lab.dirs["many/new"] = lab.cgroups("many/new")
+    new = Exemption(lab.rel("many/new"), allow=(parse_port_spec("udp/31999"),), to=(ip_network("10.77.0.3/32"),))
+    exempted = merge_exemptions(policy, (new,))
+    cases = [Case("many/new", "10.77.0.3", 31999), Case("many/e7", "10.77.0.3", 30007),
+             Case("many/e8", "10.77.0.3", 30008)]
+
+    # Two exemptions at once: a versioned write of them all.
+    two = merge_exemptions(policy, (new, Exemption(lab.rel("many/e7"), allow=(parse_port_spec("udp/31000"),))))
+    layer.change_exemptions(policy, two)
+    assert "more than one" in layer.last_fallback
+    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_VERSIONED
+    run_cases(lab, layer, two, cases)
+    # And back to one change: in place again.
+    layer.change_exemptions(two, exempted)
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    run_cases(lab, layer, exempted, cases)
+
+    # A fresh process (no memory of the last write) writes whole.
+    fresh = BpfLayer(layer.instance, netns=lab.client)
+    fresh.change_exemptions(exempted, policy)
+    assert "no index" in fresh.last_fallback and fresh.last_step is not None
+    assert fresh.last_step.path == kbpf.PATH_ONE_CGROUP  # update_exemptions' own one-cgroup path
+    run_cases(lab, fresh, policy, cases)
+
+    # Another writer came between: the live version is not ours; written whole, and right.
+    layer.change_exemptions(exempted, policy)  # what `layer` believes: `exempted` is live
+    assert "live version" in layer.last_fallback
+    run_cases(lab, layer, policy, cases)
+
+    # The live entry is not what `before` says (deleted by hand): written whole, repaired.
+    layer.change_exemptions(policy, exempted)
+    assert layer.last_fallback == ""
+    gen = layer.dir / f"g{layer.last_apply.generation}"  # type: ignore[union-attr]
+    cfg = kbpf.Generation(layer.last_apply.generation, gen).config()  # type: ignore[union-attr]
+    assert cfg is not None
+    with kbpf.BpfMap.pinned(gen / "ks_cgroups") as m:
+        assert m.delete(kbpf.cgroup_key(cgroup_id(lab.dirs["many/new"]), cfg.cgroups_tag))
+    narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
+    layer.change_exemptions(exempted, narrower)
+    assert "not what `before` says" in layer.last_fallback
+    run_cases(lab, layer, narrower, [Case("many/new", "10.77.0.3", 31998), *cases])
+
+    # Beyond capacity: refused with update_exemptions' error, nothing written.
+    writes = Writes()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kbpf, "MAX_CGROUPS", n + 3)
+        with pytest.raises(BpfError, match="exempt and endpoint cgroups"):
+            layer.change_exemptions(narrower, merge_exemptions(narrower, (
+                Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/1"),)),)))
+    assert not writes.take()
+    run_cases(lab, layer, narrower, [Case("many/new", "10.77.0.3", 31998), *cases])
+
+
+@requires_bpf
+def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: list[BpfLayer], tmp_path: Path) -> None:
+    from ksbpf.linux.engine import LinuxEngine
+
+    eng = LinuxEngine(netns=lab.client, state_dir=tmp_path / "state")
+    eng.defer_bpf_cleanup = True
+    text = policy_toml(lab)
+    try:
+        eng.up(loads_policy(text), text)
+        layer = eng.bpf_layer()
+        new = Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/5302"),), to=(ip_network("10.77.0.2/32"),))
+        writes = Writes()
+        policy = eng.set_exemption(new)
+        assert layer.last_fallback == "" and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+        assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
+        eng.finish_bpf_cleanup()
+        # Through all three layers (so not run_cases, whose counts are BPF's alone).
+        mark = expected_mark(lab, policy, "w/other", 0)
+        assert mark and lab.send("w/other", [{"dst": "10.77.0.2", "port": 5302, "n": 2},
+                                             {"dst": "10.77.0.2", "port": 5303, "n": 2}]) == [
+            {"ok": 2, "eperm": 0, "mark": mark}, {"ok": 0, "eperm": 2, "mark": mark}]
+        policy = eng.remove_exemption(new.cgroup)
+        assert layer.last_fallback == "" and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+        assert writes.take().get("ks_ports") is None, "the old rules go after the reply"
+        eng.finish_bpf_cleanup()
+        assert writes.take() == {"ks_ports": 1, "ks_nets": 1}
+        # Not exempt again: no mark, nothing leaves by the uplink (routing may send it into
+        # the tunnel, nftables or BPF drop it).
+        before = lab.far_counts()
+        (res,) = lab.send("w/other", [{"dst": "10.77.0.2", "port": 5302, "n": 2}])
+        assert res["mark"] == 0
+        time.sleep(0.2)
+        assert (lab.far_counts() - before)[far_key("10.77.0.2", 5302)] == 0
+        assert _gen_state(layer)[2]["ks_cgroups"] == 3 + 1  # w/ex, w/svc, w/ep and the reserve entry
+    finally:
+        eng.down()
