@@ -2515,16 +2515,17 @@ class BpfLayer:
         id, the old ones after a grace period, `defer_cleanup` as in update_exemptions).
         Otherwise, or when anything is uncertain (another writer came between, the live
         entry is not what `before` says, marks of other exemptions would move, ...), it is
-        update_exemptions(after); last_fallback says why. Returns path -> id of the paths
-        it resolved (all of them when it fell back). A policy beyond capacity raises
+        update_exemptions(after); last_fallback says why. So is the same policy again
+        (re-exempting a recreated cgroup follows its new id). Returns path -> id of the
+        paths it resolved (all of them when it fell back). A policy beyond capacity raises
         BpfError before anything changes, as update_exemptions does."""
         picked = select_change(before, after, self._index)
+        if picked is None:
+            # The same exemptions again: `ksctl exempt` of a recreated cgroup, to follow its
+            # new id. Which path moved is unknown here, so all are resolved.
+            picked = "nothing differs (all cgroups re-resolved)"
         if isinstance(picked, str):
             return self._fall_back(after, defer_cleanup, picked)
-        if picked is None:
-            self.last_fallback = ""
-            self._changed(after, None)
-            return {}
         check_counts(picked.cgroups, picked.ports, picked.nets)
         with self._locked(create=False):
             self._finish_cleanup()
@@ -2544,15 +2545,12 @@ class BpfLayer:
         self.last_fallback = why
         return resolved
 
-    def _changed(self, after: Policy, change: ExemptionChange | None) -> None:
+    def _changed(self, after: Policy, change: ExemptionChange) -> None:
         """The bookkeeping update_exemptions(after) would leave."""
         if self._policy is not None:
             self._policy = self._policy.with_exemptions(after.exemptions)
         if self._index is not None:
-            if change is not None:
-                self._index.apply(change, after.exemptions)
-            else:
-                self._index.exemptions = after.exemptions
+            self._index.apply(change, after.exemptions)
 
     def _change_one(self, c: ExemptionChange, after: Policy, defer: bool) -> dict[str, int | None] | str:
         """The in-place half of change_exemptions, under the lock; a string: why not."""

@@ -1420,6 +1420,10 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     cases = [Case("many/new", "10.77.0.3", 31999), Case("many/e7", "10.77.0.3", 30007),
              Case("many/e8", "10.77.0.3", 30008)]
 
+    # The same exemptions again (`ksctl exempt` of a recreated cgroup): all re-resolved.
+    layer.change_exemptions(policy, policy.with_exemptions(tuple(policy.exemptions)))
+    assert "nothing differs" in layer.last_fallback and layer.last_step is not None and not layer.last_step.changed
+
     # Two exemptions at once: a versioned write of them all.
     two = merge_exemptions(policy, (new, Exemption(lab.rel("many/e7"), allow=(parse_port_spec("udp/31000"),))))
     layer.change_exemptions(policy, two)
