@@ -34,5 +34,9 @@ class BpfError(BackendError):
         super().__init__("bpf", reason)
 
 
+class CapacityError(BpfError):
+    """A policy holds more than the BPF maps can: bad input, whichever layer noticed."""
+
+
 class CgroupError(PolicyError):
     """A cgroup path is invalid, escapes the cgroup2 mount, or does not exist."""

@@ -80,7 +80,7 @@ from typing import ClassVar
 
 import ksbpf
 from ksbpf import marks
-from ksbpf.errors import BpfError, KsbpfError
+from ksbpf.errors import BpfError, CapacityError, KsbpfError
 from ksbpf.linux import headers
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.netns import netns
@@ -793,7 +793,7 @@ def check_counts(cgroups: int, ports: int, nets: int, endpoints: int = 0, dns: i
         ("exempt and lan.networks", nets, "network rules", MAX_RULES),
     ):
         if count > limit:
-            raise BpfError(f"{what}: {count} {unit}, the BPF layer holds at most {limit}")
+            raise CapacityError(f"{what}: {count} {unit}, the BPF layer holds at most {limit}")
 
 
 @dataclass(frozen=True)
@@ -1955,6 +1955,10 @@ class BpfLayer:
     netns: str | None = None
     # "auto" probes the kernel; "helper" / "sk_storage" force a netns mode (tests).
     netns_mode: str = "auto"
+    # The policy's [bpf] cgroup, where its programs are attached: looked at first when a
+    # process that applied nothing (ksctl without the daemon) finds them, before a walk
+    # of the whole cgroup tree (tens of thousands of cgroups on a busy host or the bench).
+    cgroup_hint: str | None = None
     last_apply: ApplyStats | None = field(default=None, init=False)
     _policy: Policy | None = field(default=None, init=False, repr=False)
     _cgroup_cache: dict[int, tuple[Path, ...]] = field(default_factory=dict, init=False, repr=False)
@@ -2193,16 +2197,25 @@ class BpfLayer:
                 return found
         return None
 
+    def _policy_cgroups(self) -> list[Path]:
+        """The attach cgroups the last applied policy and the hint name."""
+        out = []
+        for rel in (self._policy.bpf.cgroup if self._policy is not None else None, self.cgroup_hint):
+            if rel is None:
+                continue
+            try:
+                d = cgroup_dir(rel)
+            except KsbpfError:
+                continue
+            if d not in out:
+                out.append(d)
+        return out
+
     def _candidate_cgroups(self, extra: Iterable[Path] = ()) -> list[Path]:
         """Cgroups our programs may be attached to: the given ones, the last policy's,
         and those the pinned generations recorded."""
         out: list[Path] = []
-        hints = list(extra)
-        if self._policy is not None:
-            try:
-                hints.append(cgroup_dir(self._policy.bpf.cgroup))
-            except KsbpfError:
-                pass
+        hints = [*extra, *self._policy_cgroups()]
         for h in hints:
             if h not in out and h.is_dir():
                 out.append(h)
@@ -2655,13 +2668,7 @@ class BpfLayer:
         cfg = gen.config()
         if cfg is None:
             return False
-        hints = []
-        if self._policy is not None:
-            try:
-                hints.append(cgroup_dir(self._policy.bpf.cgroup))
-            except KsbpfError:
-                pass
-        target = self._cgroup_by_id(cfg.cgroup_id, hints)
+        target = self._cgroup_by_id(cfg.cgroup_id, self._policy_cgroups())
         if target is None:
             return False
         try:

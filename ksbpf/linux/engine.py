@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ksbpf.errors import BackendError, KsbpfError, PolicyError
+from ksbpf.errors import BackendError, CapacityError, KsbpfError, PolicyError
 from ksbpf.linux.layer import LayerStatus
 from ksbpf.linux.nftables import NftLayer
 from ksbpf.linux.routing import RoutingLayer
@@ -121,6 +121,8 @@ class LinuxEngine:
 
             ksrc = policy.bpf.kernel_source if policy else None
             self._bpf = BpfLayer(self.instance, kernel_source=ksrc, netns=self.netns)
+        if policy is not None:
+            self._bpf.cgroup_hint = policy.bpf.cgroup
         return self._bpf
 
     @staticmethod
@@ -279,6 +281,10 @@ class LinuxEngine:
                 layer.change_exemptions(before, policy, defer_cleanup=self.defer_bpf_cleanup)
         except ImportError:
             pass
+        except CapacityError as e:
+            self.nft.change_exemptions(policy, before)
+            # bad input (exit 2), as `up` refuses it: the sets are as before, nothing changed
+            raise PolicyError(e.reason, source="ksctl exempt") from None
         except BackendError:
             self.nft.change_exemptions(policy, before)
             raise

@@ -1507,3 +1507,27 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
         assert _gen_state(layer)[2]["ks_cgroups"] == 3 + 1  # w/ex, w/svc, w/ep and the reserve entry
     finally:
         eng.down()
+
+
+def test_a_run_time_exemption_beyond_capacity_is_bad_input_and_changes_nothing(
+        lab: Lab, layers: list[BpfLayer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ksctl exempt` past the maps' cgroup capacity is refused as bad input (exit 2), as
+    `up` refuses such a policy: the nftables sets are as before and nothing is recorded.
+    (The capacity is lowered to what this policy holds; the kernel parts are real.)"""
+    from ksbpf.errors import PolicyError
+    from ksbpf.linux.engine import LinuxEngine
+
+    eng = LinuxEngine(netns=lab.client, state_dir=tmp_path / "state")
+    text = policy_toml(lab)
+    try:
+        eng.up(loads_policy(text), text)
+        held = len({e.cgroup for e in eng.applied_policy().exemptions} | set(eng.applied_policy().tunnel.endpoint_cgroups))
+        monkeypatch.setattr(kbpf, "MAX_CGROUPS", held)
+        sets = sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=lab.client).stdout
+        new = Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/5302"),), to=(ip_network("10.77.0.2/32"),))
+        with pytest.raises(PolicyError, match="the BPF layer holds at most"):
+            eng.set_exemption(new)
+        assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=lab.client).stdout == sets
+        assert eng.exemptions.load() == ()
+    finally:
+        eng.down()
