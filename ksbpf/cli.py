@@ -64,6 +64,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         # ksbpfd stays the only writer: it reloads its policy file (which this must be).
         import time
 
+        if args.no_bpf:
+            client.close()
+            raise PolicyError("ksbpfd runs here and decides about its BPF layer (ksbpfd --no-bpf); "
+                              "stop it to engage without BPF", source="ksctl up", key="--no-bpf")
         t0 = time.monotonic()
         with client:
             reply = client.request({"op": "reload", "config": os.path.abspath(args.config)})

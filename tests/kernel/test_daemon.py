@@ -690,6 +690,8 @@ def test_ksctl_reload_asks_the_daemon_and_a_bad_policy_is_exit_2(world: World, d
     other.write_text(world.policy().replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.99"]'))
     r = world.ksctl("up", "--config", str(other))
     assert r.returncode == 2 and f"ksbpfd enforces {world.policy_path}" in r.stderr, r.stdout + r.stderr
+    r = world.ksctl("up", "--config", str(world.policy_path), "--no-bpf")
+    assert r.returncode == 2 and "--no-bpf" in r.stderr, r.stdout + r.stderr
     assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout == ruleset
     assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="ok") == 2
 
