@@ -542,20 +542,10 @@ _CGROUPS = [
 
 @pytest.mark.parametrize("text", _CGROUPS)
 def test_fast_cgroup_normalization_matches_the_slow_path(text: str) -> None:
-    def slow(path: str) -> str:  # the checks normalize_cgroup makes when the fast path declines
-        if "\x00" in path:
-            raise ValueError("cgroup path must be a string without NUL")
-        parts = [p for p in path.strip("/").split("/") if p]
-        if path.strip("/") and len(parts) != len(path.strip("/").split("/")):
-            raise ValueError(f"cgroup path {path!r} has an empty component")
-        for part in parts:
-            if part in (".", ".."):
-                raise ValueError(f"cgroup path {path!r} may not contain '.' or '..'")
-            if not policy_mod._CGROUP_COMPONENT_RE.fullmatch(part):
-                raise ValueError(f"cgroup path {path!r}: component {part!r} has characters outside A-Z a-z 0-9 _ . @ : + \\ -")
-        return "/".join(parts)
+    class Text(str):  # not exactly a str: normalize_cgroup takes its checked path for it
+        pass
 
-    assert _try(policy_mod.normalize_cgroup, text) == _try(slow, text)
+    assert _try(policy_mod.normalize_cgroup, text) == _try(policy_mod.normalize_cgroup, Text(text))
 
 
 def test_fast_exemption_matches_the_checked_path() -> None:
