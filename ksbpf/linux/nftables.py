@@ -133,8 +133,9 @@ class NftLayer:
             self._commit(nft, batch, policy, skeleton)
         except BackendError:
             return False  # nothing changed (one transaction); the whole ruleset goes in instead
-        # Someone else's commit between the check and ours: the result is unknown, so whole.
         self.last_apply = "changes"
+        # No record: someone else committed between the generation reads, so what the
+        # kernel holds is unknown and the whole ruleset goes in.
         return self.committed is not None
 
     def _commit(self, nft: Any, batch: dict[str, Any], policy: Policy, skeleton: dict[str, Any] | None) -> None:
