@@ -44,6 +44,10 @@ RUN_DIR = "/run/ksbpf"
 SOCKET_NAME = "control.sock"
 MAX_LINE = 1 << 20  # an exemption with thousands of networks still fits
 CLIENT_TIMEOUT = 5.0  # a peer that sends nothing is dropped after this long
+# All the time one session may spend waiting for its client's bytes, however they trickle
+# in: the socket serves one session at a time, so a slow client delays the next by at most
+# this (a per-recv timeout alone let a byte every 4 s hold the socket for minutes).
+SESSION_DEADLINE = 5.0
 REPLY_TIMEOUT = 120.0  # a reload compiles BPF; the client waits this long for a reply
 
 
@@ -99,6 +103,8 @@ def validate_request(raw: bytes | str) -> dict[str, Any]:
         req = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"not JSON: {e}") from None
+    except RecursionError:  # "[[[[...": json's recursive decoder gives up, the request is bad
+        raise BadRequest("not JSON: nested too deeply") from None
     if not isinstance(req, dict):
         raise BadRequest("a request is a JSON object")
     op = req.get("op")
@@ -223,8 +229,13 @@ class ControlServer:
         import select
 
         assert self._sock is not None
+        # poll, not select: with the descriptor limit raised, a socket may be numbered past
+        # FD_SETSIZE (1024), where select() fails.
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
         while True:
-            ready, _, _ = select.select([self._sock.fileno(), self._stop_r], [], [])
+            ready = [fd for fd, _ev in poller.poll()]
             if self._stop_r in ready:
                 return
             try:
@@ -241,6 +252,8 @@ class ControlServer:
                     _log().exception("control socket: session failed")
 
     def _session(self, conn: socket.socket) -> None:
+        import time
+
         conn.settimeout(CLIENT_TIMEOUT)
         uid = peer_uid(conn)
         if uid != self.allowed_uid:
@@ -248,17 +261,26 @@ class ControlServer:
             _send(conn, {"error": "permission denied: the ksbpf control socket serves root only", "code": "forbidden"})
             return
         buf = b""
+        waited = 0.0  # time spent waiting for this client; the handler's own time is not counted
         while True:
+            if waited >= SESSION_DEADLINE:
+                _log().info("control socket: client too slow, dropped after %.1f s", waited)
+                return
+            conn.settimeout(SESSION_DEADLINE - waited)
+            t0 = time.monotonic()
             try:
                 chunk = conn.recv(65536)
             except TimeoutError:
                 return
+            finally:
+                waited += time.monotonic() - t0
             if not chunk:
                 return
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 if line.strip():
+                    conn.settimeout(CLIENT_TIMEOUT)  # sending the reply
                     _send(conn, self._answer(line))
             if len(buf) > MAX_LINE:
                 _send(conn, {"error": f"request longer than {MAX_LINE} bytes", "code": "bad_request"})

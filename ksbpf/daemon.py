@@ -179,6 +179,12 @@ class ControlCall:
     done: threading.Event = field(default_factory=threading.Event)
     reply: dict[str, Any] | None = None
     error: BaseException | None = None
+    # Whoever claims the call first decides its fate: the main loop (it runs) or the waiting
+    # control thread (it gave up and answered "busy"; the call must then never run).
+    _claim: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        return self._claim.acquire(blocking=False)
 
 
 @dataclass
@@ -596,13 +602,18 @@ class Daemon:
             raise BackendError("control", "ksbpfd is stopping")
         call = ControlCall(request)
         self.q.put(call)
-        if not call.done.wait(REPLY_TIMEOUT - 5):
-            raise BackendError("control", "ksbpfd is busy; try again")
+        if not call.done.wait(REPLY_TIMEOUT - 5) and call.claim():
+            # Not started yet, and now it never will: "busy" means nothing was done.
+            raise BackendError("control", "ksbpfd is busy; nothing was changed; try again")
+        call.done.wait()  # the main loop claimed it first: its answer is the true one
         if call.error is not None:
             raise call.error
         return call.reply or {}
 
     def _answer(self, call: ControlCall) -> None:
+        if not call.claim():
+            log.info("control: %s request given up by its client as busy; not run", call.request["op"])
+            return
         req = call.request
         op = req["op"]
         try:

@@ -14,7 +14,9 @@ which cannot tell; "(overflow)" for drops counted after the BPF map filled up).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
+import os
 import platform
 import threading
 import time
@@ -250,10 +252,23 @@ class KsbpfCollector:
         yield info
 
 
+# The listener is reachable by every local user, so what one of them can hold is bounded:
+# a connection that has sent nothing waits in an epoll set (no thread), at most
+# MAX_PENDING of them (the oldest is dropped to make room) and for at most IDLE_TIMEOUT;
+# one that sends gets one of MAX_SCRAPES worker threads, or is closed when all are busy;
+# a request must arrive and be answered within REQUEST_DEADLINE however slowly its bytes
+# trickle in. The daemon's enforcement work (netlink, bpf, nft) therefore keeps about
+# 1024 - MAX_PENDING - MAX_SCRAPES descriptors even under the unit's default limit.
+MAX_PENDING = 256
+MAX_SCRAPES = 4
+IDLE_TIMEOUT = 10.0
+REQUEST_DEADLINE = 10.0
+
+
 class MetricsServer:
     """The HTTP endpoint: prometheus_client's WSGI app on a server this class owns, so it
     binds before the daemon reports READY (a bind error is an error at start) and can be
-    closed or moved on reload."""
+    closed or moved on reload. Bounded against idle and slow clients (see MAX_PENDING)."""
 
     def __init__(self, collector: KsbpfCollector, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -264,6 +279,12 @@ class MetricsServer:
         self._app = make_wsgi_app(self.registry)
         self._httpd: Any = None
         self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._work: Any = None  # queue.SimpleQueue of (conn, addr) or None to stop
+        self._lock = threading.Lock()
+        self._idle_workers = 0
+        self._active: dict[Any, float] = {}  # connection -> deadline, while a worker serves it
+        self._stop_r = self._stop_w = -1
 
     @property
     def listen(self) -> str:
@@ -272,33 +293,138 @@ class MetricsServer:
     def bind(self) -> None:
         """Bind now (raises OSError); serve once start() is called."""
         import socket
-        from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-        from prometheus_client.exposition import ThreadingWSGIServer
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
         class Quiet(WSGIRequestHandler):
+            timeout = REQUEST_DEADLINE  # per read; the whole request is bounded by the loop
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        class Server(ThreadingWSGIServer):
+        class Server(WSGIServer):
             address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             # A restarted daemon must get its port back while old connections linger.
             allow_reuse_address = True
+            request_queue_size = 64
 
         self._httpd = make_server(self.host, self.port, self._app, Server, handler_class=Quiet)
         self.port = self._httpd.server_address[1]
 
     def start(self) -> None:
+        import queue
+
         if self._httpd is None:
             self.bind()
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True)
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._work = queue.SimpleQueue()
+        self._idle_workers = MAX_SCRAPES
+        self._workers = [threading.Thread(target=self._worker, name=f"metrics-scrape-{i}", daemon=True)
+                         for i in range(MAX_SCRAPES)]
+        for w in self._workers:
+            w.start()
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        import selectors
+        import socket
+
+        sock: socket.socket = self._httpd.socket
+        sock.setblocking(False)
+        sel = selectors.DefaultSelector()  # epoll: no FD_SETSIZE limit
+        sel.register(sock, selectors.EVENT_READ, "listen")
+        sel.register(self._stop_r, selectors.EVENT_READ, "stop")
+        pending: dict[socket.socket, tuple[Any, float]] = {}  # insertion order = age
+
+        def drop(conn: socket.socket) -> None:
+            pending.pop(conn, None)
+            with contextlib.suppress(KeyError, ValueError):
+                sel.unregister(conn)
+            conn.close()
+
+        try:
+            while True:
+                for key, _ev in sel.select(timeout=1.0):
+                    if key.data == "stop":
+                        return
+                    if key.data == "listen":
+                        while True:
+                            try:
+                                conn, addr = sock.accept()
+                            except (BlockingIOError, InterruptedError):
+                                break
+                            except OSError as e:  # EMFILE and the like: shed the oldest idle one
+                                log.warning("metrics: accept failed: %s", e)
+                                if pending:
+                                    drop(next(iter(pending)))
+                                break
+                            if len(pending) >= MAX_PENDING:
+                                drop(next(iter(pending)))
+                            pending[conn] = (addr, time.monotonic())
+                            sel.register(conn, selectors.EVENT_READ, "conn")
+                        continue
+                    conn = key.fileobj  # type: ignore[assignment]
+                    addr, _ = pending.pop(conn)
+                    sel.unregister(conn)
+                    with self._lock:
+                        free = self._idle_workers > 0
+                        if free:
+                            self._idle_workers -= 1
+                            self._active[conn] = time.monotonic() + REQUEST_DEADLINE
+                    if free:
+                        self._work.put((conn, addr))
+                    else:
+                        conn.close()  # every scrape slot is taken: the client may retry
+                now = time.monotonic()
+                for conn, (_addr, since) in list(pending.items()):
+                    if now - since < IDLE_TIMEOUT:
+                        break  # the rest are younger
+                    drop(conn)
+                with self._lock:
+                    late = [c for c, deadline in self._active.items() if now >= deadline]
+                for conn in late:  # a trickling client: end its request where it stands
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+        finally:
+            for conn in list(pending):
+                drop(conn)
+            sel.close()
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            conn, addr = item
+            try:
+                conn.setblocking(True)
+                self._httpd.finish_request(conn, addr)
+            except Exception as e:  # one broken scrape must not cost a worker
+                log.debug("metrics: scrape from %s failed: %s", addr, e)
+            finally:
+                with self._lock:
+                    self._active.pop(conn, None)
+                    self._idle_workers += 1
+                self._httpd.shutdown_request(conn)
 
     def close(self) -> None:
         if self._httpd is not None:
             if self._thread is not None:
-                self._httpd.shutdown()
+                os.write(self._stop_w, b"x")
                 self._thread.join(timeout=5)
+                for _ in self._workers:
+                    self._work.put(None)
+                with self._lock:
+                    serving = list(self._active)
+                for conn in serving:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(2)
+                for w in self._workers:
+                    w.join(timeout=5)
+                for fd in (self._stop_r, self._stop_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
             self._httpd.server_close()
             self._httpd = None
             self._thread = None
+            self._workers = []

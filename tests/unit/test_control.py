@@ -348,3 +348,60 @@ def test_cli_default_policy_path_is_the_policy_modules() -> None:
     from ksbpf.policy import DEFAULT_POLICY_PATH
 
     assert DEFAULT_POLICY == str(DEFAULT_POLICY_PATH)
+
+
+def test_deeply_nested_json_is_a_bad_request_not_a_dropped_connection(served: tuple[ControlServer, Recorder, Path]) -> None:
+    server, rec, _ = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server.path))
+        s.sendall(b"[" * 100_000 + b"\n" + b'{"op": "status"}\n')
+        buf = b""
+        while buf.count(b"\n") < 2:
+            chunk = s.recv(65536)
+            assert chunk, f"connection dropped after {buf!r}"
+            buf += chunk
+    first, second = (json.loads(line) for line in buf.splitlines())
+    assert first["code"] == "bad_request" and "nested" in first["error"]
+    assert second["ok"] is True and [c["op"] for c in rec.calls] == ["status"]
+
+
+def test_a_slow_client_delays_the_next_by_at_most_the_session_deadline(
+    served: tuple[ControlServer, Recorder, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client sending a byte every 0.4 s never hits a per-read timeout; the whole-session
+    deadline ends it, and the next client is served."""
+    import threading
+    import time
+
+    from ksbpf import control
+
+    monkeypatch.setattr(control, "SESSION_DEADLINE", 1.5)
+    server, rec, run_dir = served
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(server.path))
+            for ch in b'{"op": "status"          ' * 10:
+                if stop.is_set():
+                    return
+                try:
+                    s.sendall(bytes([ch]))
+                except OSError:
+                    return
+                time.sleep(0.4)
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    client = ControlClient.connect_if_running("t", None, run_dir=run_dir)
+    assert client is not None
+    with client:
+        assert client.request({"op": "status"})["echo"] == "status"
+    waited = time.monotonic() - t0
+    stop.set()
+    # Without the session deadline it would wait for the whole trickle (about 100 s).
+    assert waited < 10, waited
+    assert [c["op"] for c in rec.calls] == ["status"]
