@@ -248,7 +248,8 @@ def parse_port_spec(text: str) -> PortSpec:
 
 
 def _parse_port(text: str, whole: str) -> int:
-    if not text.isdigit():
+    # ASCII only: str.isdigit and int() also take "２２" or "٢٢", which no other tool reads as 22.
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"bad port {text!r} in {whole!r}")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -361,6 +362,8 @@ def normalize_cgroup(path: str) -> str:
 
 
 def parse_mark(value: int | str) -> int:
+    if isinstance(value, str) and not value.isascii():
+        raise ValueError(f"mark {value!r} has characters outside ASCII")
     mark = int(value, 0) if isinstance(value, str) else value
     if not 1 <= mark <= 0xFFFFFFFF:
         raise ValueError(f"mark {value!r} is outside 1-0xffffffff")
@@ -378,7 +381,7 @@ def _parse_listen(text: str) -> tuple[str, int]:
         if not colon:
             raise ValueError(f"{text!r} is not HOST:PORT")
     parse_address(host)
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+    if not (port_s.isascii() and port_s.isdigit()) or not 1 <= int(port_s) <= 65535:
         raise ValueError(f"bad port {port_s!r} in {text!r}")
     return host, int(port_s)
 
@@ -546,6 +549,10 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
             raise t.fail("endpoint_mark", str(e)) from None
     ep_cgroups = _convert(t, "endpoint_cgroups", t.get_list("endpoint_cgroups", str), v.cgroup)
     t.finish()
+    if "" in ep_cgroups:
+        # Every socket lives below the root: all of them would pass the endpoint check.
+        raise t.fail("endpoint_cgroups", "the root cgroup ('/') would let every process reach the endpoints; "
+                     "name the VPN client's own cgroup")
     if mark is not None and is_exempt_mark(mark):
         raise t.fail("endpoint_mark", f"{mark:#x} lies in the range ksbpf reserves for exemptions ({EXEMPT_MARK_BASE:#x}/{EXEMPT_MARK_MASK:#x})")
     if endpoints and mark is None and not ep_cgroups:
@@ -562,6 +569,9 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
         _convert(lan_r, "networks", lan_r.get_list("networks", str), v.network),
     )
     lan_r.finish()
+    for net in lan.networks:
+        if net.prefixlen == 0:  # "LAN" = the whole address family: the kill switch would be off
+            raise lan_r.fail("networks", f"{net} covers every IPv{net.version} address, not a local network")
 
     v6_r = _Reader(top.get("ipv6", dict, {}), source, "ipv6")
     mode = v6_r.get("mode", str, "tunnel")
@@ -584,7 +594,13 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
         host, port = _parse_listen(listen)
     except ValueError as e:
         raise m_r.fail("listen", str(e)) from None
+    public = m_r.get("listen_public", bool, False)
     m_r.finish()
+    if not ipaddress.ip_address(host).is_loopback and not public:
+        # The input chain accepts the tunnel and (when allowed) the LAN: a wildcard or LAN
+        # address would serve the metrics there too. Only when the admin says so.
+        raise m_r.fail("listen", f"{listen!r} is not a loopback address; set listen_public = true "
+                       "to serve metrics beyond this machine")
 
     ex_list = top.get("exempt", list, [])
     exemptions = []
