@@ -25,14 +25,12 @@ in that namespace, from threads that enter it themselves.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import logging
 import os
 import queue
 import signal
-import stat
 import sys
 import threading
 import time
@@ -43,13 +41,22 @@ from typing import Any
 
 from ksbpf import __version__
 from ksbpf.errors import BackendError, KsbpfError, PolicyError
-from ksbpf.policy import DEFAULT_POLICY_PATH, Policy, PolicyParser, loads_policy
+from ksbpf.policy import (  # noqa: F401  (check_*: imported from here by older callers and tests)
+    DEFAULT_POLICY_PATH,
+    MAX_POLICY_BYTES,
+    Policy,
+    PolicyParser,
+    check_policy_dir_mode,
+    check_policy_file_mode,
+    loads_policy,
+    read_policy_file,
+)
 
 log = logging.getLogger("ksbpfd")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 LOCKDOWN_TABLE = "ksbpf_lockdown"
-MAX_POLICY_BYTES = 16 << 20
+TRANSIENT_RETRY_S = 2.0  # a reconciliation step that failed unexpectedly is retried this soon
 BPF_RETRY_S = (30.0, 600.0)  # first retry of a BPF layer that failed to load, and the cap
 # After a run-time exemption change, the nft check that takes the new fingerprint runs once
 # no change came for this long (the listing is O(all elements); a burst of changes gets one).
@@ -60,52 +67,6 @@ STATUS_AFTER_S = 1.0
 
 
 # ------------------------------------------------------------------ policy file
-
-
-def check_policy_file_mode(st: os.stat_result, path: Path) -> None:
-    """Only root may be able to change what the kill switch enforces."""
-    if st.st_uid != 0:
-        raise PolicyError(f"owned by uid {st.st_uid}; the policy must be owned by root", source=str(path))
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PolicyError(
-            f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod go-w it", source=str(path)
-        )
-
-
-def check_policy_dir_mode(st: os.stat_result, path: Path) -> None:
-    """Whoever can write the directory can replace the file (unless it is sticky)."""
-    if st.st_uid != 0:
-        raise PolicyError(f"its directory {path} is owned by uid {st.st_uid}, not root", source=str(path))
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-        raise PolicyError(
-            f"its directory {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
-            source=str(path),
-        )
-
-
-def read_policy_file(path: Path, parser: PolicyParser | None = None) -> tuple[Policy, str]:
-    """Read and validate a policy file, refusing one that anyone but root could write.
-    The checks are on the file that was opened (fstat), not on the name. `parser`: the
-    daemon's, which re-parses only what changed since the last read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise PolicyError(f"cannot read: {e.strerror}", source=str(path)) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise PolicyError("not a regular file", source=str(path))
-        check_policy_file_mode(st, path)
-        data = f.read(MAX_POLICY_BYTES + 1)
-    real_dir = Path(os.path.realpath(path)).parent
-    check_policy_dir_mode(os.stat(real_dir), Path(path))
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"larger than {MAX_POLICY_BYTES} bytes", source=str(path))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PolicyError("not UTF-8 text", source=str(path)) from None
-    return (parser.loads(text, str(path)) if parser is not None else loads_policy(text, str(path))), text
 
 
 # ------------------------------------------------------------------ systemd
@@ -232,6 +193,7 @@ class Daemon:
         self._status_at: float | None = None  # a STATUS update is due
         self._dicts_of: tuple[Any, list[dict[str, Any]]] | None = None  # (exemptions, as dicts) for status
         self._last_note = ""
+        self._transient_retry_at: float | None = None  # a full check after a failed step
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -452,7 +414,7 @@ class Daemon:
         while not self.stopping:
             now = time.monotonic()
             wake = min(t.due for t in timers.values())
-            for due in (self._bpf_retry_at, self._nft_check_at, self._status_at):
+            for due in (self._bpf_retry_at, self._nft_check_at, self._status_at, self._transient_retry_at):
                 if due is not None:
                     wake = min(wake, due)
             items = []
@@ -468,6 +430,9 @@ class Daemon:
                 break
             if timers.get("watchdog") and timers["watchdog"].ready(now):
                 self.notifier.notify(WATCHDOG=1)
+            if self._transient_retry_at is not None and now >= self._transient_retry_at:
+                self._transient_retry_at = None
+                timers["check"].due = now  # the full check below
             if self.enforcing:
                 if timers["check"].ready(now):
                     self._nft_check_at = None
@@ -493,8 +458,12 @@ class Daemon:
             if isinstance(item, tuple) and item[0] == "signal":
                 if item[1] == signal.SIGHUP:
                     log.info("SIGHUP: reloading %s", self.config)
-                    with contextlib.suppress(KsbpfError):
+                    try:
                         self._reload("SIGHUP")
+                    except KsbpfError:
+                        pass  # _reload logged it; the policy in force stays
+                    except Exception:  # a bug or a transient kernel error: the daemon stays
+                        log.exception("SIGHUP: reload failed unexpectedly; the policy in force stays")
                 else:
                     log.info("signal %d: stopping", item[1])
                     self.stopping = True
@@ -542,6 +511,16 @@ class Daemon:
             self._push_status()
         except KsbpfError as e:
             log.error("reconciling failed: %s (retrying at the next event or check)", e)
+        except Exception as e:
+            # pyroute2's NetlinkDumpInterrupted (links changed during a dump), an OSError such
+            # as EMFILE, or a bug: none may end the daemon, which alone follows the tunnel and
+            # repairs drift. Logged with its traceback, and everything is checked again soon.
+            log.exception("reconciling failed unexpectedly (%s); checking everything again in %.0f s",
+                          type(e).__name__, TRANSIENT_RETRY_S)
+            self._retry_check_soon()
+
+    def _retry_check_soon(self) -> None:
+        self._transient_retry_at = time.monotonic() + TRANSIENT_RETRY_S
 
     def _links(self, since: float | None) -> None:
         done = self.rec.on_links(since)

@@ -20,10 +20,10 @@ from ksbpf.linux.routing import RoutingLayer
 from ksbpf.policy import (
     Exemption,
     Policy,
-    load_policy,
     loads_policy,
     merge_exemptions,
     parse_exemption,
+    read_policy_file,
 )
 
 DEFAULT_STATE_DIR = Path("/var/lib/ksbpf")
@@ -170,8 +170,9 @@ class LinuxEngine:
     # ---------------------------------------------------------------- operations
 
     def up_file(self, path: str | Path) -> EngageResult:
-        policy = load_policy(path)
-        return self.up(policy, Path(path).read_text(), source=str(path))
+        # Read once, with the daemon's trust checks: what is applied is what is recorded.
+        policy, text = read_policy_file(path)
+        return self.up(policy, text, source=str(path))
 
     def up(self, policy: Policy, policy_text: str | None = None, source: str = "<policy>") -> EngageResult:
         """Engage (or re-engage: idempotent, leak-free while traffic flows) all layers."""

@@ -3,6 +3,9 @@ differently, are refused naming the key."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from ksbpf.errors import PolicyError
@@ -47,3 +50,56 @@ def test_what_stays_allowed() -> None:
     assert p.tunnel.endpoint_cgroups == ("system.slice/wg.service",) and p.metrics.port == 9000
     public = loads_policy(BASE + '[metrics]\nlisten = "0.0.0.0:9477"\nlisten_public = true\n')
     assert public.metrics.host == "0.0.0.0"
+
+
+# ------------------------------------------------------------------ the file and what it names
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need files owned by root")
+def test_every_ancestor_directory_must_be_roots_alone(tmp_path: Path) -> None:
+    from ksbpf.policy import read_policy_file
+
+    deep = tmp_path / "open" / "etc"
+    deep.mkdir(parents=True)
+    p = _write(deep / "policy.toml", BASE)
+    assert read_policy_file(p)[0].tunnel.interfaces == ("wg0",)
+    (tmp_path / "open").chmod(0o777)  # a grandparent anyone can write: they can swap "etc"
+    with pytest.raises(PolicyError, match=r"directory .*open is writable by group or others"):
+        read_policy_file(p)
+    (tmp_path / "open").chmod(0o1777)  # sticky, as /tmp: only the owner may rename "etc"
+    assert read_policy_file(p)[0].tunnel.interfaces == ("wg0",)
+    os.chown(tmp_path / "open", 65534, 65534)
+    with pytest.raises(PolicyError, match="owned by uid 65534"):
+        read_policy_file(p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need files owned by root")
+def test_a_kernel_source_anyone_can_write_is_refused(tmp_path: Path) -> None:
+    from ksbpf.policy import read_policy_file
+
+    tree = tmp_path / "headers"
+    (tree / "include" / "linux").mkdir(parents=True)
+    header = _write(tree / "include" / "linux" / "types.h", "/* */\n")
+    p = _write(tmp_path / "policy.toml", BASE + f'[bpf]\nkernel_source = "{tree}"\n')
+    assert read_policy_file(p)[0].bpf.kernel_source == str(tree)
+    header.chmod(0o666)
+    with pytest.raises(PolicyError, match=r"bpf\.kernel_source.*types\.h"):
+        read_policy_file(p)
+    header.chmod(0o644)
+    os.chown(tree / "include", 1000, 1000)
+    with pytest.raises(PolicyError, match="uid 1000"):
+        read_policy_file(p)
+    # A tree that is not there is no trust question: the BPF layer reports missing headers.
+    p2 = _write(tmp_path / "p2.toml", BASE + '[bpf]\nkernel_source = "/nonexistent/kernel-headers"\n')
+    assert read_policy_file(p2)[0].bpf.kernel_source == "/nonexistent/kernel-headers"
+
+
+def test_deeply_nested_toml_is_bad_input() -> None:
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        loads_policy("a = " + "[" * 100_000)

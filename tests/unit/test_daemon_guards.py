@@ -1,5 +1,7 @@
-"""A control request the daemon answered "busy" never runs later: the waiting control
-thread and the main loop each try to claim the call, and only one of them can."""
+"""The daemon's guards: a control request answered "busy" never runs later (the waiting
+control thread and the main loop each try to claim the call, and only one can), and an
+unexpected error in a reconciliation step or a SIGHUP reload is logged and retried, never
+the end of the daemon."""
 
 from __future__ import annotations
 
@@ -66,3 +68,44 @@ def test_a_request_the_main_loop_claimed_is_answered_not_refused(monkeypatch: py
     call.done.set()
     t.join(5)
     assert result["reply"] == {"late": True}
+
+
+# ------------------------------------------------------------------ unexpected errors
+
+
+class Interrupted(Exception):
+    """Stands for pyroute2's NetlinkDumpInterrupted: not a KsbpfError."""
+
+
+def test_an_unexpected_error_in_a_reconciliation_step_is_logged_and_retried(caplog: pytest.LogCaptureFixture) -> None:
+    d: Any = Stub()
+    d._transient_retry_at = None
+    d._retry_check_soon = lambda: Daemon._retry_check_soon(d)
+
+    def step() -> None:
+        raise Interrupted("links changed during the dump")
+
+    Daemon._guard(d, step)  # does not raise: the daemon's loop goes on
+    assert d._transient_retry_at is not None
+    assert "reconciling failed unexpectedly (Interrupted)" in caplog.text
+
+    def emfile() -> None:
+        raise OSError(24, "Too many open files")
+
+    d._transient_retry_at = None
+    Daemon._guard(d, emfile)
+    assert d._transient_retry_at is not None
+
+
+def test_sighup_survives_an_unexpected_reload_error(caplog: pytest.LogCaptureFixture) -> None:
+    import signal
+
+    d: Any = Stub()
+    d.config = "/etc/ksbpf/policy.toml"
+
+    def reload(why: str) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    d._reload = reload
+    Daemon._handle(d, [("signal", signal.SIGHUP)])
+    assert "SIGHUP: reload failed unexpectedly" in caplog.text and not d.stopping
