@@ -25,6 +25,7 @@ in that namespace, from threads that enter it themselves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -34,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ log = logging.getLogger("ksbpfd")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 LOCKDOWN_TABLE = "ksbpf_lockdown"
+# The loader child's compile timeout (ksbpf.linux.bpf) plus the time to load and attach.
+COMPILE_BOUND_S = 330.0
 TRANSIENT_RETRY_S = 2.0  # a reconciliation step that failed unexpectedly is retried this soon
 BPF_RETRY_S = (30.0, 600.0)  # first retry of a BPF layer that failed to load, and the cap
 # After a run-time exemption change, the nft check that takes the new fingerprint runs once
@@ -83,6 +86,7 @@ class Notifier:
         self._sd = sd
         self.socket = os.environ.get("NOTIFY_SOCKET") or None
         self.watchdog_s: float | None = None
+        self._keeping = False
         usec = os.environ.get("WATCHDOG_USEC", "")
         wpid = os.environ.get("WATCHDOG_PID", "")
         if usec.isdigit() and int(usec) > 0 and (not wpid or wpid == str(os.getpid())):
@@ -104,6 +108,36 @@ class Notifier:
 
     def status(self, text: str) -> None:
         self.notify(STATUS=text)
+
+    @contextlib.contextmanager
+    def keepalive(self, bound_s: float, starting: bool = False) -> Iterator[None]:
+        """Feed the watchdog from a helper thread while the main loop does slow, bounded
+        work (a BPF compile takes up to COMPILE_BOUND_S, WatchdogSec is 30): for at most
+        bound_s, so a main loop truly stuck there is still killed. `starting`: before
+        READY, also extend the start timeout as long as the work may take."""
+        if not self.active or (self.watchdog_s is None and not starting) or self._keeping:
+            yield
+            return
+        self._keeping = True
+        stop = threading.Event()
+        every = min(self.watchdog_s / 2 if self.watchdog_s else 10.0, 10.0)
+
+        def feed() -> None:
+            until = time.monotonic() + bound_s
+            while not stop.wait(every) and time.monotonic() < until:
+                fields: dict[str, str | int] = {"WATCHDOG": 1} if self.watchdog_s else {}
+                if starting:
+                    fields["EXTEND_TIMEOUT_USEC"] = int(every * 3 * 1e6)
+                self.notify(**fields)
+
+        t = threading.Thread(target=feed, name="watchdog-keepalive", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            self._keeping = False
 
 
 def setup_logging(target: str) -> str:
@@ -310,7 +344,8 @@ class Daemon:
         """Engage (or re-engage) every layer. Raises BackendError when nftables refused
         the ruleset (the one before stays, atomically); other layers' failures are
         reported and retried."""
-        result = self.engine.up(policy, text)
+        with self.notifier.keepalive(COMPILE_BOUND_S, starting=why == "start"):
+            result = self.engine.up(policy, text)
         self.apply_seconds.observe(result.seconds)
         effective = self.engine.effective_policy(policy)
         self.base_policy = policy
@@ -530,7 +565,8 @@ class Daemon:
             self._push_status()
 
     def _report_repair(self, layer: str, check: Any) -> None:
-        what = check()
+        with self.notifier.keepalive(COMPILE_BOUND_S):  # repairing BPF may compile again
+            what = check()
         if what:
             log.warning("drift repaired in %s: %s", layer, what, extra={"KSBPF_LAYER": layer, "KSBPF_EVENT": "drift"})
             self._push_status()
@@ -557,7 +593,8 @@ class Daemon:
         assert policy is not None
         try:
             layer = self.engine.bpf_layer(policy)
-            layer.apply(policy)
+            with self.notifier.keepalive(COMPILE_BOUND_S):
+                layer.apply(policy)
             engaged, detail = layer.status()
         except (ImportError, KsbpfError) as e:
             engaged, detail = False, str(e)

@@ -109,3 +109,56 @@ def test_sighup_survives_an_unexpected_reload_error(caplog: pytest.LogCaptureFix
     d._reload = reload
     Daemon._handle(d, [("signal", signal.SIGHUP)])
     assert "SIGHUP: reload failed unexpectedly" in caplog.text and not d.stopping
+
+
+# ------------------------------------------------------------------ the watchdog during a compile
+
+
+def test_the_watchdog_is_fed_during_slow_work_and_only_for_its_bound(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WatchdogSec is 30 but a BPF compile may take minutes: while the main loop is in it, a
+    helper thread pings, for at most the bound, so a loop stuck there still gets killed.
+    Checked on a real NOTIFY_SOCKET."""
+    import socket
+    import time
+
+    pytest.importorskip("systemd.daemon")
+    from ksbpf.daemon import Notifier
+
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+    def drain() -> list[str]:
+        got = []
+        while True:
+            try:
+                got.append(sock.recv(4096).decode())
+            except TimeoutError:
+                return got
+
+    try:
+        n = Notifier()
+        assert n.watchdog_s == pytest.approx(0.2)
+        with n.keepalive(bound_s=60):
+            time.sleep(0.65)  # "compiling"
+        fed = drain()
+        assert sum(m == "WATCHDOG=1" for m in fed) >= 4, fed
+        time.sleep(0.3)
+        assert drain() == [], "pings went on after the work ended"
+        with n.keepalive(bound_s=0.35):
+            time.sleep(1.0)  # stuck past the bound: the pings must stop
+            time.sleep(0.05)
+            drain()
+            time.sleep(0.4)
+            assert drain() == [], "pings went on past the bound"
+        with n.keepalive(bound_s=60, starting=True):
+            time.sleep(0.35)
+        assert any("EXTEND_TIMEOUT_USEC=" in m for m in drain())
+    finally:
+        sock.close()
