@@ -325,10 +325,20 @@ def parse_address(text: str) -> IPAddress:
         raise ValueError(f"{text!r} is not an IP address") from None
 
 
+# Words libnftables' JSON parser reads as an IP protocol wherever a string may stand, so a
+# rule matching an interface of that name is refused whole ("datatype mismatch"); a leading
+# "@" makes a set reference. Found by trying every /etc/protocols name against libnftables
+# (tests/kernel/test_nft_names.py keeps this list honest).
+NFT_JSON_PROTOCOL_WORDS = frozenset({"ah", "comp", "dccp", "esp", "icmp", "icmpv6", "sctp", "tcp", "udp", "udplite"})
+
+
 def validate_interface(name: str) -> str:
     if _IFNAME_RE.fullmatch(name) or _IFGLOB_RE.fullmatch(name):
         if name in (".", ".."):
             raise ValueError(f"{name!r} is not a valid interface name")
+        if name.startswith("@") or name in NFT_JSON_PROTOCOL_WORDS:
+            raise ValueError(f"{name!r} cannot be matched as an interface name by nftables "
+                             "(read as a set reference or a protocol); rename the interface")
         if name == "lo" or (name.endswith("*") and "lo".startswith(name[:-1])):
             raise ValueError(f"{name!r} would make loopback a tunnel interface")
         return name
