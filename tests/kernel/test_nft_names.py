@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from ksbpf.errors import BackendError, PolicyError
 from ksbpf.linux.nftables import NftLayer
 from ksbpf.policy import NFT_JSON_PROTOCOL_WORDS, loads_policy
