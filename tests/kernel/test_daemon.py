@@ -977,3 +977,35 @@ def test_without_bpf_the_other_layers_enforce_and_bpf_is_reported_down(world: Wo
     f0 = world.uplink.far_count()
     assert send(world.client, world.apps, "192.0.2.1", 9, 5, dev=world.uplink.up_if)["errors"] == {"EPERM": 5}
     assert world.uplink.far_count() == f0
+
+
+# =========================================================================== starvation
+
+
+def test_idle_metrics_connections_do_not_starve_enforcement(world: World, daemon: DaemonFactory) -> None:
+    """Any local user can open connections to the metrics port. With the daemon held to a
+    small descriptor limit, 600 idle connections must leave drift repair, the control
+    socket and a normal scrape working (before, each held a thread and a descriptor until
+    the daemon's netlink sockets failed with EMFILE)."""
+    import socket
+
+    d = daemon()
+    subprocess.run(["prlimit", f"--pid={d.proc.pid}", "--nofile=400:400"], check=True)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(600):
+            idle.append(socket.create_connection(("127.0.0.1", d.port), timeout=5))
+        time.sleep(1.0)
+        held = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+        assert held < 400, f"the daemon holds {held} descriptors"
+        want = _kernel_state(world)
+        _flush_table(world)
+        wait_for(lambda: _kernel_state(world) == want, "the flushed table to be repaired under the flood")
+        st = d.status()  # the control socket answers
+        assert st["layers"]["nftables"]["engaged"] is True
+        m = d.scrape()  # and so does a normal scrape
+        assert m[("ksbpf_drift_repairs_total", (("layer", "nftables"),))] >= 1
+        assert d.proc.poll() is None, d.log_text()[-2000:]
+    finally:
+        for s in idle:
+            s.close()
