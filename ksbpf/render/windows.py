@@ -304,6 +304,48 @@ def _other_ways_to(policy: Policy, ep: Endpoint, identities: Mapping[str, tuple[
 
 # ------------------------------------------------------------------ scripts
 
+# Shared by both scripts: the state folder is trusted only as SYSTEM and Administrators made it.
+_STATE_GUARD = r"""# %ProgramData% lets standard users create folders: one who made ksbpf\ first could plant a
+# profiles.xml that turns the firewall off at rollback. The state folder is made for SYSTEM
+# and Administrators alone (no inherited access), and one whose owner or access differs, or
+# a file in it owned by anyone else, is refused rather than trusted.
+$Trusted = @('S-1-5-18', 'S-1-5-32-544')  # SYSTEM, BUILTIN\Administrators
+function Test-KsbpfOwned([string]$Path) {
+    $Acl = Get-Acl -LiteralPath $Path
+    $Owner = ([System.Security.Principal.NTAccount]$Acl.Owner).Translate([System.Security.Principal.SecurityIdentifier]).Value
+    if ($Trusted -notcontains $Owner) { return "owned by $($Acl.Owner)" }
+    if (-not $Acl.AreAccessRulesProtected) { return 'inherits access from its parent' }
+    foreach ($Ace in $Acl.Access) {
+        $Sid = $Ace.IdentityReference.Translate([System.Security.Principal.SecurityIdentifier]).Value
+        if ($Trusted -notcontains $Sid) { return "grants access to $($Ace.IdentityReference)" }
+    }
+    return ''
+}
+function Assert-KsbpfState([string]$Path, [bool]$Create) {
+    if (-not (Test-Path -LiteralPath $Path)) {
+        if (-not $Create) { return $false }
+        $Sec = New-Object System.Security.AccessControl.DirectorySecurity
+        $Sec.SetAccessRuleProtection($true, $false)
+        foreach ($Sid in $Trusted) {
+            $Id = New-Object System.Security.Principal.SecurityIdentifier($Sid)
+            $Sec.AddAccessRule((New-Object System.Security.AccessControl.FileSystemAccessRule($Id, 'FullControl', 'ContainerInherit,ObjectInherit', 'None', 'Allow')))
+        }
+        $Sec.SetOwner((New-Object System.Security.Principal.SecurityIdentifier('S-1-5-32-544')))
+        New-Item -ItemType Directory -Path $Path | Out-Null
+        Set-Acl -LiteralPath $Path -AclObject $Sec
+        # Anything that got in between New-Item and Set-Acl was not made by us.
+        if (@(Get-ChildItem -LiteralPath $Path -Force).Count -gt 0) { throw "ksbpf: $Path was written by someone else while being made; remove it and run again" }
+    }
+    $Why = Test-KsbpfOwned $Path
+    if ($Why) { throw "ksbpf: refusing to use $Path ($Why): only SYSTEM and Administrators may own and access it; remove it and run again" }
+    foreach ($F in Get-ChildItem -LiteralPath $Path -Force) {
+        $Why = Test-KsbpfOwned $F.FullName
+        if ($Why -and $Why -ne 'inherits access from its parent') { throw "ksbpf: refusing $($F.FullName) ($Why)" }
+    }
+    return $true
+}
+"""
+
 _APPLY_HEAD = """\
 #Requires -RunAsAdministrator
 # ksbpf: engage the kill switch in Windows Defender Firewall. Rendered by ksbpf from a
@@ -317,7 +359,7 @@ $ErrorActionPreference = 'Stop'
 Set-StrictMode -Version 3.0
 $Group = 'ksbpf'
 $State = Join-Path $env:ProgramData 'ksbpf'
-New-Item -ItemType Directory -Force -Path $State | Out-Null
+""" + _STATE_GUARD + """Assert-KsbpfState $State $true | Out-Null
 """
 
 _APPLY_TUNNEL = """\
@@ -400,11 +442,15 @@ $ErrorActionPreference = 'Continue'
 $Group = 'ksbpf'
 $State = Join-Path $env:ProgramData 'ksbpf'
 $Failed = $false
+""" + _STATE_GUARD + """# A state folder that is not trusted is not read: its rules and defaults are undone all the
+# same, to Windows' own defaults.
+$StateTrusted = $false
+try { $StateTrusted = Assert-KsbpfState $State $false } catch { Write-Warning "$_"; $Failed = $true }
 
 # 1. Default actions first: from here on only explicit block rules block.
 $ProfilesFile = Join-Path $State 'profiles.xml'
 try {
-    if (Test-Path $ProfilesFile) {
+    if ($StateTrusted -and (Test-Path $ProfilesFile)) {
         foreach ($P in Import-Clixml -Path $ProfilesFile) {
             Set-NetFirewallProfile -Name $P.Name -Enabled $P.Enabled -DefaultInboundAction $P.DefaultInboundAction -DefaultOutboundAction $P.DefaultOutboundAction -ErrorAction Stop
         }
@@ -422,7 +468,7 @@ try {
 # 3. The allow rules apply.ps1 disabled, matched by exact name.
 $DisabledFile = Join-Path $State 'disabled-rules.xml'
 try {
-    if (Test-Path $DisabledFile) {
+    if ($StateTrusted -and (Test-Path $DisabledFile)) {
         $Names = @(Import-Clixml -Path $DisabledFile)
         Get-NetFirewallRule -PolicyStore PersistentStore | Where-Object { $Names -contains $_.Name } |
             Enable-NetFirewallRule -ErrorAction Stop
@@ -431,7 +477,7 @@ try {
 
 # 4. The tunnel's interface metrics.
 $MetricsFile = Join-Path $State 'metrics.xml'
-if (Test-Path $MetricsFile) {
+if ($StateTrusted -and (Test-Path $MetricsFile)) {
     foreach ($M in Import-Clixml -Path $MetricsFile) {
         try {
             $Alias = [WildcardPattern]::Escape($M.InterfaceAlias)

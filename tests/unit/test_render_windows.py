@@ -243,3 +243,26 @@ def test_every_character_outside_the_name_alphabet_is_refused() -> None:
         else:
             with pytest.raises(ValueError):
                 render_windows(policy)
+
+
+def test_the_state_folder_is_trusted_only_when_system_and_administrators_alone_own_it() -> None:
+    """%ProgramData% lets standard users create folders: a planted ksbpf\\profiles.xml must
+    never be read. apply.ps1 checks the folder before its first use; rollback.ps1 reads
+    none of its files unless the folder is trusted, and then falls back to Windows' own
+    defaults (outbound allowed, inbound blocked) rather than to what the file says."""
+    files = _render("full").files
+    apply, rollback = files["apply.ps1"], files["rollback.ps1"]
+    for text in (apply, rollback):
+        assert "$Trusted = @('S-1-5-18', 'S-1-5-32-544')" in text
+        assert "$Sec.SetAccessRuleProtection($true, $false)" in text  # no inherited access
+        assert "if (-not $Acl.AreAccessRulesProtected)" in text
+        assert "if ($Trusted -notcontains $Owner)" in text and "if ($Trusted -notcontains $Sid)" in text
+    # apply: the check comes before anything under $State is touched.
+    first_use = min(apply.index(needle) for needle in ("Join-Path $State", "Export-Clixml", "Import-Clixml"))
+    assert apply.index("Assert-KsbpfState $State $true") < first_use
+    assert "New-Item -ItemType Directory -Force" not in apply  # -Force would adopt a planted folder
+    # rollback: every read of a state file is behind the trust check.
+    assert rollback.index("$StateTrusted = Assert-KsbpfState $State $false") < rollback.index("Import-Clixml")
+    reads = [line for line in rollback.splitlines() if "Test-Path $" in line and "File" in line]
+    assert reads and all("$StateTrusted -and" in line for line in reads), reads
+    assert "-DefaultOutboundAction Allow" in rollback

@@ -10,7 +10,46 @@ $ErrorActionPreference = 'Stop'
 Set-StrictMode -Version 3.0
 $Group = 'ksbpf'
 $State = Join-Path $env:ProgramData 'ksbpf'
-New-Item -ItemType Directory -Force -Path $State | Out-Null
+# %ProgramData% lets standard users create folders: one who made ksbpf\ first could plant a
+# profiles.xml that turns the firewall off at rollback. The state folder is made for SYSTEM
+# and Administrators alone (no inherited access), and one whose owner or access differs, or
+# a file in it owned by anyone else, is refused rather than trusted.
+$Trusted = @('S-1-5-18', 'S-1-5-32-544')  # SYSTEM, BUILTIN\Administrators
+function Test-KsbpfOwned([string]$Path) {
+    $Acl = Get-Acl -LiteralPath $Path
+    $Owner = ([System.Security.Principal.NTAccount]$Acl.Owner).Translate([System.Security.Principal.SecurityIdentifier]).Value
+    if ($Trusted -notcontains $Owner) { return "owned by $($Acl.Owner)" }
+    if (-not $Acl.AreAccessRulesProtected) { return 'inherits access from its parent' }
+    foreach ($Ace in $Acl.Access) {
+        $Sid = $Ace.IdentityReference.Translate([System.Security.Principal.SecurityIdentifier]).Value
+        if ($Trusted -notcontains $Sid) { return "grants access to $($Ace.IdentityReference)" }
+    }
+    return ''
+}
+function Assert-KsbpfState([string]$Path, [bool]$Create) {
+    if (-not (Test-Path -LiteralPath $Path)) {
+        if (-not $Create) { return $false }
+        $Sec = New-Object System.Security.AccessControl.DirectorySecurity
+        $Sec.SetAccessRuleProtection($true, $false)
+        foreach ($Sid in $Trusted) {
+            $Id = New-Object System.Security.Principal.SecurityIdentifier($Sid)
+            $Sec.AddAccessRule((New-Object System.Security.AccessControl.FileSystemAccessRule($Id, 'FullControl', 'ContainerInherit,ObjectInherit', 'None', 'Allow')))
+        }
+        $Sec.SetOwner((New-Object System.Security.Principal.SecurityIdentifier('S-1-5-32-544')))
+        New-Item -ItemType Directory -Path $Path | Out-Null
+        Set-Acl -LiteralPath $Path -AclObject $Sec
+        # Anything that got in between New-Item and Set-Acl was not made by us.
+        if (@(Get-ChildItem -LiteralPath $Path -Force).Count -gt 0) { throw "ksbpf: $Path was written by someone else while being made; remove it and run again" }
+    }
+    $Why = Test-KsbpfOwned $Path
+    if ($Why) { throw "ksbpf: refusing to use $Path ($Why): only SYSTEM and Administrators may own and access it; remove it and run again" }
+    foreach ($F in Get-ChildItem -LiteralPath $Path -Force) {
+        $Why = Test-KsbpfOwned $F.FullName
+        if ($Why -and $Why -ne 'inherits access from its parent') { throw "ksbpf: refusing $($F.FullName) ($Why)" }
+    }
+    return $true
+}
+Assert-KsbpfState $State $true | Out-Null
 
 # The policy's tunnel interfaces (a trailing * is a prefix, as -like reads it).
 $TunnelPatterns = @('utun4')
