@@ -4,10 +4,16 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.ksbpf-setup
 APT_PKGS  := nftables python3-nftables python3-bpfcc libbpfcc bpftool linux-headers-amd64 \
              wireguard-go wireguard-tools python3-pyroute2 python3-systemd \
-             python3-prometheus-client python3-venv iproute2 iperf3 systemd
+             python3-prometheus-client python3-venv iproute2 iperf3 systemd \
+             $(DEB_PKGS) mmdebstrap systemd-container
+# What `make deb` needs (the boot test also needs mmdebstrap and systemd-container, above).
+DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+             lintian fakeroot
 HEADERS   := /var/lib/ksbpf/kernel-headers
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+DEB       := dist/ksbpf_$(VERSION)_all.deb
 
-.PHONY: setup demo test lint unit kernel bench clean headers
+.PHONY: setup demo test lint unit kernel bench clean headers deb
 
 setup: $(STAMP)
 
@@ -48,5 +54,30 @@ bench: setup
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(BENCH_PKGS)
 	$(PY) -m bench.run
 
+# The Debian package, built in a copy of the tree (tracked and untracked-but-not-ignored
+# files, as they are now) so nothing is written here but $(DEB); dpkg-buildpackage -b -us -uc
+# also works in the tree itself.
+deb:
+	@test -n "$(VERSION)" || { echo "no version in pyproject.toml"; exit 1; }
+	@cv=$$(dpkg-parsechangelog -l debian/changelog -S Version 2>/dev/null); \
+	  test "$$cv" = "$(VERSION)" || { echo "debian/changelog says $$cv, pyproject.toml $(VERSION): make them agree"; exit 1; }
+	@missing=; for p in $(DEB_PKGS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	  done; \
+	  if [ -n "$$missing" ]; then \
+	    test "$$(id -u)" = 0 || { echo "make deb needs:$$missing (apt-get install them as root)"; exit 1; }; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  fi
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; src="$$tmp/ksbpf-$(VERSION)"; mkdir "$$src"; \
+	  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	    git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -C "$$src" -xf -; \
+	  else \
+	    tar --exclude=./.venv --exclude=./dist --exclude=./build --exclude=./.git --exclude='*.egg-info' \
+	      --exclude=__pycache__ -cf - . | tar -C "$$src" -xf -; \
+	  fi; \
+	  (cd "$$src" && dpkg-buildpackage -b -us -uc >"$$tmp/build.log" 2>&1) || { tail -n 60 "$$tmp/build.log"; exit 1; }; \
+	  mkdir -p dist; rm -f dist/ksbpf_*_all.deb; cp "$$tmp/ksbpf_$(VERSION)_all.deb" $(DEB)
+	@echo "built $(DEB)"
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info dist

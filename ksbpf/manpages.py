@@ -1,0 +1,429 @@
+"""Man pages generated from the code they describe: ksctl(8) and ksbpfd(8) from their argparse
+parsers, ksbpf-policy(5) from the keys the policy parser reads.
+
+    python3 -m ksbpf.manpages OUTDIR     # writes ksctl.8 ksbpfd.8 ksbpf-policy.5
+
+Pure: every page is a function returning roff text. The Debian package build runs this, so
+a new option, subcommand or policy key reaches the pages without anyone editing them. The
+policy keys and their types are found by running the parser (`parser_keys`); only their
+meaning is written here (`POLICY_DOC`), and a key the parser reads without a meaning here,
+or a meaning here for a key the parser does not read, fails the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ksbpf import __version__
+
+# ------------------------------------------------------------------ argparse walking
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, help, parser) of every subcommand, in the order they were added."""
+    out: list[tuple[str, str, argparse.ArgumentParser]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                out.append((name, helps.get(name, ""), sub))
+    return out
+
+
+def options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The documented arguments (help=SUPPRESS and subcommand dispatch left out)."""
+    return [a for a in parser._actions
+            if a.help != argparse.SUPPRESS and not isinstance(a, argparse._SubParsersAction)]
+
+
+def takes_value(action: argparse.Action) -> bool:
+    return action.nargs != 0
+
+
+def metavar(action: argparse.Action) -> str:
+    if action.metavar is not None:
+        return action.metavar if isinstance(action.metavar, str) else " ".join(action.metavar)
+    if action.choices is not None:
+        return "{" + ",".join(map(str, action.choices)) + "}"
+    return action.dest.upper() if action.option_strings else action.dest
+
+
+def expand_help(action: argparse.Action, prog: str) -> str:
+    """The help text as `--help` shows it (%(default)s and friends filled in)."""
+    if not action.help:
+        return ""
+    params: dict[str, Any] = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    params["prog"] = prog
+    if action.choices is not None:
+        params["choices"] = ", ".join(map(str, action.choices))
+    return action.help % params
+
+
+def usage_words(parser: argparse.ArgumentParser) -> list[str]:
+    """A deterministic usage line (argparse's own wraps at the terminal's width)."""
+    words = []
+    for a in options(parser):
+        if isinstance(a, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        if not a.option_strings:
+            mv = metavar(a)
+            words.append(mv if a.nargs not in ("?", "*") else f"[{mv}]")
+            continue
+        opt = a.option_strings[-1] if a.option_strings[-1].startswith("--") else a.option_strings[0]
+        word = f"{opt} {metavar(a)}" if takes_value(a) else opt
+        repeat = "..." if isinstance(a, (argparse._AppendAction, argparse._CountAction)) else ""
+        words.append(word + repeat if a.required else f"[{word}]{repeat}")
+    return words
+
+
+# ------------------------------------------------------------------ roff
+
+
+def esc(text: str) -> str:
+    """Roff-safe text: backslashes, hyphens (so options copy and paste), leading dots."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in text.split("\n"))
+
+
+def bold(text: str) -> str:
+    return f"\\fB{esc(text)}\\fR"
+
+
+def italic(text: str) -> str:
+    return f"\\fI{esc(text)}\\fR"
+
+
+def _option_term(a: argparse.Action) -> str:
+    if not a.option_strings:
+        return italic(metavar(a))
+    names = ", ".join(bold(o) for o in a.option_strings)
+    return f"{names} {italic(metavar(a))}" if takes_value(a) else names
+
+
+def _help_line(a: argparse.Action, prog: str) -> str:
+    text = expand_help(a, prog) or "(no description)"
+    return text + " (may be given more than once)" if isinstance(a, argparse._AppendAction) else text
+
+
+def _options_block(parser: argparse.ArgumentParser, prog: str) -> list[str]:
+    lines = []
+    for a in options(parser):
+        lines += [".TP", _option_term(a), esc(_help_line(a, prog))]
+    return lines
+
+
+def _header(name: str, section: int, title: str, date: str) -> list[str]:
+    manual = "System Administration" if section == 8 else "File Formats"
+    return [
+        '.\\" Generated by ksbpf.manpages from the code; do not edit.',
+        f'.TH {name.upper()} {section} "{date}" "ksbpf {__version__}" "{manual}"',
+        ".SH NAME",
+        f"{esc(name)} \\- {esc(title)}",
+    ]
+
+
+def build_date() -> str:
+    """SOURCE_DATE_EPOCH (set by dpkg from debian/changelog) keeps the pages reproducible."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.UTC) if epoch and epoch.isdigit()
+            else datetime.datetime.now(datetime.UTC))
+    return when.strftime("%Y-%m-%d")
+
+
+def exit_codes(module: ModuleType) -> list[tuple[int, str]]:
+    """(code, meaning) from the module's EXIT_* constants, so a new code is listed."""
+    known = {
+        "EXIT_OK": "success",
+        "EXIT_FAILED": "a kernel layer (or the daemon) failed",
+        "EXIT_BAD_INPUT": "bad input: a policy or argument was refused; nothing was changed",
+        "EXIT_BAD_CONFIG": "the policy was refused at start and none was applied before",
+        "EXIT_PARTIAL": "only some layers engaged (named in the output); the others enforce",
+    }
+    codes: dict[int, str] = {}
+    for name in dir(module):
+        value = getattr(module, name)
+        if name.startswith("EXIT_") and isinstance(value, int) and not isinstance(value, bool):
+            meaning = known.get(name, name[len("EXIT_"):].lower().replace("_", " "))
+            codes[value] = f"{codes[value]}; {meaning}" if value in codes else meaning
+    return sorted(codes.items())
+
+
+def _exit_section(module: ModuleType, parser: argparse.ArgumentParser) -> list[str]:
+    lines = [".SH EXIT STATUS"]
+    if parser.epilog and "exit" in parser.epilog.lower():
+        # The CLI's own list (what `--help` prints) is the authority when it has one.
+        return [*lines, ".nf", esc(parser.epilog.strip()), ".fi"]
+    for code, meaning in exit_codes(module):
+        lines += [".TP", f"\\fB{code}\\fR", esc(meaning)]
+    return lines
+
+
+def _description(parser: argparse.ArgumentParser) -> str:
+    return (parser.description or "").strip()
+
+
+# ------------------------------------------------------------------ ksctl(8)
+
+
+def ksctl_page(parser: argparse.ArgumentParser | None = None, date: str | None = None) -> str:
+    from ksbpf import cli
+
+    parser = parser or cli.build_parser()
+    prog = parser.prog
+    date = date or build_date()
+    subs = subcommands(parser)
+    lines = _header("ksctl", 8, _description(parser) or "control the ksbpf kill switch", date)
+    lines += [".SH SYNOPSIS", f"{bold(prog)} {esc(' '.join(usage_words(parser)))} {italic('COMMAND')} "
+              f"[{italic('OPTIONS')}]"]
+    lines += [".SH DESCRIPTION",
+              esc("ksctl engages, inspects and removes the ksbpf VPN kill switch: an nftables table, "
+                  "policy routing and a cgroup-bpf program that drop every packet leaving outside the "
+                  "VPN tunnel. With ksbpfd(8) running, ksctl talks to it over its control socket; "
+                  "without it, ksctl works on the kernel directly."),
+              ".SH GLOBAL OPTIONS", *_options_block(parser, prog)]
+    lines.append(".SH COMMANDS")
+    for name, help_text, sub in subs:
+        lines += [".SS " + f'"{esc(" ".join([prog, name, *usage_words(sub)]))}"']
+        text = _description(sub) or help_text
+        if text:
+            lines.append(esc(text))
+        opts = [a for a in options(sub) if not isinstance(a, argparse._HelpAction)]
+        if opts:
+            lines.append(".RS")
+            for a in opts:
+                lines += [".TP", _option_term(a), esc(_help_line(a, f"{prog} {name}"))]
+            lines.append(".RE")
+        nested = subcommands(sub)
+        for nname, nhelp, nsub in nested:
+            lines += [".TP", bold(f"{name} {nname} ") + esc(" ".join(usage_words(nsub))), esc(nhelp)]
+    lines += _exit_section(cli, parser)
+    lines += [".SH FILES",
+              ".TP", bold("/etc/ksbpf/policy.toml"), "The policy; see ksbpf\\-policy(5).",
+              ".TP", bold("/var/lib/ksbpf/"), esc("State: the policy applied last, run-time exemptions, "
+                                                  "the generated boot lockdown ruleset, the prepared kernel headers."),
+              ".TP", bold("/run/ksbpf/control.sock"), "ksbpfd's control socket (root only).",
+              ".TP", bold("/sys/fs/bpf/ksbpf/"), "Pinned BPF programs and maps.",
+              ".SH SEE ALSO", "ksbpfd(8), ksbpf\\-policy(5), nft(8), ip\\-rule(8)"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ ksbpfd(8)
+
+
+def ksbpfd_page(parser: argparse.ArgumentParser | None = None, date: str | None = None) -> str:
+    from ksbpf import daemon
+
+    parser = parser or daemon.build_parser()
+    prog = parser.prog
+    lines = _header("ksbpfd", 8, _description(parser) or "the ksbpf daemon", date or build_date())
+    lines += [".SH SYNOPSIS", f"{bold(prog)} {esc(' '.join(usage_words(parser)))}"]
+    lines += [".SH DESCRIPTION",
+              esc("ksbpfd engages every layer of the kill switch (nftables first, then policy routing, "
+                  "then cgroup-bpf), removes the boot lockdown table once its own ruleset enforces, and "
+                  "keeps the kernel in the state the policy describes: it follows the tunnel interface, "
+                  "re-resolves exemptions as cgroups come and go, and repairs drift. It serves ksctl(8) "
+                  "on a root-only Unix socket and Prometheus metrics on the policy's [metrics] listen "
+                  "address."),
+              ".PP",
+              esc("It runs as ksbpf.service (Type=notify, with STATUS and WATCHDOG). SIGHUP or "
+                  "`ksctl reload` re-reads the policy; a policy that does not validate is refused and "
+                  "the one in force stays. Stopping or restarting the daemon leaves enforcement in "
+                  "the kernel: only `ksctl down` removes it."),
+              ".SH OPTIONS", *_options_block(parser, prog)]
+    lines += _exit_section(daemon, parser)
+    lines += [".SH FILES",
+              ".TP", bold("/lib/systemd/system/ksbpf.service"), "Runs ksbpfd.",
+              ".TP", bold("/lib/systemd/system/ksbpf\\-lockdown.service"),
+              esc("Blocks all traffic from early boot until ksbpfd enforces, loading "
+                  "/var/lib/ksbpf/lockdown.nft (the policy's inbound admin exemptions kept open) or "
+                  "else /usr/share/ksbpf/lockdown.nft (loopback only)."),
+              ".SH SEE ALSO", "ksctl(8), ksbpf\\-policy(5), systemd.service(5)"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ ksbpf-policy(5)
+
+# What each key means. The keys and their types come from the parser (parser_keys); a key
+# listed here that the parser does not read, or one it reads that is missing here, is an
+# error, so this page cannot drift from the parser.
+POLICY_DOC: dict[str, tuple[str, dict[str, str]]] = {
+    "tunnel": ("The VPN tunnel (required).", {
+        "interfaces": "Tunnel interface names or globs with one trailing '*' (wg0, wg*, tun*). At least "
+                      "one. An interface that does not exist yet is normal: everything is blocked until "
+                      "it appears.",
+        "endpoints": "VPN servers reachable outside the tunnel, as ADDRESS:PORT/PROTO "
+                     "(198.51.100.7:51820/udp, [2001:db8::1]:51820/udp). Needs endpoint_mark, "
+                     "endpoint_cgroups, or both.",
+        "endpoint_mark": "Only packets with this fwmark may reach the endpoints (an integer, or a string "
+                         "such as \"0xca6c\", the mark wg-quick uses).",
+        "endpoint_cgroups": "Only sockets of these cgroups (and their descendants) may reach the "
+                            "endpoints, e.g. system.slice/wg-quick@wg0.service. With endpoint_mark "
+                            "too, a packet must satisfy both.",
+    }),
+    "dns": ("Resolvers.", {
+        "servers": "DNS servers inside the tunnel. Port 53 and 853 to anything else are dropped.",
+    }),
+    "lan": ("The local network, off by default (TunnelCrack LocalNet).", {
+        "allow": "Allow the networks below outside the tunnel (default false).",
+        "networks": "CIDR networks reachable outside the tunnel when allow = true.",
+    }),
+    "ipv6": ("IPv6.", {
+        "mode": "\"tunnel\" (default): IPv6 only through the tunnel; \"block\": no IPv6 at all.",
+    }),
+    "bpf": ("The cgroup-bpf layer.", {
+        "cgroup": "Where the egress program is attached, relative to the cgroup2 mount (default \"/\", "
+                  "the whole machine).",
+        "kernel_source": "A kernel header tree for BCC when the running kernel's headers are not "
+                         "installed (default: /lib/modules/RELEASE/build, then the tree prepared at "
+                         "/var/lib/ksbpf/kernel-headers). Must be writable by root alone.",
+    }),
+    "metrics": ("The Prometheus endpoint of ksbpfd.", {
+        "listen": "ADDRESS:PORT to serve /metrics on (default 127.0.0.1:9477).",
+        "listen_public": "Allow a listen address that is not loopback (default false): the metrics "
+                         "would be served to the tunnel and the LAN too.",
+    }),
+    "exempt": ("An array of tables ([[exempt]]): a cgroup and its descendants allowed outside the "
+               "tunnel for exactly these ports. `ksctl exempt` adds one at run time.", {
+        "cgroup": "The cgroup path relative to the cgroup2 mount, e.g. system.slice/sshd.service "
+                  "(required; not the root).",
+        "allow": "Outbound: remote ports this cgroup may reach, as PROTO/PORT or PROTO/FIRST-LAST "
+                 "(udp/123, tcp/6000-6010).",
+        "to": "Remote networks the allow ports are limited to (default any). Needs allow.",
+        "listen": "Inbound: local ports of a service; new connections in and the service's replies out. "
+                  "These also stay open in the boot lockdown generated from the policy.",
+        "from": "Source networks the listen ports are limited to (default any). Needs listen.",
+    }),
+}
+
+_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", list: "array", dict: "table"}
+
+
+def _type_name(typ: type | tuple[type, ...]) -> str:
+    if isinstance(typ, tuple):
+        return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in typ)
+    return _TYPE_NAMES.get(typ, typ.__name__)
+
+
+def parser_keys() -> dict[str, dict[str, str]]:
+    """{table: {key: type}} of every key the policy parser reads, found by running it on a
+    probe policy with a reader that records each key it is asked for ("" is the top level).
+
+    The parser reads every key of a table before it refuses unknown ones, whether or not the
+    key is present, so one probe sees them all."""
+    from ksbpf import policy
+
+    seen: dict[str, dict[str, str]] = {}
+
+    class Recording(policy._Reader):
+        def _table(self) -> str:
+            return self.prefix.split("[", 1)[0]
+
+        def get(self, name: str, typ: type | tuple[type, ...], default: Any = None) -> Any:
+            seen.setdefault(self._table(), {}).setdefault(name, _type_name(typ))
+            return super().get(name, typ, default)
+
+        def get_list(self, name: str, item: type) -> list[Any]:
+            seen.setdefault(self._table(), {})[name] = f"array of {_type_name(item)}s"
+            return super().get_list(name, item)
+
+    probe = {"tunnel": {"interfaces": ["wg0"]}, "dns": {}, "lan": {}, "ipv6": {}, "bpf": {}, "metrics": {}}
+    saved = policy._Reader
+    policy._Reader = Recording  # type: ignore[misc]
+    try:
+        policy._parse_policy(probe, "<probe>", policy._Validators(memo=False))
+        # The exemption fast path reads no keys by name: the checked path does, all of them.
+        policy._exemption_checked({"cgroup": "probe.service", "allow": ["tcp/1"]}, "<probe>", "exempt[0]",
+                                  policy._Validators(memo=False))
+    finally:
+        policy._Reader = saved  # type: ignore[misc]
+    return seen
+
+
+def policy_schema() -> list[tuple[str, str, str, list[tuple[str, str, str]]]]:
+    """[(table, TOML type, meaning, [(key, type, meaning)])] in the order of POLICY_DOC;
+    ValueError when the parser and POLICY_DOC disagree about any key."""
+    keys = parser_keys()
+    top = keys.pop("", {})
+    problems = []
+    if set(top) != set(POLICY_DOC):
+        problems.append(f"tables: parser reads {sorted(top)}, documented {sorted(POLICY_DOC)}")
+    out = []
+    for table, (doc, key_docs) in POLICY_DOC.items():
+        read = keys.get(table, {})
+        if set(read) != set(key_docs):
+            problems.append(f"[{table}]: parser reads {sorted(read)}, documented {sorted(key_docs)}")
+        order = list(key_docs) + [k for k in read if k not in key_docs]
+        out.append((table, top.get(table, "?"), doc,
+                    [(k, read.get(k, "?"), key_docs.get(k, "")) for k in order]))
+    if problems:
+        raise ValueError("ksbpf.manpages.POLICY_DOC does not match the policy parser: " + "; ".join(problems))
+    return out
+
+
+def policy_page(date: str | None = None) -> str:
+    lines = _header("ksbpf-policy", 5, "the ksbpf policy file, /etc/ksbpf/policy.toml", date or build_date())
+    lines += [".SH SYNOPSIS", bold("/etc/ksbpf/policy.toml"),
+              ".SH DESCRIPTION",
+              esc("A TOML file that says which traffic may leave the machine: everything through the "
+                  "tunnel, and outside it only the VPN endpoints, the LAN when allowed, and the "
+                  "exempted cgroups' ports. ksbpfd(8) enforces it; `ksctl check --config FILE` "
+                  "validates it without touching the kernel. A key not listed here is refused, and "
+                  "so is any bad value, with the file, the key and the reason; the policy in force "
+                  "then stays."),
+              ".PP",
+              esc("The file must be owned by root and writable by nobody else, and so must every "
+                  "directory above it.")]
+    for table, ttype, doc, keys in policy_schema():
+        header = f"[[{table}]]" if ttype == "array" else f"[{table}]"
+        lines += [f".SH {esc(header)}", esc(doc)]
+        for key, ktype, kdoc in keys:
+            lines += [".TP", f"{bold(key)} ({esc(ktype)})", esc(kdoc)]
+    lines += [".SH EXAMPLE",
+              esc("A commented example is installed as /usr/share/doc/ksbpf/examples/policy.toml; "
+                  "`ksctl init --from-wireguard /etc/wireguard/wg0.conf` prints a starting policy "
+                  "from a wg-quick configuration."),
+              ".PP", ".nf",
+              esc('[tunnel]\ninterfaces = ["wg0"]\nendpoints = ["198.51.100.7:51820/udp"]\n'
+                  'endpoint_mark = 0xca6c\n\n[dns]\nservers = ["10.64.0.1"]\n\n[[exempt]]\n'
+                  'cgroup = "system.slice/ssh.service"\nlisten = ["tcp/22"]\nfrom = ["10.0.0.0/8"]'),
+              ".fi",
+              ".SH SEE ALSO", "ksctl(8), ksbpfd(8)"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ entry point
+
+PAGES: dict[str, Callable[[], str]] = {
+    "ksctl.8": ksctl_page,
+    "ksbpfd.8": ksbpfd_page,
+    "ksbpf-policy.5": policy_page,
+}
+
+
+def render_all() -> Iterator[tuple[str, str]]:
+    for name, page in PAGES.items():
+        yield name, page()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python3 -m ksbpf.manpages OUTDIR", file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in render_all():
+        (out / name).write_text(text)
+        print(out / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
