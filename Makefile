@@ -11,7 +11,10 @@ DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-se
              lintian fakeroot
 HEADERS   := /var/lib/ksbpf/kernel-headers
 VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
-DEB       := dist/ksbpf_$(VERSION)_all.deb
+# `make deb DEB_VERSION=0.1.0+t1` builds the same tree as another package version (an upgrade
+# to test); the tree's debian/changelog is left as it is.
+DEB_VERSION ?= $(VERSION)
+DEB       := dist/ksbpf_$(DEB_VERSION)_all.deb
 
 .PHONY: setup demo test lint unit kernel bench clean headers deb
 
@@ -75,8 +78,11 @@ deb:
 	    tar --exclude=./.venv --exclude=./dist --exclude=./build --exclude=./.git --exclude='*.egg-info' \
 	      --exclude=__pycache__ -cf - . | tar -C "$$src" -xf -; \
 	  fi; \
+	  if [ "$(DEB_VERSION)" != "$(VERSION)" ]; then \
+	    sed -i '1s/^ksbpf ([^)]*)/ksbpf ($(DEB_VERSION))/' "$$src/debian/changelog"; \
+	  fi; \
 	  (cd "$$src" && dpkg-buildpackage -b -us -uc >"$$tmp/build.log" 2>&1) || { tail -n 60 "$$tmp/build.log"; exit 1; }; \
-	  mkdir -p dist; rm -f dist/ksbpf_*_all.deb; cp "$$tmp/ksbpf_$(VERSION)_all.deb" $(DEB)
+	  mkdir -p dist; rm -f dist/ksbpf_*_all.deb; cp "$$tmp/ksbpf_$(DEB_VERSION)_all.deb" $(DEB)
 	@echo "built $(DEB)"
 
 clean:

@@ -315,6 +315,25 @@ def test_make_deb_leaves_one_file_and_a_clean_tree(built: tuple[Path, Path]) -> 
     assert fields.split() == ["Package:", "ksbpf", "Version:", VERSION, "Architecture:", "all"]
 
 
+def test_make_deb_builds_an_upgrade_version_without_touching_the_changelog(built: tuple[Path, Path]) -> None:
+    copy, _deb = built
+    changelog = (copy / "debian/changelog").read_text()
+    r = subprocess.run(["make", "deb", f"DEB_VERSION={VERSION}+t1"], cwd=copy, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    upgrade = copy / "dist" / f"ksbpf_{VERSION}+t1_all.deb"
+    version = subprocess.run(["dpkg-deb", "-f", str(upgrade), "Version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert version == f"{VERSION}+t1"
+    assert subprocess.run(["dpkg", "--compare-versions", version, "gt", VERSION]).returncode == 0
+    assert (copy / "debian/changelog").read_text() == changelog
+    # make deb leaves exactly one package: the fixture's is replaced; put it back for the others
+    assert [p.name for p in (copy / "dist").iterdir()] == [upgrade.name]
+    upgrade.unlink()
+    r = subprocess.run(["make", "deb"], cwd=copy, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
 def package_listing(deb: Path) -> dict[str, str]:
     """{installed path: mode string} from dpkg -c."""
     out = subprocess.run(["dpkg", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
