@@ -145,6 +145,8 @@ def exit_codes(module: ModuleType) -> list[tuple[int, str]]:
         "EXIT_BAD_INPUT": "bad input: a policy or argument was refused; nothing was changed",
         "EXIT_BAD_CONFIG": "the policy was refused at start and none was applied before",
         "EXIT_PARTIAL": "only some layers engaged (named in the output); the others enforce",
+        "EXIT_MISSING_DEPENDENCY": "a Python module is missing; the message names the Debian package "
+                                   "(ksbpf.service does not restart on it)",
     }
     codes: dict[int, str] = {}
     for name in dir(module):
