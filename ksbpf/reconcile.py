@@ -880,7 +880,7 @@ class Reconciler:
     def routing_drift(self) -> str | None:
         from pyroute2 import IPRoute
 
-        from ksbpf.linux.routing import tunnel_links
+        from ksbpf.linux.routing import src_valid_mark, tunnel_links
         from ksbpf.render.routing import RouteSpec, render_routing
 
         assert self.policy is not None
@@ -888,6 +888,8 @@ class Reconciler:
             plan = render_routing(self.policy, tunnel_links(ipr, self.policy))
             # The routing layer's own reading of its rules and routes, so both agree.
             have_rules, have_routes = self.engine.routing._current(ipr)
+            # ...and of the sysctl it needs, as its status() reads it
+            mark_ok, mark = src_valid_mark()
         want_routes = {RouteSpec(r.family, r.table, r.metric, r.blackhole, r.oif) for r in plan.routes}
         missing = sorted(set(plan.rules) - have_rules)
         extra = sorted(have_rules - set(plan.rules))
@@ -896,15 +898,30 @@ class Reconciler:
         if want_routes != have_routes:
             parts += [f"route missing: {r.describe()}" for r in sorted(want_routes - have_routes)[:3]]
             parts += [f"unexpected route: {r.describe()}" for r in sorted(have_routes - want_routes)[:3]]
+        if not mark_ok:
+            parts.append(mark)
         return "; ".join(parts) or None
 
     def check_routing(self) -> str | None:
+        """Repair routing drift (the sysctl included). A repair the environment refuses
+        (a read-only /proc/sys/net) leaves the layer not engaged: raised once, when it
+        was engaged until now, and quietly after that (status says why)."""
         what = self.routing_drift()
-        if what is None or not self._confirm_drift(lambda: self.routing_drift() is not None):
+        if what is None:
+            self.layers["routing"] = True
+            return None
+        if not self._confirm_drift(lambda: self.routing_drift() is not None):
             return None
         assert self.policy is not None
         what = self.routing_drift() or what
-        self.engine.routing.apply(self.policy)
+        try:
+            self.engine.routing.apply(self.policy)
+        except BackendError:
+            was = self.layers.get("routing", False)
+            self.layers["routing"] = False
+            if was:
+                raise
+            return None
         self.drift_repairs["routing"] += 1
         self.layers["routing"] = True
         return what

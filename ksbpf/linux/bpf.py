@@ -81,14 +81,14 @@ from typing import ClassVar
 import ksbpf
 from ksbpf import marks
 from ksbpf.errors import BpfError, CapacityError, KsbpfError
-from ksbpf.linux import headers
+from ksbpf.linux import bpffs, headers
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.netns import netns
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
 from ksbpf.policy import Exemption, IPNetwork, Policy, PortSpec, normalize_cgroup
 from ksbpf.verdict import DROP_REASONS, Reason, interface_matches
 
-BPFFS = Path("/sys/fs/bpf")
+BPFFS = bpffs.BPFFS
 PIN_ROOT = BPFFS / "ksbpf"
 SOURCE = "killswitch.c"
 
@@ -146,6 +146,7 @@ _BPF_OBJ_PIN = 6
 _BPF_OBJ_GET = 7
 _BPF_PROG_ATTACH = 8
 _BPF_PROG_DETACH = 9
+_BPF_PROG_GET_NEXT_ID = 11
 _BPF_PROG_GET_FD_BY_ID = 13
 _BPF_MAP_GET_FD_BY_ID = 14
 _BPF_OBJ_GET_INFO_BY_FD = 15
@@ -251,6 +252,35 @@ def prog_query(cgroup_fd: int, attach_type: int) -> list[int]:
             raise
         count = struct.unpack_from("<I", a, 24)[0]
         return list(ids[:count])
+
+
+EPERM_HINT = ("ksbpf needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN, and a container must allow the bpf "
+              "system call (systemd-nspawn: --system-call-filter=bpf --capability=all; docker: --privileged or a "
+              "seccomp profile allowing bpf, with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError as a layer's reason: what failed and why, with the fix for EPERM."""
+    what = f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    if e.errno == errno.EPERM:
+        what += f" ({EPERM_HINT})"
+    return what
+
+
+def prog_ids() -> Iterator[int]:
+    """Ids of every BPF program loaded in the kernel (BPF_PROG_GET_NEXT_ID)."""
+    cur = 0
+    while True:
+        a = _attr()
+        struct.pack_into("<I", a, 0, cur)
+        try:
+            _sys_bpf(_BPF_PROG_GET_NEXT_ID, a, "list programs")
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return
+            raise
+        cur = struct.unpack_from("<I", a, 4)[0]
+        yield cur
 
 
 def _fd_by_id(cmd: int, obj_id: int, what: str) -> int:
@@ -1427,22 +1457,8 @@ def _loader_main() -> int:
 # =========================================================================== kernel state
 
 
-def _ensure_bpffs() -> None:
-    with open("/proc/mounts", encoding="utf-8") as f:
-        if any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in f if len(line.split()) >= 3):
-            return
-    BPFFS.mkdir(parents=True, exist_ok=True)
-    if _libc.mount(b"bpf", os.fsencode(str(BPFFS)), b"bpf", 0, None) != 0:
-        err = ctypes.get_errno()
-        raise BpfError(f"cannot mount bpffs at {BPFFS}: {os.strerror(err)}")
-
-
 def _bpffs_mounted() -> bool:
-    try:
-        with open("/proc/mounts", encoding="utf-8") as f:
-            return any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in f if len(line.split()) >= 3)
-    except OSError:
-        return False
+    return bpffs.is_bpffs(BPFFS)
 
 
 @dataclass(frozen=True)
@@ -2006,7 +2022,7 @@ class BpfLayer:
         try:
             return "helper" if probe_netns_cookie_helper() else "sk_storage"
         except OSError as e:
-            raise BpfError(f"cannot load BPF programs: {e.strerror}") from None
+            raise BpfError(f"cannot load BPF programs: {os_reason(e)}") from None
 
     def _source(self, policy: Policy | None) -> headers.KernelSource:
         setting = self.kernel_source or (policy.bpf.kernel_source if policy else None)
@@ -2029,6 +2045,13 @@ class BpfLayer:
         attached, replacing the earlier one (atomically where the kernel can). On failure
         the earlier state stays in force and BpfError says why. `plan`: render(policy),
         if the caller has it."""
+        try:
+            return self._apply(policy, plan)
+        except OSError as e:
+            # An environment error no step named (a read-only bpffs, EPERM from bpf(2), ...)
+            raise BpfError(os_reason(e)) from None
+
+    def _apply(self, policy: Policy, plan: BpfPlan | None) -> ApplyStats:
         t0 = time.monotonic()
         self._index = None
         target = self._cgroup(policy.bpf.cgroup)
@@ -2037,7 +2060,7 @@ class BpfLayer:
         check_capacity(plan)
         cookie = self._cookie()
         mode = self._netns_mode()
-        _ensure_bpffs()
+        bpffs.ensure_bpffs(BPFFS)
         with self._locked():
             self._finish_cleanup()
             pins_kept = self._check_instance_maps(mode)
@@ -2687,18 +2710,26 @@ class BpfLayer:
         return True
 
     def status(self) -> tuple[bool, str]:
-        """(engaged, detail): engaged means exactly one generation, both programs attached."""
-        if not _bpffs_mounted():
-            return False, f"bpffs is not mounted at {BPFFS}"
-        gens = self._generations()
+        """(engaged, detail): engaged means bpffs mounted, exactly one pinned generation and
+        both its programs attached. Programs of this instance attached without pins (gone,
+        or in a bpffs another mount namespace had) are found by asking the kernel."""
+        mounted = _bpffs_mounted()
+        gens = self._generations() if mounted else []
         try:
             attached = self._attached()
         except BpfError as e:
             return False, str(e)
-        if not gens and not attached:
-            return False, "not loaded"
         if not gens:
-            return False, f"programs attached ({len(attached)}) but their pins under {self.dir} are gone"
+            unmounted = "" if mounted else f"bpffs is not mounted at {BPFFS}"
+            try:
+                orphans = attached or self.attached_anywhere(self._policy_cgroups())
+            except OSError as e:
+                return False, "; ".join(filter(None, (unmounted, f"cannot ask the kernel: {os_reason(e)}")))
+            if orphans:
+                return False, (f"attached without pins: {describe_attached(orphans)} (still judging packets; no pins "
+                               f"under {self.dir}{': ' + unmounted if unmounted else ''}; `ksctl down` detaches "
+                               f"them, `ksctl up` replaces them)")
+            return False, unmounted or "not loaded"
         gen = gens[-1]
         cfg = gen.config()
         mine = [a for a in attached if a.generation == gen.number]
@@ -2748,22 +2779,127 @@ class BpfLayer:
 
     def reset(self, cgroup: str | None = None) -> None:
         """Detach every program of this instance and unpin everything it made (counters
-        included). `cgroup` names one more place to look for programs whose pins are gone."""
+        included). The pins are one way to find the programs; the kernel is asked too, so
+        programs whose pins are gone (or were in a bpffs private to another mount namespace)
+        are found on their cgroup and detached. `cgroup` names one more place to look
+        first. BpfError names what is still attached afterwards."""
         extra = []
         if cgroup is not None:
             try:
                 extra.append(cgroup_dir(cgroup))
             except KsbpfError:
                 pass
-        if not self.dir.exists() and not extra and self._policy is None:
-            return
         self._base, self._index = None, None
-        with self._locked():
-            self._pending = []  # the maps go with their generations
+        self._pending = []  # the maps go with their generations
+        if not self.dir.exists() and not _bpf_usable():
+            return  # bpf(2) is refused here: nothing of ksbpf was attached from here, nothing can be looked for
+        with self._locked_if_present():
             for a in self._attached(extra=extra):
                 self._detach(a.prog_id, a.kind, a.cgroup)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir.exists():
+                shutil.rmtree(self.dir, ignore_errors=True)
         self._policy = None
+        try:
+            for a in self.attached_anywhere(extra, everywhere=True):
+                self._detach(a.prog_id, a.kind, a.cgroup)
+            left = self.attached_anywhere(extra, everywhere=True)
+        except OSError as e:
+            raise BpfError(f"cannot ask the kernel for the programs of {self.instance!r}: {os_reason(e)}") from None
+        if left:
+            raise BpfError(f"still attached after detaching: {describe_attached(left)} (attached by something "
+                           f"ksbpf cannot detach, e.g. a bpf_link another process holds)")
+
+    @contextmanager
+    def _locked_if_present(self) -> Iterator[None]:
+        """The instance lock when the pin directory exists; nothing to lock otherwise
+        (and nothing is created: /sys/fs/bpf may not even be a bpffs)."""
+        with ExitStack() as stack:
+            if self.dir.exists():
+                try:
+                    stack.enter_context(self._locked(create=False))
+                except BpfError:
+                    pass  # removed meanwhile
+            yield
+
+    def _loaded(self) -> dict[int, Config]:
+        """This instance's programs loaded in the kernel however they are held (attached,
+        pinned, an open descriptor), by their ks_config: id -> config."""
+        out: dict[int, Config] = {}
+        for pid in prog_ids():
+            cfg = _prog_config(pid)
+            if cfg is not None and cfg.instance == self.instance:
+                out[pid] = cfg
+        return out
+
+    def attached_anywhere(self, first: Iterable[Path] = (), everywhere: bool = False) -> list[Attached]:
+        """Where this instance's programs are attached, by asking the kernel, not the pins.
+        Nothing of it loaded: [] at once. Else the cgroups in `first` are queried, then
+        every cgroup of the cgroup2 tree: always when `everywhere` (a program may sit on
+        more than one), else only while a loaded program is not found attached yet (it
+        may be loaded but attached nowhere: pinned only, or held by an open descriptor).
+        Raises OSError when the kernel refuses the asking."""
+        ours = self._loaded()
+        if not ours:
+            return []
+        found: list[Attached] = []
+        queried: set[Path] = set()
+
+        def query(cg: Path) -> None:
+            queried.add(cg)
+            try:
+                fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return  # removed meanwhile
+            try:
+                for kind, atype in ATTACH_TYPES.items():
+                    for pid in prog_query(fd, atype):
+                        if pid in ours:
+                            found.append(Attached(kind, pid, ours[pid].generation, cg))
+            finally:
+                os.close(fd)
+
+        for cg in first:
+            if cg not in queried and cg.is_dir():
+                query(cg)
+        if everywhere or set(ours) - {a.prog_id for a in found}:
+            try:
+                mount = cgroup2_mount()
+            except KsbpfError:
+                return found
+            for cg in cgroup_tree(mount):
+                if cg not in queried:
+                    query(cg)
+        return found
+
+
+def describe_attached(attached: Iterable[Attached]) -> str:
+    return ", ".join(f"{PROGS[a.kind]} #{a.prog_id} on {a.cgroup}" for a in attached)
+
+
+def cgroup_tree(mount: Path) -> Iterator[Path]:
+    """Every cgroup directory below `mount` (inclusive), parents first; cgroups removed
+    meanwhile are skipped."""
+    todo = [mount]
+    while todo:
+        d = todo.pop()
+        yield d
+        try:
+            with os.scandir(d) as entries:
+                todo.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+
+
+def _bpf_usable() -> bool:
+    """May this process use bpf(2) at all (not refused by a seccomp filter or missing
+    capabilities)?"""
+    try:
+        next(prog_ids(), None)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.ENOSYS):
+            return False
+        raise BpfError(f"cannot list BPF programs: {os_reason(e)}") from None
+    return True
 
 
 # =========================================================================== doctor helpers
@@ -2782,15 +2918,32 @@ def environment_checks() -> list[tuple[str, bool, str]]:
     checks.append(("bcc", spec is not None,
                    f"python module at {spec.origin}" if spec else
                    "python3-bpfcc is not importable (apt install python3-bpfcc; venv needs --system-site-packages)"))
-    checks.append(("bpffs", True, f"mounted at {BPFFS}" if _bpffs_mounted() else f"not mounted; apply mounts it at {BPFFS}"))
+    checks.append(bpffs_check())
     if os.geteuid() == 0:
         try:
             helper = probe_netns_cookie_helper()
             checks.append(("netns keying", True, "bpf_get_netns_cookie in cgroup_skb" if helper else
                            "per-socket netns record (cgroup_skb lacks bpf_get_netns_cookie before 6.15)"))
         except OSError as e:
-            checks.append(("bpf syscall", False, f"loading a probe program failed: {e.strerror}"))
+            checks.append(("bpf syscall", False, f"loading a probe program failed: {os_reason(e)}"))
     return checks
+
+
+def bpffs_check() -> tuple[str, bool, str]:
+    """Is bpffs at /sys/fs/bpf, with room for pins, or can `ksctl up` mount it here?"""
+    if _bpffs_mounted():
+        if not os.access(BPFFS, os.W_OK):
+            return "bpffs", False, f"mounted at {BPFFS} but not writable (read-only mount): pins cannot be made"
+        return "bpffs", True, f"mounted at {BPFFS}"
+    ok, why = bpffs.host_mount_namespace()
+    if not ok:
+        return "bpffs", False, (f"not mounted at {BPFFS}, and not mountable from here: {why}; "
+                                f"mount it on the host: `{bpffs.HOW_TO_MOUNT}`")
+    if not BPFFS.is_dir() and not os.access(BPFFS.parent, os.W_OK):
+        return "bpffs", False, (f"not mounted, and {BPFFS} cannot be created ({BPFFS.parent} is read-only): "
+                                f"a container needs bpffs mounted at {BPFFS} by its manager or writable API "
+                                "file systems (systemd-nspawn: SYSTEMD_NSPAWN_API_VFS_WRITABLE=yes)")
+    return "bpffs", True, f"not mounted; `ksctl up` mounts it at {BPFFS} ({why})"
 
 
 def trial_compile(source: headers.KernelSource, netns_mode: str = "auto") -> LoadStats:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,24 @@ def _file_key(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _env_reason(e: BaseException) -> str:
+    """An environment error (a missing module, a refused system call) as a layer's reason."""
+    if isinstance(e, ImportError):
+        return f"unavailable: {e}"
+    if isinstance(e, OSError):
+        return f"{e.filename}: {e.strerror}" if e.filename else (e.strerror or str(e))
+    return str(e)
+
+
+def _guarded(status: Callable[[], LayerStatus]) -> LayerStatus:
+    try:
+        return status()
+    except BackendError as e:
+        return LayerStatus(False, e.reason)
+    except (ImportError, OSError) as e:
+        return LayerStatus(False, _env_reason(e))
 
 
 class ExemptionStore:
@@ -180,15 +200,22 @@ class LinuxEngine:
         effective = self.effective_policy(policy)
         bpf_plan = self._bpf_plan(effective, source)
         result = EngageResult()
-        # nftables first: one atomic transaction, so a failure leaves the old ruleset.
-        self.nft.apply(effective)
-        result.layers["nftables"] = self.nft.status()
+        # nftables first: one atomic transaction, so a refusal leaves the old ruleset and
+        # raises. An environment that has no nftables for us (no libnftables, no netlink)
+        # leaves that layer out, reported: routing and BPF still engage.
+        try:
+            self.nft.apply(effective)
+            result.layers["nftables"] = self.nft.status()
+        except (ImportError, OSError) as e:
+            result.layers["nftables"] = LayerStatus(False, _env_reason(e))
         # Routing and BPF failures are reported, not raised: nftables already holds.
         try:
             self.routing.apply(effective)
             result.layers["routing"] = self.routing.status()
         except BackendError as e:
             result.layers["routing"] = LayerStatus(False, e.reason)
+        except (ImportError, OSError) as e:
+            result.layers["routing"] = LayerStatus(False, _env_reason(e))
         result.layers["bpf"] = self._apply_bpf(effective, bpf_plan)
         if policy_text is not None:
             self._record(policy_text, policy)
@@ -223,33 +250,61 @@ class LinuxEngine:
             return LayerStatus(False, f"BPF layer unavailable: {e}")
         except BackendError as e:
             return LayerStatus(False, e.reason)
+        except OSError as e:
+            return LayerStatus(False, _env_reason(e))
+
+    def _applied_bpf_cgroup(self) -> str | None:
+        """The [bpf] cgroup of the applied policy, read without validating the whole
+        policy (a 10,000-exemption file takes 0.3 s): where its programs were attached."""
+        if self._snapshot is not None and self._snapshot[0] == _file_key(self.applied_policy_path):
+            return self._snapshot[1].bpf.cgroup
+        try:
+            data = tomllib.loads(self.applied_policy_path.read_text())
+        except (OSError, ValueError):
+            return None
+        bpf = data.get("bpf", {})
+        cgroup = bpf.get("cgroup", "/") if isinstance(bpf, dict) else None
+        return cgroup if isinstance(cgroup, str) else None
 
     def down(self) -> None:
-        """Remove every layer. The only way enforcement ends."""
+        """Remove every layer. The only way enforcement ends. The BPF layer finds its
+        programs by asking the kernel (the applied policy's cgroup first, then the cgroup
+        tree), not only through its pins; BackendError names whatever is left."""
         errors: list[str] = []
         try:
-            self.bpf_layer().reset()
+            layer = self.bpf_layer()
+            layer.cgroup_hint = self._applied_bpf_cgroup() or layer.cgroup_hint
+            layer.reset()
         except ImportError:
             pass
         except BackendError as e:
             errors.append(str(e))
-        for layer in (self.routing, self.nft):
+        for each in (self.routing, self.nft):
             try:
-                layer.reset()
+                each.reset()
             except BackendError as e:
                 errors.append(str(e))
+            except (ImportError, OSError) as e:
+                errors.append(f"{each.name}: {_env_reason(e)}")
         self.applied_policy_path.unlink(missing_ok=True)
         if errors:
             raise BackendError("down", "; ".join(errors))
 
     def status(self) -> dict[str, LayerStatus]:
-        out = {"nftables": self.nft.status(), "routing": self.routing.status()}
+        """Each layer's own check of everything `up` puts in place; an environment error
+        is that layer's reason, never an exception."""
+        out = {"nftables": _guarded(self.nft.status), "routing": _guarded(self.routing.status)}
         try:
-            out["bpf"] = self._as_status(self.bpf_layer().status())
+            layer = self.bpf_layer()
+            if layer.cgroup_hint is None:
+                layer.cgroup_hint = self._applied_bpf_cgroup()
+            out["bpf"] = self._as_status(layer.status())
         except ImportError as e:
             out["bpf"] = LayerStatus(False, f"BPF layer unavailable: {e}")
         except BackendError as e:
             out["bpf"] = LayerStatus(False, e.reason)
+        except OSError as e:
+            out["bpf"] = LayerStatus(False, _env_reason(e))
         return out
 
     def finish_bpf_cleanup(self) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ksbpf.errors import BackendError
@@ -22,15 +24,37 @@ AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 SRC_VALID_MARK = "/proc/sys/net/ipv4/conf/all/src_valid_mark"
 
 
+def src_valid_mark() -> tuple[bool, str]:
+    """(set, detail) for net.ipv4.conf.all.src_valid_mark of the calling thread's network
+    namespace (/proc/sys/net follows it when a path is opened)."""
+    try:
+        with open(SRC_VALID_MARK, encoding="ascii") as f:
+            value = f.read().strip()
+    except OSError as e:
+        return False, f"cannot read {SRC_VALID_MARK}: {e.strerror}"
+    if value == "1":
+        return True, "src_valid_mark 1"
+    return False, f"{SRC_VALID_MARK} is {value}, not 1"
+
+
 def _enable_src_valid_mark() -> None:
     """Reverse-path filtering must judge a reply by the mark nftables restores for it
-    (see the prerouting chain), as wg-quick arranges too. /proc/sys/net follows the
-    calling thread's network namespace."""
+    (see the prerouting chain), as wg-quick arranges too. Written only when not already
+    1: a read-only /proc/sys/net whose value is right (docker --sysctl) is fine."""
+    if src_valid_mark()[0]:
+        return
     try:
-        with open(SRC_VALID_MARK, "w") as f:
+        with open(SRC_VALID_MARK, "w", encoding="ascii") as f:
             f.write("1\n")
     except OSError as e:
-        raise BackendError("routing", f"cannot set {SRC_VALID_MARK}: {e.strerror}") from None
+        raise BackendError("routing", f"cannot set {SRC_VALID_MARK}: {e.strerror}{_sysctl_hint(e)}") from None
+
+
+def _sysctl_hint(e: OSError) -> str:
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (" (a container needs a writable /proc/sys/net, or the value set to 1 by its manager, e.g. "
+                "docker --sysctl net.ipv4.conf.all.src_valid_mark=1)")
+    return ""
 
 
 def _port(value: Any) -> int:
@@ -133,7 +157,7 @@ class RoutingLayer:
         return rules, routes
 
     def apply(self, policy: Policy) -> None:
-        with netns(self.netns), self._ipr() as ipr:
+        with _netlink_errors(), netns(self.netns), self._ipr() as ipr:
             plan = render_routing(policy, tunnel_links(ipr, policy))
             self._sync(ipr, plan)
             _enable_src_valid_mark()
@@ -172,7 +196,7 @@ class RoutingLayer:
         self.apply(policy)
 
     def reset(self) -> None:
-        with netns(self.netns), self._ipr() as ipr:
+        with _netlink_errors(), netns(self.netns), self._ipr() as ipr:
             rules, routes = self._current(ipr)
             for rule in rules:
                 self._quiet(ipr.rule, "del", **_rule_args(rule))
@@ -180,12 +204,35 @@ class RoutingLayer:
                 self._quiet(ipr.route, "del", **_route_args(rt))
 
     def status(self) -> LayerStatus:
-        with netns(self.netns), self._ipr() as ipr:
-            rules, routes = self._current(ipr)
+        """Engaged only when everything `apply` puts in place is there: the catch-all rules
+        and blackholes of both families, and src_valid_mark."""
+        try:
+            with _netlink_errors(), netns(self.netns), self._ipr() as ipr:
+                rules, routes = self._current(ipr)
+                mark_ok, mark = src_valid_mark()
+        except BackendError as e:
+            return LayerStatus(False, e.reason)
         catch_all = {r.family for r in rules if r.priority == PRIO_TUNNEL and r.table == ROUTE_TABLE}
         holes = {r.family for r in routes if r.blackhole}
         if catch_all != {4, 6} or holes != {4, 6}:
             return LayerStatus(False, f"ksbpf ip rules or blackhole routes missing (rules for {sorted(catch_all)}, blackhole for {sorted(holes)})")
         tunnels = sorted({r.oif for r in routes if not r.blackhole})
         via = f"default via ifindex {', '.join(map(str, tunnels))}" if tunnels else "no tunnel present: blackhole only"
+        if not mark_ok:
+            return LayerStatus(False, f"{len(rules)} ip rules, table {ROUTE_TABLE} in place, but {mark}: replies "
+                                      "to exempt traffic fail reverse-path filtering")
         return LayerStatus(True, f"{len(rules)} ip rules, table {ROUTE_TABLE}: {via}")
+
+
+@contextmanager
+def _netlink_errors() -> Iterator[None]:
+    """The environment's refusals (no netlink socket, EPERM, a vanished netns) as the
+    layer's BackendError, not a traceback."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        yield
+    except NetlinkError as e:
+        raise BackendError("routing", f"netlink: {e}") from None
+    except OSError as e:
+        raise BackendError("routing", f"{e.strerror or e}") from None
