@@ -1,7 +1,7 @@
 """ksctl: the command line of ksbpf.
 
-Exit codes: 0 done; 1 a kernel layer failed; 2 bad input (nothing changed);
-3 `up` engaged only some layers (named in the output).
+Exit codes: EXIT_CODES below, the same for every command (and for ksbpfd where they
+apply); `ksctl --help` and ksctl(8) list them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import sys
 
 from ksbpf import __version__
+from ksbpf.deps import MissingDependency
 from ksbpf.errors import BackendError, KsbpfError, PolicyError
 
 TYPE_CHECKING = False
@@ -26,12 +27,48 @@ if TYPE_CHECKING:
     from ksbpf.policy import Exemption
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_CANNOT_RUN = 4  # not root (audit: could not run)
+EXIT_NOT_INSTALLED = 5  # a Python dependency is missing (as ksbpfd; systemd's NOTINSTALLED)
+EXIT_DROP = 6  # explain: the policy drops the packet
+# One table for every command: `ksctl --help` prints it, ksctl(8) is generated from it.
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success (explain: the packet is allowed; audit: pass)"),
+    (EXIT_FAILED, "failed: a kernel layer or the operation failed (status: a layer is not engaged; "
+                  "reload: no ksbpfd serves; audit: a probe leaked)"),
+    (EXIT_BAD_INPUT, "bad input: a policy, file or argument was refused; nothing was changed"),
+    (EXIT_PARTIAL, "partial: some layers engaged, the others are named and the engaged ones enforce "
+                   "(audit: a warning)"),
+    (EXIT_CANNOT_RUN, "cannot run here: the command needs root (audit: could not run)"),
+    (EXIT_NOT_INSTALLED, "not installed: a Python module is missing; the message names the Debian package"),
+    (EXIT_DROP, "explain: the policy drops the packet"),
+)
 DEFAULT_POLICY = "/etc/ksbpf/policy.toml"  # ksbpf.policy.DEFAULT_POLICY_PATH, without importing the parser
+DEFAULT_STATE_DIR = "/var/lib/ksbpf"  # ksbpf.linux.engine.DEFAULT_STATE_DIR, without importing the engine
 
 
-def _engine(args: argparse.Namespace) -> Any:
+def exit_codes_text(width: int = 79) -> str:
+    import textwrap
+
+    return "exit status (the same for every command):\n" + "\n".join(
+        textwrap.fill(what, width, initial_indent=f"  {code}  ", subsequent_indent="     ") for code, what in EXIT_CODES)
+
+
+def _state_dir(args: argparse.Namespace) -> str:
+    """The engine's state directory (ksbpf.linux.engine.state_dir_for) for these options."""
+    base = args.state_dir or DEFAULT_STATE_DIR
+    return base if args.netns is None else os.path.join(base, "netns", args.netns)
+
+
+def _engine(args: argparse.Namespace, need_bpf: bool = False) -> Any:
     from pathlib import Path
 
+    from ksbpf.deps import locate, require
+
+    # Before anything changes: a missing module is one clear error (exit 5), not a layer
+    # half engaged or a traceback. Only `up` needs bcc: down and status get along without.
+    require("nftables", "pyroute2")
+    if need_bpf and not getattr(args, "no_bpf", False):
+        locate("bcc", hint="(or engage nftables and routing only: --no-bpf)")
     from ksbpf.linux.engine import LinuxEngine, state_dir_for
 
     base = Path(args.state_dir) if args.state_dir else None
@@ -74,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"ksbpf up ({args.config}) in {(time.monotonic() - t0) * 1000:.0f} ms by ksbpfd"
               + (f" [netns {args.netns}]" if args.netns else ""))
         return _print_daemon_layers(reply.get("layers", {}))
-    eng = _engine(args)
+    eng = _engine(args, need_bpf=True)
     result = eng.up_file(args.config)
     print(f"ksbpf up ({args.config}) in {result.seconds * 1000:.0f} ms" + (f" [netns {args.netns}]" if args.netns else ""))
     _print_layers(result.layers)
@@ -267,6 +304,94 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _describe(policy: Any) -> list[str]:
+    """A few lines saying what a valid policy does."""
+    t = policy.tunnel
+    how = []
+    if t.endpoint_mark is not None:
+        how.append(f"mark {t.endpoint_mark:#x}")
+    if t.endpoint_cgroups:
+        how.append("cgroups " + ", ".join(t.endpoint_cgroups))
+    lines = [
+        f"  tunnel      {', '.join(t.interfaces)}; endpoints: {', '.join(map(str, t.endpoints)) or 'none'}"
+        + (f" ({' and '.join(how)})" if how and t.endpoints else ""),
+        f"  dns         {', '.join(map(str, policy.dns.servers)) or 'none (port 53/853 dropped everywhere)'}",
+        f"  lan         {'allowed: ' + ', '.join(map(str, policy.lan.networks)) if policy.lan.allow else 'blocked'}",
+        f"  ipv6        {'through the tunnel only' if policy.ipv6.mode == 'tunnel' else 'blocked'}",
+        f"  exemptions  {len(policy.exemptions)}",
+    ]
+    from ksbpf.render.lockdown import listen_exemptions
+
+    opened = [f"{' '.join(map(str, e.listen))} from {', '.join(map(str, e.from_)) or 'anywhere'} ({e.cgroup})"
+              for e in listen_exemptions(policy)]
+    lines.append("  at boot     " + ("; ".join(opened) if opened else "loopback only (no [[exempt]] with listen ports)"))
+    return lines
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a policy file as `ksctl up` and ksbpfd read it, without the kernel."""
+    from ksbpf.policy import load_policy, read_policy_file
+
+    policy = load_policy(args.config)  # the content first: its errors name the key
+    try:
+        read_policy_file(args.config)  # then who may write it, as ksbpfd and `up` check
+    except PolicyError as e:
+        raise PolicyError(f"ksbpfd and `ksctl up` would refuse this file: {e.reason}", source=e.source, key=e.key) from None
+    print(f"{args.config}: valid")
+    for line in _describe(policy):
+        print(line)
+    if args.write_lockdown:
+        from pathlib import Path
+
+        from ksbpf.lockdown_file import write_lockdown
+
+        if os.geteuid() != 0:
+            print("ksctl check: --write-lockdown needs root (it writes the state directory)", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        try:
+            path = write_lockdown(policy, Path(_state_dir(args)))
+        except (OSError, ValueError) as e:
+            print(f"ksctl check: boot lockdown not written: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"boot lockdown written to {path}")
+    return EXIT_OK
+
+
+def _resolve(host: str, port: int) -> list[Any]:
+    """The addresses wg would try for an Endpoint host name (getaddrinfo, UDP)."""
+    import ipaddress
+    import socket
+
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, proto=socket.IPPROTO_UDP)
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos
+            if info[0] in (socket.AF_INET, socket.AF_INET6)]
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from ksbpf.policy import loads_policy
+    from ksbpf.wgconf import WireGuardConfigError, interface_from_path, parse_wg_quick, render_policy
+
+    path = args.from_wireguard
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as e:
+        hint = " (wg-quick files are root's: run as root)" if isinstance(e, PermissionError) else ""
+        raise WireGuardConfigError(f"cannot read: {e.strerror}{hint}", source=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireGuardConfigError("not UTF-8 text", source=path) from None
+    conf = parse_wg_quick(text, path, interface_from_path(path))
+    draft = render_policy(conf, None if args.no_resolve else _resolve)
+    # What is printed must be a policy `up` takes: checked by the real parser here.
+    loads_policy(draft.text, f"the policy drafted from {path}")
+    for w in draft.warnings:
+        print(f"ksctl init: warning: {w}", file=sys.stderr)
+    sys.stdout.write(draft.text)
+    return EXIT_OK
+
+
 def _addr_port(text: str) -> tuple[Any, int]:
     import ipaddress
 
@@ -299,7 +424,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     v = verdict(policy, packet)
     print(f"{v.action}: {v.reason.value}")
-    return EXIT_OK if v.allow else EXIT_FAILED
+    return EXIT_OK if v.allow else EXIT_DROP
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -334,14 +459,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ksctl", description="ksbpf: a VPN kill switch in three kernel layers")
-    p.add_argument("--version", action="version", version=f"ksctl {__version__}")
+    p = argparse.ArgumentParser(prog="ksctl", description="ksbpf: a VPN kill switch in three kernel layers",
+                                epilog=exit_codes_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"ksctl {__version__}", help="print the version and exit")
     p.add_argument("--netns", metavar="NAME", help="do the network-side work inside this named network namespace")
-    p.add_argument("--state-dir", metavar="DIR", help="state directory (default /var/lib/ksbpf)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--state-dir", metavar="DIR", help=f"state directory (default {DEFAULT_STATE_DIR})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
+    config_help = f"policy file (default {DEFAULT_POLICY})"
 
     up = sub.add_parser("up", help="engage the kill switch (idempotent)")
-    up.add_argument("--config", default=DEFAULT_POLICY)
+    up.add_argument("--config", default=DEFAULT_POLICY, help=config_help)
     up.add_argument("--no-bpf", action="store_true", help="engage nftables and routing only")
     up.set_defaults(func=cmd_up)
 
@@ -349,49 +476,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="remove every layer").set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="each layer's state")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
 
     ex = sub.add_parser("exempt", help="exempt a cgroup for exactly these ports")
-    ex.add_argument("--cgroup", required=True)
+    ex.add_argument("--cgroup", required=True, help="cgroup path below the cgroup2 mount, e.g. system.slice/ssh.service")
     ex.add_argument("--allow", action="append", metavar="PROTO/PORT", help="remote port this cgroup may reach")
     ex.add_argument("--listen", action="append", metavar="PROTO/PORT", help="local port of an inbound service")
-    ex.add_argument("--to", action="append", metavar="CIDR")
-    ex.add_argument("--from", dest="from_", action="append", metavar="CIDR")
+    ex.add_argument("--to", action="append", metavar="CIDR", help="only to these networks (with --allow; default any)")
+    ex.add_argument("--from", dest="from_", action="append", metavar="CIDR",
+                    help="only from these networks (with --listen; default any)")
     ex.set_defaults(func=cmd_exempt)
 
     un = sub.add_parser("unexempt", help="remove a run-time exemption")
-    un.add_argument("--cgroup", required=True)
+    un.add_argument("--cgroup", required=True, help="the exempted cgroup path")
     un.set_defaults(func=cmd_unexempt)
 
     exs = sub.add_parser("exemptions", help="list exemptions")
-    exs.add_argument("--json", action="store_true")
+    exs.add_argument("--json", action="store_true", help="print JSON")
     exs.set_defaults(func=cmd_exemptions)
 
+    c = sub.add_parser("check", help="validate a policy file without touching the kernel")
+    c.add_argument("--config", default=DEFAULT_POLICY, help=config_help)
+    c.add_argument("--write-lockdown", action="store_true",
+                   help="also write the boot lockdown generated from it to the state directory (root)")
+    c.set_defaults(func=cmd_check)
+
+    i = sub.add_parser("init", help="print a commented starting policy from a wg-quick configuration")
+    i.add_argument("--from-wireguard", required=True, metavar="FILE",
+                   help="wg-quick configuration, e.g. /etc/wireguard/wg0.conf")
+    i.add_argument("--no-resolve", action="store_true", help="refuse host name endpoints instead of resolving them")
+    i.set_defaults(func=cmd_init)
+
     r = sub.add_parser("render", help="print what `up` applies, or a macOS/Windows rendering")
-    r.add_argument("--platform", choices=["linux", "macos", "windows"], default="linux")
-    r.add_argument("--config", default=DEFAULT_POLICY)
+    r.add_argument("--platform", choices=["linux", "macos", "windows"], default="linux",
+                   help="target platform (default %(default)s)")
+    r.add_argument("--config", default=DEFAULT_POLICY, help=config_help)
     r.add_argument("--strict", action="store_true", help="fail if a feature cannot be expressed")
     r.add_argument("--offline", action="store_true", help="do not read interfaces from the kernel")
     r.set_defaults(func=cmd_render)
 
-    e = sub.add_parser("explain", help="what the policy does with one packet")
-    e.add_argument("--config", default=DEFAULT_POLICY)
-    e.add_argument("direction", choices=["out", "in", "forward"])
-    e.add_argument("proto", choices=["tcp", "udp", "icmp", "icmpv6"])
+    e = sub.add_parser("explain", help=f"what the policy does with one packet (exit 0 allow, {EXIT_DROP} drop)")
+    e.add_argument("--config", default=DEFAULT_POLICY, help=config_help)
+    e.add_argument("direction", choices=["out", "in", "forward"], help="the packet's direction")
+    e.add_argument("proto", choices=["tcp", "udp", "icmp", "icmpv6"], help="its protocol")
     e.add_argument("destination", help="ADDRESS[:PORT] or [V6]:PORT")
     e.add_argument("--interface", "-i", help="output interface (out, forward) or input interface (in)")
     e.add_argument("--iif", help="input interface of a forwarded packet")
     e.add_argument("--source", help="source address")
-    e.add_argument("--sport", type=int, default=0)
-    e.add_argument("--mark", default="0")
+    e.add_argument("--sport", type=int, default=0, help="source port")
+    e.add_argument("--mark", default="0", help="the packet's fwmark (e.g. 0xca6c)")
     e.add_argument("--cgroup", default="", help="socket's cgroup path")
-    e.add_argument("--icmp-type", type=int)
+    e.add_argument("--icmp-type", type=int, help="ICMP or ICMPv6 type")
     e.set_defaults(func=cmd_explain)
 
     a = sub.add_parser("audit", help="active leak self-test (exit 0 pass, 1 leak, 3 warning, 4 could not run)")
-    a.add_argument("--config", default=DEFAULT_POLICY)
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--config", default=DEFAULT_POLICY, help=config_help)
+    a.add_argument("--json", action="store_true", help="print the report as JSON")
     a.add_argument("--target", action="append", metavar="ADDR", help="also probe this address over every interface")
     a.add_argument("--timeout", type=float, default=1.0, metavar="S", help="wait this long for answers (default 1)")
     a.set_defaults(func=cmd_audit)
@@ -402,8 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_doctor)
 
     lab = sub.add_parser("lab", help="a WireGuard lab in network namespaces")
-    lab.add_argument("lab_cmd", choices=["up", "down", "demo"])
-    lab.add_argument("--name", default="ksbpf-lab")
+    lab.add_argument("lab_cmd", choices=["up", "down", "demo"], help="build the lab, remove it, or run the demo")
+    lab.add_argument("--name", default="ksbpf-lab", help="the lab's name (default %(default)s)")
     lab.set_defaults(func=cmd_lab)
     return p
 
@@ -416,6 +557,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as e:
         print(f"ksctl: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ImportError as e:
+        from ksbpf.deps import from_import_error
+
+        missing = from_import_error(e)
+        if missing is None:
+            raise  # not a dependency: a bug, and its traceback is the report
+        return _not_installed(args, missing)
+    except MissingDependency as e:
+        return _not_installed(args, e)
     except BackendError as e:
         print(f"ksctl: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -424,7 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except PermissionError as e:
         print(f"ksctl: permission denied ({e.filename or e}); run as root", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_CANNOT_RUN
+
+
+def _not_installed(args: argparse.Namespace, e: KsbpfError) -> int:
+    print(f"ksctl: {e}", file=sys.stderr)
+    if args.command == "down":
+        print("ksctl: to lift the kill switch without ksctl: nft delete table inet ksbpf; "
+              "nft delete table inet ksbpf_lockdown", file=sys.stderr)
+    return EXIT_NOT_INSTALLED
 
 
 if __name__ == "__main__":

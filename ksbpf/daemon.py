@@ -56,6 +56,10 @@ from ksbpf.policy import (  # noqa: F401  (check_*: imported from here by older 
 log = logging.getLogger("ksbpfd")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+# A Python dependency is missing (the log names its Debian package): restarting cannot help,
+# units/ksbpf.service has it in RestartPreventExitStatus=. 5 is systemd's NOTINSTALLED and
+# ksctl's code for the same failure.
+EXIT_MISSING_DEPENDENCY = 5
 LOCKDOWN_TABLE = "ksbpf_lockdown"
 # The loader child's compile timeout (ksbpf.linux.bpf) plus the time to load and attach.
 COMPILE_BOUND_S = 330.0
@@ -817,13 +821,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
     p.add_argument("--settle", type=float, default=0.3, metavar="S",
                    help="wait this long before repairing drift, so `ksctl down` is told from drift")
-    p.add_argument("--log-target", choices=["auto", "journal", "stderr"], default="auto")
+    p.add_argument("--log-target", choices=["auto", "journal", "stderr"], default="auto",
+                   help="where to log (default %(default)s: the journal when systemd runs ksbpfd, else stderr)")
     return p
+
+
+# What ksbpfd imports on its way, imported up front: the nftables and routing layers, the
+# metrics endpoint, sd_notify (without it Type=notify would only time out); BCC unless --no-bpf.
+REQUIRED_MODULES = ("nftables", "pyroute2", "prometheus_client", "systemd.daemon")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_target)
+    from ksbpf.deps import MissingDependency, locate, require
+
+    try:  # before anything else: one clear start failure, not a traceback or a restart loop
+        require(*REQUIRED_MODULES)
+        if not args.no_bpf:
+            locate("bcc", hint="(or run ksbpfd --no-bpf)")
+    except MissingDependency as e:
+        log.error("cannot start: %s", e)
+        Notifier().notify(STATUS=f"cannot start: {e}")
+        return EXIT_MISSING_DEPENDENCY
     if os.geteuid() != 0:
         log.error("ksbpfd must run as root (nftables, routing, BPF)")
         return EXIT_FAILED

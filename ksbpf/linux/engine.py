@@ -220,6 +220,11 @@ class LinuxEngine:
         if policy_text is not None:
             self._record(policy_text, policy)
         result.seconds = time.monotonic() - start
+        if policy_text is not None:
+            # cli's: the boot lockdown follows the applied policy (logged, never fails the apply)
+            from ksbpf.lockdown_file import write_lockdown_logged
+
+            write_lockdown_logged(policy, self.state_dir)
         return result
 
     def _bpf_plan(self, policy: Policy, source: str) -> Any:
