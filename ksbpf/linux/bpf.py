@@ -2720,7 +2720,7 @@ class BpfLayer:
         except BpfError as e:
             return False, str(e)
         if not gens:
-            unmounted = "" if mounted else f"bpffs is not mounted at {BPFFS}"
+            unmounted = "" if mounted else f"bpffs is not mounted at {BPFFS} ({bpffs.what_is_there(BPFFS)})"
             try:
                 orphans = attached or self.attached_anywhere(self._policy_cgroups())
             except OSError as e:
@@ -2937,7 +2937,7 @@ def bpffs_check() -> tuple[str, bool, str]:
         return "bpffs", True, f"mounted at {BPFFS}"
     ok, why = bpffs.host_mount_namespace()
     if not ok:
-        return "bpffs", False, (f"not mounted at {BPFFS}, and not mountable from here: {why}; "
+        return "bpffs", False, (f"not mounted at {BPFFS} ({bpffs.what_is_there(BPFFS)}), and not mountable from here: {why}; "
                                 f"mount it on the host: `{bpffs.HOW_TO_MOUNT}`")
     if not BPFFS.is_dir() and not os.access(BPFFS.parent, os.W_OK):
         return "bpffs", False, (f"not mounted, and {BPFFS} cannot be created ({BPFFS.parent} is read-only): "

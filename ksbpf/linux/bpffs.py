@@ -79,7 +79,7 @@ def host_mount_namespace() -> tuple[bool, str]:
     return False, "this process runs in a mount namespace of its own (not PID 1's), where a bpffs would be private"
 
 
-def _what_is_there(path: Path) -> str:
+def what_is_there(path: Path) -> str:
     kind = fs_type(path)
     if kind is not None:
         return f"{kind} is mounted there"
@@ -93,7 +93,7 @@ def ensure_bpffs(path: Path = BPFFS) -> str:
         return f"bpffs already mounted at {path}"
     ok, why = host_mount_namespace()
     if not ok:
-        raise BpfError(f"bpffs is not mounted at {path} ({_what_is_there(path)}) and ksbpf will not mount it "
+        raise BpfError(f"bpffs is not mounted at {path} ({what_is_there(path)}) and ksbpf will not mount it "
                        f"here: {why}. Mount it in the host's mount namespace first: `{HOW_TO_MOUNT}` "
                        f"(ksbpf.service does so before ksbpfd starts)")
     try:

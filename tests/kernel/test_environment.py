@@ -329,3 +329,113 @@ def test_daemon_drift_check_under_a_read_only_sysctl(world: World) -> None:
     assert f"{SRC_VALID_MARK} is 0, not 1" in out["status"] and f"{SRC_VALID_MARK} is 0, not 1" in out["drift"]
     assert out["quiet"] is None and out["after_quiet"] is False
     assert f"cannot set {SRC_VALID_MARK}: Read-only file system" in out["raised"] and out["after_raise"] is False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@requires_bpf
+def test_daemon_keeps_running_and_reports_what_the_environment_refuses(world: World, tmp_path: Path) -> None:
+    """ksbpfd in a mount namespace with a read-only /proc/sys/net (src_valid_mark 0) and no
+    bpffs it may mount: it starts, enforces with nftables, reports routing and BPF NOT
+    ENGAGED with their reasons (start and reload alike), and never traces back."""
+    import signal
+    import time
+
+    from ksbpf.control import socket_path
+
+    set_src_valid_mark(world.u.client, 0)
+    world.policy.write_text(world.policy.read_text() + f'\n[metrics]\nlisten = "127.0.0.1:{_free_port()}"\n')
+    log = tmp_path / "ksbpfd.log"
+    script = f"set -e; mount --make-rprivate /; {RO_SYSCTL}; {RO_BPFFS}; exec \"$@\""
+    argv = [sys.executable, "-m", "ksbpf.daemon", "--config", str(world.policy), "--netns", world.u.client,
+            "--state-dir", str(world.state), "--log-target", "stderr"]
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    with open(log, "w") as f:
+        # unshare and sh exec: the pid is the daemon's
+        proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv],
+                                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(Path(__file__).parents[2]))
+    try:
+        sock = socket_path(world.u.client)
+        deadline = time.monotonic() + 90
+        while not sock.exists() or "ready:" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        st = world.ksctl("status")
+        assert st.returncode == 1, st.stdout + st.stderr
+        assert "NOT ENGAGED" not in layer_line(st.stdout, "nftables"), st.stdout
+        assert f"{SRC_VALID_MARK} is 0, not 1" in layer_line(st.stdout, "routing"), st.stdout
+        assert "bpffs is not mounted at /sys/fs/bpf (tmpfs is mounted there)" in layer_line(st.stdout, "bpf"), st.stdout
+        assert world.has_table() and world.nft_enforces(40003)
+        r = world.ksctl("reload")
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "cannot set" in layer_line(r.stdout, "routing") and "will not mount it here" in layer_line(r.stdout, "bpf")
+        assert proc.poll() is None, log.read_text()
+        text = log.read_text()
+        assert "Traceback" not in text, text
+        assert "routing NOT ENGAGED: cannot set" in text and "bpf NOT ENGAGED: bpffs is not mounted" in text, text
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _refuse_bpf_syscall() -> None:
+    """preexec_fn: a seccomp filter that answers bpf(2) with EPERM, as systemd-nspawn's
+    default filter (without --system-call-filter=bpf) and docker's default profile do."""
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    nr_bpf = 321  # x86_64
+    prog = (SockFilter * 4)(
+        SockFilter(0x20, 0, 0, 0),  # A = seccomp_data.nr
+        SockFilter(0x15, 0, 1, nr_bpf),  # A == bpf ? next : skip one
+        SockFilter(0x06, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
+        SockFilter(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    )
+    fprog = SockFprog(4, prog)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+@requires_bpf
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the seccomp filter names bpf(2) by its x86_64 number")
+def test_bpf_system_call_refused(world: World) -> None:
+    """EPERM from bpf(2) (a container's seccomp filter): BPF NOT ENGAGED naming the
+    container setting, nftables and routing enforce, doctor says the same, and `down`
+    (the package's prerm) still removes what it can and succeeds."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "ksbpf.cli", "--netns", world.u.client, "--state-dir", str(world.state), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180, preexec_fn=_refuse_bpf_syscall,
+                              cwd=str(Path(__file__).parents[2]))
+
+    r = run("up", "--config", str(world.policy))
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    bpf = layer_line(r.stdout, "bpf")
+    assert "NOT ENGAGED" in bpf and "Operation not permitted" in bpf and "--system-call-filter=bpf" in bpf, r.stdout
+    assert "NOT ENGAGED" not in layer_line(r.stdout, "nftables") + layer_line(r.stdout, "routing"), r.stdout
+    assert world.has_table() and world.nft_enforces(40004)
+    assert ks_attached(world.attach) == []
+    st = run("status")
+    assert st.returncode == 1 and "NOT ENGAGED" in layer_line(st.stdout, "bpf"), st.stdout + st.stderr
+    d = run("doctor")
+    assert d.returncode == 1, d.stdout + d.stderr
+    line = next(line for line in d.stdout.splitlines() if " bpf syscall " in line)
+    assert line.startswith("FAIL") and "refused (EPERM)" in line and "--system-call-filter=bpf" in line, d.stdout
+    down = run("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not world.has_table()
