@@ -1,0 +1,252 @@
+"""The generated boot lockdown on the kernel: real nft checks and loads it in namespaces
+this test makes; packets over a veth pair between two of them show that the admin's
+port answers from its allowed sources and nothing else gets in or out; `ksctl up` and
+ksbpfd write it on every apply."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ksbpf.policy import loads_policy
+from ksbpf.render.lockdown import render_lockdown
+from tests.kernel.conftest import NetnsFactory, sh, unique
+from tests.kernel.test_daemon import DaemonFactory, World, wait_for
+from tests.kernel.test_daemon import daemon as daemon  # the fixtures, re-exported for pytest
+from tests.kernel.test_daemon import world as world
+from tests.kernel.uplink import ksctl
+
+pytestmark = pytest.mark.kernel
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = """
+[tunnel]
+interfaces = ["wg0"]
+endpoints = ["198.51.100.7:51820/udp"]
+endpoint_mark = 0xca6c
+"""
+# The admin may reach ssh (tcp/22) and a udp service from 10.9.0.2 and fd09::2 only.
+ADMIN = BASE + """
+[[exempt]]
+cgroup = "system.slice/ssh.service"
+listen = ["tcp/22", "udp/6000"]
+from = ["10.9.0.2/32", "fd09::2/128"]
+[[exempt]]
+cgroup = "system.slice/systemd-timesyncd.service"
+allow = ["udp/123"]
+"""
+
+SERVE = r"""
+import socket, sys, threading
+def tcp(fam, addr, port):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, port)); s.listen(16)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            c.sendall(b"hi %d" % port); c.close()
+    threading.Thread(target=loop, daemon=True).start()
+def udp(fam, addr, port):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, port))
+    def loop():
+        while True:
+            data, peer = s.recvfrom(100)
+            s.sendto(b"hi %d" % port, peer)
+    threading.Thread(target=loop, daemon=True).start()
+for port in map(int, sys.argv[1].split(",")):
+    tcp(socket.AF_INET, "0.0.0.0", port); tcp(socket.AF_INET6, "::", port)
+for port in map(int, sys.argv[2].split(",")):
+    udp(socket.AF_INET, "0.0.0.0", port); udp(socket.AF_INET6, "::", port)
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+PROBE = r"""
+import socket, sys
+proto, dst, port, src = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.settimeout(1.5)
+try:
+    if src != "-":
+        s.bind((src, 0))
+    if proto == "tcp":
+        s.connect((dst, port))
+        print(s.recv(100).decode())
+    else:
+        s.sendto(b"?", (dst, port))
+        print(s.recv(100).decode())
+except OSError as e:
+    print(f"no answer: {type(e).__name__}")
+"""
+
+WATCH = """
+table netdev watch {{
+  counter seen {{ }}
+  chain ingress {{
+    type filter hook ingress device "{dev}" priority 0; policy accept;
+    meta protocol arp return
+    icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} return
+    counter name "seen"
+  }}
+}}
+"""
+
+
+def nft_check(netns: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return sh("nft", "-c", "-f", str(path), netns=netns, check=False)
+
+
+def probe(netns: str, proto: str, dst: str, port: int, src: str = "-") -> str:
+    r = sh(sys.executable, "-c", PROBE, proto, dst, str(port), src, netns=netns, timeout=30)
+    return r.stdout.strip()
+
+
+def seen(netns: str) -> int:
+    out = sh("nft", "-j", "list", "counter", "netdev", "watch", "seen", netns=netns).stdout
+    return int(next(o for o in json.loads(out)["nftables"] if "counter" in o)["counter"]["packets"])
+
+
+@pytest.fixture
+def pair(make_netns: NetnsFactory) -> Iterator[tuple[str, str]]:
+    """server (where the lockdown goes) and client, a veth between them; the client has an
+    allowed address (10.9.0.2, fd09::2) and one that is not (10.9.0.3, fd09::3). Servers
+    listen on both sides (tcp 22, 23; udp 6000, 6001)."""
+    server, client = make_netns("kls"), make_netns("klc")
+    tag = unique("")
+    s_if, c_if = f"ls{tag}", f"lc{tag}"
+    sh("ip", "link", "add", s_if, "netns", server, "type", "veth", "peer", "name", c_if, "netns", client)
+    sh("ip", "addr", "add", "10.9.0.1/24", "dev", s_if, netns=server)
+    sh("ip", "-6", "addr", "add", "fd09::1/64", "dev", s_if, "nodad", netns=server)
+    for a in ("10.9.0.2/24", "10.9.0.3/24"):
+        sh("ip", "addr", "add", a, "dev", c_if, netns=client)
+    for a in ("fd09::2/64", "fd09::3/64"):
+        sh("ip", "-6", "addr", "add", a, "dev", c_if, "nodad", netns=client)
+    sh("ip", "link", "set", s_if, "up", netns=server)
+    sh("ip", "link", "set", c_if, "up", netns=client)
+    sh("nft", "-f", "-", netns=client, input=WATCH.format(dev=c_if))
+    procs = []
+    try:
+        for ns in (server, client):
+            p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVE, "22,23", "6000,6001"],
+                                 stdout=subprocess.PIPE, text=True)
+            procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        yield server, client
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+
+def test_nft_accepts_every_rendering(make_netns: NetnsFactory, tmp_path: Path) -> None:
+    ns = make_netns("klk")
+    many = BASE + "".join(
+        f'[[exempt]]\ncgroup = "s{i}.service"\nlisten = ["tcp/{1000 + i}", "udp/{2000 + i}-{2010 + i}"]\n'
+        + (f'from = ["10.{i}.0.0/16", "2001:db8:{i:x}::/48"]\n' if i % 2 else "")
+        for i in range(50))
+    for name, policy in (("none", None), ("base", loads_policy(BASE)), ("admin", loads_policy(ADMIN)),
+                         ("many", loads_policy(many))):
+        path = tmp_path / f"{name}.nft"
+        path.write_text(render_lockdown(policy))
+        r = nft_check(ns, path)
+        assert r.returncode == 0, f"{name}: {r.stderr}"
+    # the check can fail: a broken file is refused
+    bad = tmp_path / "bad.nft"
+    bad.write_text(render_lockdown(loads_policy(ADMIN)).replace("tcp dport", "tcp dprt"))
+    assert nft_check(ns, bad).returncode != 0
+
+
+def test_admin_port_answers_from_allowed_sources_only_and_nothing_new_leaves(pair: tuple[str, str], tmp_path: Path) -> None:
+    server, client = pair
+    # without the lockdown everything answers: each probe below can fail
+    assert probe(client, "tcp", "10.9.0.1", 23, "10.9.0.3") == "hi 23"
+    assert probe(client, "udp", "fd09::1", 6001, "fd09::3") == "hi 6001"
+    assert probe(server, "tcp", "10.9.0.2", 22) == "hi 22"
+
+    path = tmp_path / "lockdown.nft"
+    path.write_text(render_lockdown(loads_policy(ADMIN)))
+    sh("nft", "-f", str(path), netns=server)
+    sh("nft", "-f", str(path), netns=server)  # add-then-delete: loading it again replaces it
+    assert sh("nft", "list", "tables", netns=server).stdout.count("ksbpf_lockdown") == 1
+
+    # nothing new goes out of the server, not even to the admin's address
+    before = seen(client)
+    for proto, dst, port in (("tcp", "10.9.0.2", 22), ("udp", "10.9.0.2", 6000), ("tcp", "fd09::2", 22)):
+        assert probe(server, proto, dst, port).startswith("no answer"), (proto, dst, port)
+    assert seen(client) == before, "a new outbound packet left the locked-down namespace"
+
+    # the admin's port answers from its allowed source, over IPv4 and IPv6, tcp and udp
+    assert probe(client, "tcp", "10.9.0.1", 22, "10.9.0.2") == "hi 22"
+    assert probe(client, "tcp", "fd09::1", 22, "fd09::2") == "hi 22"
+    assert probe(client, "udp", "10.9.0.1", 6000, "10.9.0.2") == "hi 6000"
+    assert probe(client, "udp", "fd09::1", 6000, "fd09::2") == "hi 6000"
+    # ... and nothing else: another port from the allowed source, the port from another source
+    for proto, dst, port, src in (("tcp", "10.9.0.1", 23, "10.9.0.2"), ("tcp", "10.9.0.1", 22, "10.9.0.3"),
+                                  ("tcp", "fd09::1", 22, "fd09::3"), ("udp", "10.9.0.1", 6001, "10.9.0.2"),
+                                  ("udp", "10.9.0.1", 6000, "10.9.0.3")):
+        assert probe(client, proto, dst, port, src).startswith("no answer"), (proto, dst, port, src)
+
+    # the console rescue in the README lifts it
+    sh("nft", "delete", "table", "inet", "ksbpf_lockdown", netns=server)
+    assert probe(client, "tcp", "10.9.0.1", 23, "10.9.0.3") == "hi 23"
+
+
+def test_the_static_shaped_lockdown_blocks_everything(pair: tuple[str, str], tmp_path: Path) -> None:
+    server, client = pair
+    path = tmp_path / "lockdown.nft"
+    path.write_text(render_lockdown(loads_policy(BASE)))
+    sh("nft", "-f", str(path), netns=server)
+    assert probe(client, "tcp", "10.9.0.1", 22, "10.9.0.2").startswith("no answer")
+    assert probe(server, "tcp", "127.0.0.1", 22) == "hi 22"  # loopback stays
+
+
+def test_ksctl_up_writes_the_lockdown_and_check_can_too(make_netns: NetnsFactory, tmp_path: Path) -> None:
+    ns = make_netns("klu")
+    state = tmp_path / "state"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(ADMIN)
+    policy.chmod(0o600)
+    written = state / "netns" / ns / "lockdown.nft"
+    try:
+        # --no-bpf: the policy's [bpf] cgroup is the root one, which no test may attach to
+        r = ksctl("up", "--config", str(policy), "--no-bpf", netns=ns, state_dir=str(state))
+        assert r.returncode in (0, 3), r.stdout + r.stderr
+        assert written.read_text() == render_lockdown(loads_policy(ADMIN, str(policy)))
+        assert written.stat().st_mode & 0o777 == 0o600
+        policy.write_text(BASE)
+        r = ksctl("up", "--config", str(policy), "--no-bpf", netns=ns, state_dir=str(state))
+        assert r.returncode in (0, 3), r.stdout + r.stderr
+        assert "dport" not in written.read_text()
+    finally:
+        ksctl("down", netns=ns, state_dir=str(state))
+    written.unlink()
+    policy.write_text(ADMIN)
+    r = ksctl("check", "--config", str(policy), "--write-lockdown", netns=ns, state_dir=str(state))
+    assert r.returncode == 0, r.stderr
+    assert "tcp dport { 22 }" in written.read_text()
+    assert nft_check(ns, written).returncode == 0
+
+
+def test_ksbpfd_writes_the_lockdown_at_start_and_reload(world: World, daemon: DaemonFactory) -> None:
+    extra = '[[exempt]]\ncgroup = "system.slice/ssh.service"\nlisten = ["tcp/22"]\nfrom = ["10.9.0.0/24"]\n'
+    d = daemon(world.policy(extra), "--no-bpf")
+    written = world.state / "netns" / world.client / "lockdown.nft"
+    assert "ip saddr { 10.9.0.0/24 } tcp dport { 22 }" in written.read_text()
+    assert "boot lockdown written to" in d.log_text()
+    world.write_policy(world.policy(extra.replace("tcp/22", "tcp/2222")))
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: "tcp dport { 2222 }" in written.read_text(), "the reload to rewrite the lockdown")
+    assert nft_check(world.client, written).returncode == 0
