@@ -88,7 +88,6 @@ def render_lockdown(policy: Policy | None = None) -> str:
     # The source path is the only free text here: printable ASCII keeps it one comment line.
     source = _safe_comment(policy.source) if policy is not None else ""
     header = [
-        "#!/usr/sbin/nft -f",
         "# ksbpf boot lockdown: nothing but loopback"
         + (" and the policy's inbound admin exemptions" if exemptions else "")
         + " until ksbpfd enforces.",
