@@ -1,7 +1,8 @@
-"""The nftables layer agrees with verdict() (what `ksctl explain` prints) on generated
-policies, not only on the fixed one of test_nft_oracle: hypothesis draws LAN networks, DNS
-servers, endpoints, exemptions and the IPv6 mode; each policy is applied for real in a
-network namespace this test made, and outbound datagrams are decided by the kernel."""
+"""The kernel layers agree with verdict() (what `ksctl explain` prints) on generated
+policies, not only on the fixed ones of test_nft_oracle and test_bpf: hypothesis draws LAN
+networks, DNS servers, endpoints, endpoint cgroups, exemptions and the IPv6 mode; each
+policy is applied for real (nftables in a network namespace, BPF on a cgroup this test
+made) and outbound datagrams are decided by the kernel."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from ksbpf.marks import exempt_mark, exemption_ids
 from ksbpf.policy import loads_policy
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import NetnsFactory, sh
+from tests.kernel.test_bpf import CASES as BPF_CASES
+from tests.kernel.test_bpf import ENDPOINT_MARK, Lab, new_layer, requires_bpf, run_cases
+from tests.kernel.test_bpf import lab as lab
+from tests.kernel.test_bpf import layers as layers
 from tests.kernel.test_nft_oracle import SENDER
 from tests.kernel.uplink import build_uplink
 
@@ -79,3 +84,59 @@ def test_generated_policies_nftables_agrees_with_explain(make_netns: NetnsFactor
         if v.allow != allowed:
             mismatches.append(f"{dst}:{port} dev={dev} mark={mark:#x}: kernel {'allow' if allowed else 'drop'}, explain {v}")
     assert not mismatches, f"policy:\n{text}\n" + "\n".join(mismatches[:20])
+
+
+# ------------------------------------------------------------------ the BPF layer
+
+
+
+@st.composite
+def bpf_policies(draw: Any, lab: Lab) -> str:
+    servers = draw(st.lists(st.sampled_from(["10.88.0.2", "10.88.0.3", "fd88::2"]), max_size=2, unique=True))
+    lan_nets = draw(st.lists(st.sampled_from(["10.77.0.0/24", "fd77::/64", "10.77.0.3/32"]), max_size=2, unique=True))
+    mark = draw(st.sampled_from([f"endpoint_mark = {ENDPOINT_MARK}\n", ""]))
+    ex_allow = draw(st.lists(st.sampled_from(["udp/5300-5310", "udp/5301", "udp/5306-5311", "udp/53", "tcp/443"]),
+                             min_size=1, max_size=3, unique=True))
+    ex_to = draw(st.lists(st.sampled_from(["10.77.0.2/32", "fd77::2/128", "10.77.0.0/24"]), max_size=2, unique=True))
+    svc_from = draw(st.lists(st.sampled_from(["10.77.0.2/32", "10.77.0.0/24"]), max_size=1))
+    child = draw(st.booleans())  # the child exempted on its own (longest prefix wins)
+    text = f"""
+[tunnel]
+interfaces = ["wg*"]
+endpoints = ["10.77.0.2:51820/udp"]
+{mark}endpoint_cgroups = ["{lab.rel('w/ep')}"]
+[dns]
+servers = {json.dumps(servers)}
+[lan]
+allow = {json.dumps(draw(st.booleans()))}
+networks = {json.dumps(lan_nets)}
+[ipv6]
+mode = "{draw(st.sampled_from(["tunnel", "block"]))}"
+[bpf]
+cgroup = "{lab.cgroups.rel(lab.root)}"
+[[exempt]]
+cgroup = "{lab.rel('w/ex')}"
+allow = {json.dumps(ex_allow)}
+""" + (f"to = {json.dumps(ex_to)}\n" if ex_to else "") + f"""
+[[exempt]]
+cgroup = "{lab.rel('w/svc')}"
+listen = ["udp/5353"]
+""" + (f"from = {json.dumps(svc_from)}\n" if svc_from else "")
+    if child:
+        text += f'[[exempt]]\ncgroup = "{lab.rel("w/ex/child")}"\nallow = ["udp/5305"]\n'
+    return text
+
+
+@requires_bpf
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_generated_policies_bpf_agrees_with_explain(lab: Lab, layers: list[Any], data: Any) -> None:
+    """Each generated policy goes into the live maps of one BPF layer (compiled once) and
+    every case of test_bpf's table is sent from its cgroup: the kernel's verdict, the
+    socket's mark and the drop counters must be what explain says."""
+    if not layers:
+        new_layer(lab, layers)
+    text = data.draw(bpf_policies(lab))
+    policy = loads_policy(text)
+    layers[0].apply(policy)
+    run_cases(lab, layers[0], policy, BPF_CASES)
