@@ -301,7 +301,8 @@ class LinuxEngine:
         out = {"nftables": _guarded(self.nft.status), "routing": _guarded(self.routing.status)}
         try:
             layer = self.bpf_layer()
-            if layer.cgroup_hint is None:
+            if layer.cgroup_hint is None and not layer.dir.is_dir():
+                # no pins to say where: the applied policy's cgroup is where to ask first
                 layer.cgroup_hint = self._applied_bpf_cgroup()
             out["bpf"] = self._as_status(layer.status())
         except ImportError as e:
