@@ -37,6 +37,11 @@ DEB_NAME = f"ksbpf_{VERSION}_all.deb"
 ACCEPTED_LINTIAN_WARNINGS: set[str] = set()
 
 
+# Binaries the units run that are not the package's: each of an Essential package, so on every
+# Debian system (test_units_run_only_the_packages_and_essential_binaries checks on this one).
+ESSENTIAL_EXES = {"/bin/sh": "dash", "/usr/bin/nsenter": "util-linux"}
+
+
 def unit(path: Path) -> configparser.ConfigParser:
     cp = configparser.ConfigParser(interpolation=None, strict=True, delimiters=("=",))
     cp.optionxform = str  # type: ignore[assignment,method-assign]
@@ -85,14 +90,24 @@ def test_units_and_entry_points_and_install_agree() -> None:
     for name in ("ksbpf.service", "ksbpf-lockdown.service"):
         assert installed[f"units/{name}"] == f"/lib/systemd/system/{name}"
     assert installed["nft/lockdown.nft"] == "/usr/share/ksbpf/lockdown.nft"
-    # Every binary a unit runs is the package's, or a minimal Debian's own (sh).
+    # Every binary a unit runs is the package's, or an Essential package's.
     for path in (UNITS / "ksbpf.service", UNITS / "ksbpf-lockdown.service"):
         for exe in exec_paths(path):
-            assert exe in package_files or exe == "/bin/sh", (path.name, exe)
+            assert exe in package_files or exe in ESSENTIAL_EXES, (path.name, exe)
     # The paths the units' shell steps name are installed there.
     lockdown = unit(UNITS / "ksbpf-lockdown.service")["Service"]["ExecStart"]
     assert "/usr/share/ksbpf/lockdown.nft" in lockdown and "/usr/share/ksbpf/lockdown.nft" in package_files
     assert unit(UNITS / "ksbpf.service")["Service"]["ExecStart"].split()[0] in package_files
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian system")
+def test_units_run_only_the_packages_and_essential_binaries() -> None:
+    for exe, package in ESSENTIAL_EXES.items():
+        owner = subprocess.run(["dpkg", "-S", exe], capture_output=True, text=True).stdout
+        assert f"{package}: {exe}" in owner.splitlines(), (exe, owner)
+        essential = subprocess.run(["dpkg-query", "-W", "-f=${Essential}", package], capture_output=True,
+                                   text=True).stdout
+        assert essential == "yes", package
 
 
 def test_every_refusing_exit_code_of_ksbpfd_stops_restarts() -> None:
@@ -366,10 +381,10 @@ def test_package_contents(built: tuple[Path, Path]) -> None:
         assert listing[exe].startswith("-rwxr-xr-x"), exe
     # The admin's policy is never the package's (no conffile to fight over); the directory is.
     assert "/etc/ksbpf" in listing and not any(p.startswith("/etc/ksbpf/") for p in listing)
-    # Every binary a unit runs is in the package (or is /bin/sh).
+    # Every binary a unit runs is in the package (or an Essential package's).
     for name in ("ksbpf.service", "ksbpf-lockdown.service"):
         for exe in exec_paths(UNITS / name):
-            assert exe in listing or exe == "/bin/sh", (name, exe)
+            assert exe in listing or exe in ESSENTIAL_EXES, (name, exe)
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in listing)
 
 
@@ -397,7 +412,8 @@ def test_lintian_reports_no_errors(built: tuple[Path, Path]) -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_installed_units_verify(built: tuple[Path, Path], tmp_path: Path) -> None:
     """`systemd-analyze verify --root` on the package extracted into an otherwise empty root,
-    with this machine's targets and slices (what the units order against) and its /bin/sh."""
+    with this machine's targets and slices (what the units order against) and the Essential
+    binaries the units run."""
     _copy, deb = built
     root = tmp_path / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
@@ -407,8 +423,9 @@ def test_installed_units_verify(built: tuple[Path, Path], tmp_path: Path) -> Non
         for p in host.glob(pattern):
             if not (system / p.name).exists():
                 shutil.copy2(p, system / p.name, follow_symlinks=False)
-    (root / "bin").mkdir(exist_ok=True)
-    shutil.copy2("/bin/sh", root / "bin/sh")
+    for exe in ESSENTIAL_EXES:  # what every Debian root has
+        (root / exe.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(exe, root / exe.lstrip("/"))
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}", "ksbpf.service",
                         "ksbpf-lockdown.service"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr

@@ -92,9 +92,13 @@ def test_daemon_unit_contract() -> None:
     assert s["Restart"] == "always" and int(s["WatchdogSec"]) > 0
     # ksbpfd's exit codes for a refused policy and a missing Python dependency: no restart loop.
     assert {"2", "5"} <= set(s["RestartPreventExitStatus"].split())
-    # bpffs in the initial mount namespace ('+': outside the sandbox), tolerated if impossible ('-').
+    # bpffs in the initial mount namespace, tolerated if impossible ('-'). '+' lifts the sandbox
+    # but, in systemd 252, still runs in the unit's own mount namespace: hence nsenter into PID 1's.
     prefix, _, cmd = s["ExecStartPre"].partition("/")
-    assert set(prefix) == {"+", "-"} and "mount -t bpf" in cmd and "/sys/fs/bpf" in cmd
+    assert set(prefix) == {"+", "-"}
+    argv = shlex.split("/" + cmd)
+    assert argv[:4] == ["/usr/bin/nsenter", "--target=1", "--mount", "--"], argv
+    assert "mount -t bpf" in shell_of(s["ExecStartPre"]) and "/sys/fs/bpf" in shell_of(s["ExecStartPre"])
     caps = set(s["CapabilityBoundingSet"].split())
     assert caps <= {"CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE"}
     assert s["ProtectSystem"] == "strict" and s["NoNewPrivileges"] == "yes"
@@ -167,8 +171,11 @@ needs_root_nft = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is 
 
 
 def shell_of(command_line: str) -> str:
-    """The script of an `/bin/sh -c '...'` command line (prefixes like '-+' stripped)."""
+    """The script of an `/bin/sh -c '...'` command line (prefixes like '-+' stripped, and a
+    `nsenter ... --` in front of the shell)."""
     argv = shlex.split(command_line.lstrip("-+@:!"))
+    if argv[0] == "/usr/bin/nsenter":
+        argv = argv[argv.index("--") + 1:]
     assert argv[:2] == ["/bin/sh", "-c"] and len(argv) == 3, argv
     return argv[2]
 
@@ -216,7 +223,8 @@ def test_lockdown_loads_generated_or_falls_back(netns: str, tmp_path: Path) -> N
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
 def test_bpffs_step_mounts_once_where_it_runs() -> None:
-    """The daemon's ExecStartPre, run in a private mount namespace of the test's own: it mounts
+    """The shell of the daemon's ExecStartPre (without its nsenter into PID 1's namespace: that
+    would be this machine's), run in a private mount namespace of the test's own: it mounts
     bpffs at /sys/fs/bpf when that is no bpffs, and a second run mounts nothing more."""
     step = shell_of(unit(DAEMON)["Service"]["ExecStartPre"])
     probe = ("umount /sys/fs/bpf 2>/dev/null; umount /sys/fs/bpf 2>/dev/null; "
