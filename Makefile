@@ -2,13 +2,13 @@
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.ksbpf-setup
+# What `make deb` needs (the boot test also needs mmdebstrap and systemd-container, below).
+DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+             lintian fakeroot
 APT_PKGS  := nftables python3-nftables python3-bpfcc libbpfcc bpftool linux-headers-amd64 \
              wireguard-go wireguard-tools python3-pyroute2 python3-systemd \
              python3-prometheus-client python3-venv iproute2 iperf3 systemd \
              $(DEB_PKGS) mmdebstrap systemd-container
-# What `make deb` needs (the boot test also needs mmdebstrap and systemd-container, above).
-DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-             lintian fakeroot
 HEADERS   := /var/lib/ksbpf/kernel-headers
 VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 # `make deb DEB_VERSION=0.1.0+t1` builds the same tree as another package version (an upgrade
@@ -20,7 +20,8 @@ DEB       := dist/ksbpf_$(DEB_VERSION)_all.deb
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The Makefile too: a package added to APT_PKGS is installed on the next run.
+$(STAMP): pyproject.toml Makefile
 	@test "$$(id -u)" = 0 || { echo "run as root: ksbpf installs packages and drives the kernel"; exit 1; }
 	DEBIAN_FRONTEND=noninteractive apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PKGS)
