@@ -217,6 +217,8 @@ class Daemon:
         self.apply_seconds = Histogram()
         self.cgroup_names = CgroupNames()
         self.reloads = {"ok": 0, "refused": 0, "failed": 0}
+        self.config_ok = True  # the last attempt to apply the policy file succeeded (metrics)
+        self.config_applied_at = 0.0  # Unix time it last did
         self.base_policy: Policy | None = None
         self.layer_detail: dict[str, str] = {}
         self.enforcing = False
@@ -253,6 +255,8 @@ class Daemon:
             # Watchers first: a link that changes while we engage is an event, not a miss.
             self._start_watchers()
             self._engage(policy, text, why="start")
+            if self.config_ok:
+                self.config_applied_at = time.time()
         except KsbpfError as e:
             return self._fail(f"cannot engage: {e}", EXIT_FAILED)
         except Exception as e:  # a bug: still close the control socket and stop the watchers
@@ -293,6 +297,7 @@ class Daemon:
                 raise e from None
             log.error("%s; enforcing the last applied policy (%s) until a reload succeeds", e, self.engine.applied_policy_path)
             self._last_note = f"{self.config} refused: {e.reason}"
+            self.config_ok = False
             return policy, snapshot
 
     def _bind_metrics(self, policy: Policy) -> None:
@@ -357,6 +362,7 @@ class Daemon:
         self.layer_detail = {n: s.detail for n, s in result.layers.items()}
         dirs = self.rec.engaged(effective, result.layers)
         self.cgroup_names.set_root(policy.bpf.cgroup)
+        self.cgroup_names.set_mode(policy.metrics.cgroup_label)
         if self.cgroup_watcher is not None:
             if dirs is None:
                 self.cgroup_watcher.watch(self.rec.cgroup_dirs())
@@ -416,6 +422,7 @@ class Daemon:
                 policy, text = read_policy_file(self.config, self.parser)
             except PolicyError as e:
                 self.reloads["refused"] += 1
+                self.config_ok = False
                 self._last_note = f"reload refused: {e}"
                 log.error("reload (%s) refused: %s; the policy in force stays", origin, e,
                           extra={"KSBPF_EVENT": "reload-refused"})
@@ -424,10 +431,12 @@ class Daemon:
                 self._engage(policy, text, why=f"reload ({origin})")
             except KsbpfError as e:
                 self.reloads["failed"] += 1
+                self.config_ok = False
                 self._last_note = f"reload failed: {e}"
                 log.error("reload (%s) failed: %s; the ruleset in force stays", origin, e)
                 raise
             self.reloads["ok"] += 1
+            self.config_ok, self.config_applied_at = True, time.time()
             self._last_note = ""
             if self.metrics is not None and (policy.metrics.host, policy.metrics.port) != (self.metrics.host, self.metrics.port):
                 try:
@@ -723,6 +732,8 @@ class Daemon:
             drift_repairs=dict(self.rec.drift_repairs),
             reloads=dict(self.reloads),
             engaged=self.enforcing,
+            config_ok=self.config_ok,
+            config_applied_at=self.config_applied_at,
         )
 
     def status(self, brief: bool = False) -> dict[str, Any]:

@@ -290,6 +290,10 @@ POLICY_DOC: dict[str, tuple[str, dict[str, str]]] = {
         "listen": "ADDRESS:PORT to serve /metrics on (default 127.0.0.1:9477).",
         "listen_public": "Allow a listen address that is not loopback (default false): the metrics "
                          "would be served to the tunnel and the LAN too.",
+        "cgroup_label": "The cgroup label of the BPF drop counters: \"slice\" (default) the cgroup's "
+                        "top slice, or system.slice/UNIT for a named service or slice, so scopes that "
+                        "come and go add no series; \"cgroup\" the whole path, removed cgroups folded "
+                        "into \"(gone)\"; \"none\" no cgroup.",
     }),
     "exempt": ("An array of tables ([[exempt]]): a cgroup and its descendants allowed outside the "
                "tunnel for exactly these ports. `ksctl exempt` adds one at run time.", {

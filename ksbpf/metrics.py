@@ -7,8 +7,12 @@ daemon keeps current from events and checks, handed over as a snapshot.
 
 Labels of the drop counters: `layer` (nftables, bpf), `reason` (ksbpf.verdict.Reason),
 `family` (ipv4, ipv6; empty for BPF, whose counters are per reason and cgroup only) and
-`cgroup` (a path relative to the cgroup2 mount, "/" for the root; empty for nftables,
-which cannot tell; "(overflow)" for drops counted after the BPF map filled up).
+`cgroup`: empty for nftables, which cannot tell; for BPF as the policy's
+`[metrics] cgroup_label` says (see CgroupNames): the cgroup's path relative to the cgroup2
+mount ("cgroup"), that path cut to its slice or named service ("slice", the default, so that
+a host making a scope per session, container or cron job keeps a bounded set of series), or
+nothing ("none"); "(overflow)" for drops counted after the BPF map filled up, "(gone)" for
+cgroups that were removed (in "cgroup" mode) or never seen.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ FAMILY_LABEL = {4: "ipv4", 6: "ipv6"}
 # Engaging takes milliseconds for nftables and about a second with a BPF compile.
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OVERFLOW_CGROUP = "(overflow)"
+GONE_CGROUP = "(gone)"
+CGROUP_LABEL_MODES = ("cgroup", "slice", "none")
 
 
 @dataclass(frozen=True)
@@ -86,19 +92,67 @@ class Snapshot:
     drift_repairs: dict[str, int] = field(default_factory=dict)
     reloads: dict[str, int] = field(default_factory=dict)  # result -> count
     engaged: bool = True  # False after `down` through the control socket
+    # Did the last attempt to apply the policy file (start, SIGHUP, ksctl reload) succeed, and
+    # when (Unix time) did one last succeed (0: never, e.g. the file was refused at start and
+    # the last applied policy enforces). As Prometheus's own *_config_last_reload_*.
+    config_ok: bool = True
+    config_applied_at: float = 0.0
+
+
+def slice_label(path: str) -> str:
+    """The "slice" label of a cgroup path (relative to the cgroup2 mount): its first
+    component, and below system.slice also the second when that is a named unit, a
+    `.service` or a `.slice`. What systemd makes per session, container, VM or command
+    (`.scope` units, systemd-run's `run-*.service`, instances `name@x.service` directly under
+    system.slice) is folded into its top slice. So:
+    system.slice/sshd.service -> itself; system.slice/system-getty.slice/getty@tty1.service
+    -> system.slice/system-getty.slice; system.slice/docker-<id>.scope -> system.slice;
+    user.slice/user-1000.slice/session-3.scope -> user.slice; init.scope -> itself; the
+    root -> "/"; a layout not made by systemd (a/b/c) -> its top directory (a)."""
+    parts = [c for c in path.split("/") if c]
+    if not parts:
+        return "/"
+    if parts[0] == "system.slice" and len(parts) > 1 and _named_unit(parts[1]):
+        return f"{parts[0]}/{parts[1]}"
+    return parts[0]
+
+
+def _named_unit(name: str) -> bool:
+    if name.endswith(".slice"):
+        return True
+    return name.endswith(".service") and "@" not in name and not name.startswith("run-")
 
 
 class CgroupNames:
-    """cgroup id -> path for the `cgroup` label. The tree is walked only when an id is not
-    known yet, and at most once per `refresh_s`: a cgroup that is gone stays "#<id>"
-    until it is seen again."""
+    """cgroup id -> the `cgroup` label of its BPF drop counters, by `mode`:
 
-    def __init__(self, under: str = "", refresh_s: float = 5.0, mount: Path | None = None) -> None:
+    - "slice" (default): slice_label() of the path. A cgroup keeps its label after it is
+      removed (its counters stay in the map under its id), so its series neither moves nor
+      jumps when it goes, and a host that makes thousands of scopes has a few dozen series.
+    - "cgroup": the whole path while the cgroup exists; once a walk of the tree no longer
+      finds it, its counts are folded into "(gone)", so series of removed cgroups end
+      instead of piling up (the "(gone)" series steps up by their totals when they fold).
+    - "none": always empty: one series per layer and reason.
+
+    An id none of our walks ever found (made and removed between two) is "(gone)" too. The
+    tree is walked when an id is not known yet (and in "cgroup" mode to notice removals), at
+    most once per `refresh_s`; an id first met less than that after a walk is left out of
+    that scrape (None), to be named by the next walk rather than counted as "(gone)" and then
+    moved to its name, which would make "(gone)" go down. What is remembered is bounded by
+    the ids the counters hold (labels() forgets the rest) plus the live tree."""
+
+    def __init__(self, under: str = "", refresh_s: float = 5.0, mount: Path | None = None, mode: str = "slice") -> None:
+        if mode not in CGROUP_LABEL_MODES:
+            raise ValueError(f"cgroup label mode must be one of {', '.join(CGROUP_LABEL_MODES)}, not {mode!r}")
         self.under = under
         self.refresh_s = refresh_s
         self.mount = mount
-        self._names: dict[int, str] = {}
-        self._walked = float("-inf")
+        self.mode = mode
+        self._paths: dict[int, str] = {}  # id -> path, of live cgroups and of counted gone ones
+        self._live: set[int] = set()  # ids the last walk found
+        self._unknown_since: dict[int, float] = {}  # ids no walk found yet -> when first asked for
+        self._walked = float("-inf")  # when the last walk began, for refresh_s
+        self._found_at = float("-inf")  # when the last walk that succeeded began
         self._lock = threading.Lock()
 
     def set_root(self, under: str) -> None:
@@ -107,26 +161,68 @@ class CgroupNames:
                 self.under = under
                 self._walked = float("-inf")
 
-    def name(self, cgroup_id: int) -> str:
+    def set_mode(self, mode: str) -> None:
+        if mode not in CGROUP_LABEL_MODES:
+            raise ValueError(f"cgroup label mode must be one of {', '.join(CGROUP_LABEL_MODES)}, not {mode!r}")
+        with self._lock:
+            self.mode = mode
+
+    def name(self, cgroup_id: int) -> str | None:
+        """The label of one id (None: not resolved yet, leave it out for now)."""
+        with self._lock:
+            return self._labels([cgroup_id])[0]
+
+    def labels(self, ids: Sequence[int]) -> list[str | None]:
+        """The labels of the ids a scrape read, in order; then forget every gone cgroup
+        that is not among them."""
+        with self._lock:
+            out = self._labels(ids)
+            keep = set(ids)
+            self._paths = {i: p for i, p in self._paths.items() if i in keep or i in self._live}
+            self._unknown_since = {i: t for i, t in self._unknown_since.items() if i in keep}
+            return out
+
+    def _labels(self, ids: Sequence[int]) -> list[str | None]:
+        if self.mode == "none":
+            return ["" for _ in ids]
+        now = time.monotonic()
+        unknown = False
+        for i in ids:
+            if i and i not in self._paths:
+                self._unknown_since.setdefault(i, now)
+                unknown = True
+        if (unknown or (self.mode == "cgroup" and any(ids))) and now - self._walked >= self.refresh_s:
+            self._walk()
+        return [self._label(i) for i in ids]
+
+    def _label(self, cgroup_id: int) -> str | None:
         if cgroup_id == 0:
             return OVERFLOW_CGROUP
-        with self._lock:
-            if cgroup_id not in self._names and time.monotonic() - self._walked >= self.refresh_s:
-                self._walk()
-            return self._names.get(cgroup_id, f"#{cgroup_id}")
+        path = self._paths.get(cgroup_id)
+        if path is None:
+            # Gone if a walk that began after we first met the id did not find it.
+            return GONE_CGROUP if self._found_at >= self._unknown_since.get(cgroup_id, float("inf")) else None
+        if self.mode == "slice":
+            return slice_label(path)
+        return path if cgroup_id in self._live else GONE_CGROUP
 
     def _walk(self) -> None:
         from ksbpf.errors import KsbpfError
         from ksbpf.linux.cgroup import ids_by_path
 
-        self._walked = time.monotonic()
+        # Before the walk: an id made during it may be missed, and must not count as gone.
+        started = self._walked = time.monotonic()
         try:
             found = ids_by_path(self.mount, self.under)
         except (KsbpfError, OSError) as e:
             log.warning("cannot resolve cgroup ids for metrics: %s", e)
-            return
-        # Keep names of cgroups that went away: their counters still carry the old id.
-        self._names.update({i: (p or "/") for p, i in found.items()})
+            return  # nothing is called gone by a walk that failed
+        self._found_at = started
+        self._live = set(found.values())
+        # Paths of cgroups that went away stay (their counters still carry the old id).
+        self._paths.update({i: (p or "/") for p, i in found.items()})
+        for i in self._live:
+            self._unknown_since.pop(i, None)
 
 
 def nft_drop_samples(nft: Any) -> list[DropSample]:
@@ -138,13 +234,17 @@ def nft_drop_samples(nft: Any) -> list[DropSample]:
 
 
 def bpf_drop_samples(bpf: Any, names: CgroupNames) -> list[DropSample]:
-    """From BpfLayer.counters(): (reason, cgroup id, packets, bytes) from the pinned map."""
-    return [DropSample("bpf", str(reason), "", names.name(int(cg)), int(p), int(b)) for reason, cg, p, b in bpf.counters()]
+    """From BpfLayer.counters(): (reason, cgroup id, packets, bytes) from the pinned map,
+    labelled by `names` (ids not resolved yet are left out of this scrape)."""
+    rows = [(str(reason), int(cg), int(p), int(b)) for reason, cg, p, b in bpf.counters()]
+    labels = names.labels([cg for _, cg, _, _ in rows])
+    return [DropSample("bpf", reason, "", label, p, b)
+            for (reason, _cg, p, b), label in zip(rows, labels, strict=True) if label is not None]
 
 
 def merge_samples(samples: Iterable[DropSample]) -> list[DropSample]:
-    """Several cgroup ids may resolve to one label (a cgroup recreated under its path):
-    one series per label set."""
+    """Several cgroup ids may resolve to one label (a cgroup recreated under its path, the
+    cgroups of one slice, the gone ones): one series per label set, their sum."""
     acc: dict[tuple[str, str, str, str], list[int]] = {}
     for s in samples:
         v = acc.setdefault((s.layer, s.reason, s.family, s.cgroup), [0, 0])
@@ -242,6 +342,17 @@ class KsbpfCollector:
         yield reloads
 
         yield GaugeMetricFamily("ksbpf_enforcing", "0 after `down` through the daemon, else 1.", value=1.0 if st.engaged else 0.0)
+
+        yield GaugeMetricFamily(
+            "ksbpf_config_last_reload_successful",
+            "1 when the last attempt to apply the policy file (start, SIGHUP, ksctl reload) succeeded.",
+            value=1.0 if st.config_ok else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "ksbpf_config_last_reload_success_timestamp_seconds",
+            "Unix time the policy file was last applied successfully (0: not since the daemon started).",
+            value=st.config_applied_at,
+        )
 
         with self._lock:
             errors = self._errors

@@ -107,6 +107,9 @@ class BpfSettings:
 class Metrics:
     host: str = "127.0.0.1"
     port: int = 9477
+    # The `cgroup` label of BPF drop counters: "slice" (default; bounded however many scopes
+    # come and go), "cgroup" (the whole path) or "none". See ksbpf.metrics.CgroupNames.
+    cgroup_label: str = "slice"
 
     @property
     def listen(self) -> str:
@@ -607,7 +610,10 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
     except ValueError as e:
         raise m_r.fail("listen", str(e)) from None
     public = m_r.get("listen_public", bool, False)
+    cgroup_label = m_r.get("cgroup_label", str, "slice")
     m_r.finish()
+    if cgroup_label not in ("cgroup", "slice", "none"):
+        raise m_r.fail("cgroup_label", f"must be 'cgroup', 'slice' or 'none', not {cgroup_label!r}")
     if not ipaddress.ip_address(host).is_loopback and not public:
         # The input chain accepts the tunnel and (when allowed) the LAN: a wildcard or LAN
         # address would serve the metrics there too. Only when the admin says so.
@@ -633,7 +639,7 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
         lan=lan,
         ipv6=Ipv6(mode),
         bpf=BpfSettings(cg or "/", ksrc),
-        metrics=Metrics(host, port),
+        metrics=Metrics(host, port, cgroup_label),
         exemptions=tuple(exemptions),
         source=source,
     )

@@ -384,26 +384,57 @@ def test_drop_counters_rise_by_exactly_the_blocked_packets(world: World, daemon:
 def test_bpf_drops_carry_the_cgroup_path(world: World, daemon: DaemonFactory) -> None:
     """The endpoint's cgroup half is the BPF layer's: marked traffic to the endpoint from a
     cgroup that is not the VPN client's passes nftables and is dropped (and counted per
-    cgroup) by BPF."""
+    cgroup) by BPF. The cgroup label is the slice (here the test's top cgroup) by default,
+    the whole path with cgroup_label = "cgroup", and a removed cgroup's drops fold into
+    "(gone)" there."""
     vpn = world.cgroups("bpf/vpn-client")
-    policy = world.policy().replace(
-        "endpoint_mark = 0xca6c", f'endpoint_mark = 0xca6c\nendpoint_cgroups = ["{world.cgroups.rel(vpn)}"]'
-    )
-    d = daemon(policy)
+
+    def policy(extra: str = "") -> str:
+        return world.policy(extra).replace(
+            "endpoint_mark = 0xca6c", f'endpoint_mark = 0xca6c\nendpoint_cgroups = ["{world.cgroups.rel(vpn)}"]'
+        )
+
+    d = daemon(policy())
     before = d.scrape()
     if not bpf_engaged(before):
         pytest.skip("the BPF layer is not engaged here: " + json.dumps(d.status()["layers"]["bpf"]))
     n = 23
     r = send(world.client, world.apps, "192.0.2.1", 51820, n, mark=0xCA6C)
     assert r["errors"] == {"EPERM": n}, r
-    after = d.scrape()
-    key = {"layer": "bpf", "reason": "endpoint_unauthorized", "family": "", "cgroup": world.cgroups.rel(world.apps)}
-    assert sample(after, "ksbpf_dropped_packets_total", **key) - sample(before, "ksbpf_dropped_packets_total", **key) == n
-    assert sample(after, "ksbpf_dropped_bytes_total", **key) - sample(before, "ksbpf_dropped_bytes_total", **key) == n * UDP4_PACKET_BYTES
+    apps = world.cgroups.rel(world.apps)
+    key = {"layer": "bpf", "reason": "endpoint_unauthorized", "family": ""}
+    top = {**key, "cgroup": apps.split("/")[0]}
+    packets = lambda m, **k: sample(m, "ksbpf_dropped_packets_total", **k)  # noqa: E731
+
+    def scrape_when(cond: Callable[[Metrics], bool]) -> Callable[[], Metrics | None]:
+        def look() -> Metrics | None:
+            m = d.scrape()
+            return m if cond(m) else None
+        return look
+
+    # A new cgroup id is named by the next walk of the tree (at most every 5 s).
+    after = wait_for(scrape_when(lambda m: packets(m, **top) - packets(before, **top) == n), "the slice series to count")
+    nbytes = sample(after, "ksbpf_dropped_bytes_total", **top) - sample(before, "ksbpf_dropped_bytes_total", **top)
+    assert nbytes == n * UDP4_PACKET_BYTES
+    assert not any(k[0] == "ksbpf_dropped_packets_total" and ("cgroup", apps) in k[1] for k in after)
     # The VPN client's own cgroup may.
     f0 = world.uplink.far_count()
     assert send(world.client, vpn, "192.0.2.1", 51820, 5, mark=0xCA6C)["sent"] == 5
     assert world.uplink.far_count() - f0 >= 5
+
+    world.write_policy(policy('cgroup_label = "cgroup"\n'))
+    d.signal(signal.SIGHUP)
+    d.notify.wait("READY", "1", count=2)
+    whole = {**key, "cgroup": apps}
+    assert packets(d.scrape(), **whole) == packets(after, **top), "every BPF drop so far came from apps"
+    short = world.cgroups("bpf/apps/short-lived")
+    m = 7
+    assert send(world.client, short, "192.0.2.1", 51820, m, mark=0xCA6C)["errors"] == {"EPERM": m}
+    short.rmdir()
+    gone = {**key, "cgroup": "(gone)"}
+    final = wait_for(scrape_when(lambda x: packets(x, **gone) == m), "the removed cgroup to fold")
+    assert packets(final, **whole) == packets(after, **top)
+    assert not any(("cgroup", world.cgroups.rel(short)) in k[1] for k in final)
 
 
 # =========================================================================== drift
@@ -627,9 +658,13 @@ def test_restarted_exempt_service_keeps_its_exemption(world: World, daemon: Daem
 
 
 def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: DaemonFactory) -> None:
+    t0 = time.time()
     d = daemon()
     ruleset = lambda: sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout  # noqa: E731
     before = ruleset()
+    m = d.scrape()
+    started_at = sample(m, "ksbpf_config_last_reload_success_timestamp_seconds")
+    assert sample(m, "ksbpf_config_last_reload_successful") == 1 and t0 <= started_at <= time.time()
     for n, (text, mode) in enumerate([("[tunnel\n", 0o600), (world.policy("surprise = 1\n"), 0o600),
                                       (world.policy(), 0o666)], start=1):
         world.write_policy(text, mode)
@@ -638,7 +673,10 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: Dae
         ready = d.notify.wait("READY", "1", count=n + 1)
         assert reloading[-1][0] <= ready[-1][0]
         assert "MONOTONIC_USEC" in reloading[-1][1]
-        assert sample(d.scrape(), "ksbpf_policy_reloads_total", result="refused") == n
+        m = d.scrape()
+        assert sample(m, "ksbpf_policy_reloads_total", result="refused") == n
+        assert sample(m, "ksbpf_config_last_reload_successful") == 0
+        assert sample(m, "ksbpf_config_last_reload_success_timestamp_seconds") == started_at
         assert ruleset() == before
     assert "reload (SIGHUP) refused" in d.log_text()
     assert d.proc.poll() is None
@@ -646,11 +684,14 @@ def test_sighup_with_a_broken_policy_keeps_the_old_one(world: World, daemon: Dae
 
     # A good policy is taken, atomically, and says so.
     world.write_policy(world.policy().replace('servers = ["10.64.0.1"]', 'servers = ["10.64.0.1", "10.64.0.53"]'))
+    t1 = time.time()
     d.signal(signal.SIGHUP)
     d.notify.wait("READY", "1", count=5)
     assert "10.64.0.53" in ruleset()
     m = d.scrape()
     assert sample(m, "ksbpf_policy_reloads_total", result="ok") == 1
+    assert sample(m, "ksbpf_config_last_reload_successful") == 1
+    assert t1 <= sample(m, "ksbpf_config_last_reload_success_timestamp_seconds") <= time.time()
     assert sample(m, "ksbpf_policy_apply_seconds_count") == 2
 
     # A new [metrics] listen moves the endpoint.
@@ -704,6 +745,10 @@ def test_a_policy_refused_at_start_falls_back_to_the_last_applied_one(world: Wor
     d2 = daemon(None)
     status = d2.notify.received("READY", "1")[0][1]["STATUS"]
     assert "refused" in status and "TOML syntax error" in d2.log_text()
+    # The file in place is not what enforces: an alert on the reload gauge says so.
+    m = d2.scrape()
+    assert sample(m, "ksbpf_config_last_reload_successful") == 0
+    assert sample(m, "ksbpf_config_last_reload_success_timestamp_seconds") == 0
     assert sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=world.client).stdout == before
     assert d2.status()["enforcing"] is True
 
