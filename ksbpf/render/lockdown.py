@@ -78,8 +78,9 @@ def render_lockdown(policy: Policy | None = None) -> str:
             v6 = v6 or (family == 6 and bool(rules_in))
     if exemptions:
         # ICMP errors about an admitted connection (path MTU): only connections these
-        # rules admitted exist in conntrack, so nothing else is related.
-        inbound.append("\t\tct state related meta l4proto { icmp, ipv6-icmp } accept")
+        # rules admitted exist in conntrack, so nothing else is related. nft's own keywords,
+        # not /etc/protocols names ("ipv6-icmp"): a minimal Debian has no /etc/protocols.
+        inbound.append("\t\tct state related meta l4proto { icmp, icmpv6 } accept")
     if v6:
         # Without neighbour discovery no IPv6 peer can reach the exempt ports at all.
         nd = f"\t\ticmpv6 type {{ {ND_TYPES} }} accept"

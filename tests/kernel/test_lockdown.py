@@ -163,6 +163,16 @@ def test_nft_accepts_every_rendering(make_netns: NetnsFactory, tmp_path: Path) -
         path.write_text(render_lockdown(policy))
         r = nft_check(ns, path)
         assert r.returncode == 0, f"{name}: {r.stderr}"
+    # A minimal Debian has no /etc/protocols (netbase): the file must not need it. Hidden
+    # in a mount namespace of the check's own; the old "ipv6-icmp" fails here.
+    path = tmp_path / "admin.nft"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind /dev/null /etc/protocols && exec "$@"', "-",
+                        "ip", "netns", "exec", ns, "nft", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, f"needs /etc/protocols: {r.stderr}"
+    path.write_text(render_lockdown(loads_policy(ADMIN)).replace("icmpv6 }", "ipv6-icmp }"))
+    r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind /dev/null /etc/protocols && exec "$@"', "-",
+                        "ip", "netns", "exec", ns, "nft", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert r.returncode != 0, "the /etc/protocols check cannot fail"
     # the check can fail: a broken file is refused
     bad = tmp_path / "bad.nft"
     bad.write_text(render_lockdown(loads_policy(ADMIN)).replace("tcp dport", "tcp dprt"))
