@@ -5,10 +5,11 @@ STAMP     := $(VENV)/.ksbpf-setup
 # What `make deb` needs (the boot test also needs mmdebstrap and systemd-container, below).
 DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
              lintian fakeroot
+# prometheus: its promtool checks and unit-tests monitoring/ (tests/unit/test_monitoring.py).
 APT_PKGS  := nftables python3-nftables python3-bpfcc libbpfcc bpftool linux-headers-amd64 \
              wireguard-go wireguard-tools python3-pyroute2 python3-systemd \
              python3-prometheus-client python3-venv iproute2 iperf3 systemd \
-             $(DEB_PKGS) mmdebstrap systemd-container
+             $(DEB_PKGS) mmdebstrap systemd-container prometheus
 HEADERS   := /var/lib/ksbpf/kernel-headers
 VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 # `make deb DEB_VERSION=0.1.0+t1` builds the same tree as another package version (an upgrade
