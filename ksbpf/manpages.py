@@ -268,6 +268,12 @@ POLICY_DOC: dict[str, tuple[str, dict[str, str]]] = {
         "endpoint_cgroups": "Only sockets of these cgroups (and their descendants) may reach the "
                             "endpoints, e.g. system.slice/wg-quick@wg0.service. With endpoint_mark "
                             "too, a packet must satisfy both.",
+        "macos": "A table [tunnel.macos] for macOS: endpoint_user = \"_wireguard\", the user (name or "
+                 "uid) of the VPN client's sockets; only they may reach the endpoints (PF `user`). "
+                 "Without it any local process may. Linux ignores it.",
+        "windows": "A table [tunnel.windows] for Windows: endpoint_service = \"NAME\" and/or "
+                   "endpoint_program = 'C:\\Program Files\\App\\app.exe', the VPN client; only it may "
+                   "reach the endpoints. Without it any local program may. Linux ignores it.",
     }),
     "dns": ("Resolvers.", {
         "servers": "DNS servers inside the tunnel. Port 53 and 853 to anything else are dropped.",
@@ -305,6 +311,13 @@ POLICY_DOC: dict[str, tuple[str, dict[str, str]]] = {
         "listen": "Inbound: local ports of a service; new connections in and the service's replies out. "
                   "These also stay open in the boot lockdown generated from the policy.",
         "from": "Source networks the listen ports are limited to (default any). Needs listen.",
+        "macos": "A table [exempt.macos] after its [[exempt]]: user = \"_ntp\", the macOS user (name or "
+                 "uid) whose sockets this exemption stands for (PF `user`). Without it the exemption "
+                 "is not applied on macOS (ksctl says so). Linux ignores it.",
+        "windows": "A table [exempt.windows] after its [[exempt]]: service = \"W32Time\" (a service's "
+                   "short name) and/or program = 'C:\\Program Files\\App\\app.exe'; with both, a "
+                   "socket must match both. Without it the exemption is not applied on Windows; a "
+                   "cgroup's unit name is never taken as a service name. Linux ignores it.",
     }),
 }
 

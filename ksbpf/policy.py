@@ -37,6 +37,12 @@ _IFGLOB_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,14}\*$")
 # systemd unit and slice names (escaped with \x2d and friends) fit this set.
 _CGROUP_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_.@:+\\-]{1,255}$")
 _CGROUP_CANONICAL_RE = re.compile(r"[A-Za-z0-9_.@:+\\-]{1,255}(?:/[A-Za-z0-9_.@:+\\-]{1,255})*")
+# The subjects of other platforms, in characters PF and PowerShell take verbatim inside
+# quotes: a macOS user name or uid (PF `user`), a Windows service name, a program path
+# under a drive or an %ENVVAR% root.
+_MACOS_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10}")
+_WINDOWS_SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,256}")
+_WINDOWS_PROGRAM_RE = re.compile(r"(?:[A-Za-z]:|%[A-Za-z_][A-Za-z0-9_]*%)(?:\\[A-Za-z0-9 _.()+-]{1,255})+")
 
 
 @dataclass(frozen=True, order=True)
@@ -78,6 +84,11 @@ class Tunnel:
     endpoints: tuple[Endpoint, ...] = ()
     endpoint_mark: int | None = None
     endpoint_cgroups: tuple[str, ...] = ()
+    # The VPN client's process on the other platforms ([tunnel.macos], [tunnel.windows]);
+    # the Linux engine reads none of them.
+    macos_endpoint_user: str | None = None
+    windows_endpoint_service: str | None = None
+    windows_endpoint_program: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,13 +129,21 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Exemption:
-    """A cgroup (and its descendants) allowed outside the tunnel for exactly these ports."""
+    """A cgroup (and its descendants) allowed outside the tunnel for exactly these ports.
+
+    The cgroup is the exemption's name everywhere (run-time exemptions, duplicates,
+    `ksctl unexempt`) and its subject on Linux; on macOS and Windows the subject is
+    `macos_user` or `windows_service`/`windows_program` ([exempt.macos], [exempt.windows]),
+    never derived from the cgroup. The Linux engine reads none of them."""
 
     cgroup: str
     allow: tuple[PortSpec, ...] = ()
     listen: tuple[PortSpec, ...] = ()
     to: tuple[IPNetwork, ...] = ()
     from_: tuple[IPNetwork, ...] = ()
+    macos_user: str | None = None
+    windows_service: str | None = None
+    windows_program: str | None = None
 
     def to_networks(self, family: int) -> tuple[IPNetwork, ...]:
         return _networks_or_any(self.to, family)
@@ -142,6 +161,11 @@ class Exemption:
             d["to"] = [str(n) for n in self.to]
         if self.from_:
             d["from"] = [str(n) for n in self.from_]
+        if self.macos_user is not None:
+            d["macos"] = {"user": self.macos_user}
+        windows = {k: v for k, v in (("service", self.windows_service), ("program", self.windows_program)) if v is not None}
+        if windows:
+            d["windows"] = windows
         return d
 
 
@@ -376,6 +400,31 @@ def normalize_cgroup(path: str) -> str:
     return "/".join(parts)
 
 
+def validate_macos_user(name: str) -> str:
+    """A macOS user name or uid, as PF's `user` matches it."""
+    if not _MACOS_USER_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a macOS user name or uid (a letter or _, then up to 31 of "
+                         "A-Z a-z 0-9 _ . -; or a number)")
+    return name
+
+
+def validate_windows_service(name: str) -> str:
+    """A Windows service name (the short name, e.g. W32Time), as a firewall rule's -Service."""
+    if not _WINDOWS_SERVICE_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a Windows service name (1-256 of A-Z a-z 0-9 _ . -; "
+                         "the service's short name, e.g. W32Time)")
+    return name
+
+
+def validate_windows_program(path: str) -> str:
+    """A full program path, as a firewall rule's -Program."""
+    parts = path.split("\\")[1:]
+    if not _WINDOWS_PROGRAM_RE.fullmatch(path) or any(p.strip() in (".", "..") for p in parts):
+        raise ValueError(f"{path!r} is not a full program path like C:\\Program Files\\App\\app.exe "
+                         "(a drive or %ENVVAR%, then components of A-Z a-z 0-9 space _ . ( ) + -)")
+    return path
+
+
 def parse_mark(value: int | str) -> int:
     if isinstance(value, str) and not value.isascii():
         raise ValueError(f"mark {value!r} has characters outside ASCII")
@@ -527,6 +576,8 @@ def _exemption_checked(data: Mapping[str, Any], source: str, prefix: str, v: _Va
     listen = _convert(r, "listen", r.get_list("listen", str), v.port_spec)
     to = _convert(r, "to", r.get_list("to", str), v.network)
     from_ = _convert(r, "from", r.get_list("from", str), v.network)
+    macos = _platform_table(r, "macos", _EXEMPT_MACOS)
+    windows = _platform_table(r, "windows", _EXEMPT_WINDOWS)
     r.finish()
     if not allow and not listen:
         raise r.fail("allow", "an exemption needs at least one 'allow' or 'listen' port")
@@ -534,7 +585,82 @@ def _exemption_checked(data: Mapping[str, Any], source: str, prefix: str, v: _Va
         raise r.fail("to", "'to' applies to 'allow' ports, and none are given")
     if from_ and not listen:
         raise r.fail("from", "'from' applies to 'listen' ports, and none are given")
-    return Exemption(cgroup, tuple(sorted(set(allow))), tuple(sorted(set(listen))), to, from_)
+    return Exemption(cgroup, tuple(sorted(set(allow))), tuple(sorted(set(listen))), to, from_,
+                     macos.get("user"), windows.get("service"), windows.get("program"))
+
+
+# The keys of the platform tables and their validators ([exempt.macos], [tunnel.windows], ...).
+_EXEMPT_MACOS: dict[str, Callable[[str], str]] = {"user": validate_macos_user}
+_EXEMPT_WINDOWS: dict[str, Callable[[str], str]] = {"service": validate_windows_service, "program": validate_windows_program}
+_TUNNEL_MACOS: dict[str, Callable[[str], str]] = {"endpoint_user": validate_macos_user}
+_TUNNEL_WINDOWS: dict[str, Callable[[str], str]] = {
+    "endpoint_service": validate_windows_service, "endpoint_program": validate_windows_program}
+
+
+def _platform_table(r: _Reader, name: str, keys: Mapping[str, Callable[[str], str]]) -> dict[str, str]:
+    """The validated keys of the sub-table `name` of r's table ({} when it is absent)."""
+    table = r.get(name, dict)
+    if table is None:
+        return {}
+    sub = _Reader(table, r.source, r.key(name))
+    out: dict[str, str] = {}
+    for key, fn in keys.items():
+        value = sub.get(key, str)
+        if value is not None:
+            try:
+                out[key] = fn(value)
+            except ValueError as e:
+                raise sub.fail(key, str(e)) from None
+    sub.finish()
+    if not out:
+        raise r.fail(name, f"names nothing: give {' or '.join(keys)}")
+    return out
+
+
+def subject_conflict(tunnel: Tunnel, exemptions: tuple[Exemption, ...] | list[Exemption]) -> tuple[str, str] | None:
+    """(key, reason) when two grants share a platform subject, else None. PF and the Windows
+    firewall see only the subject: a user (or service, program) standing for two
+    exemptions, or for one and the VPN client, would get both grants. On Windows a subject
+    that names fewer conditions covers one naming more (program P covers P + service S)."""
+    return macos_conflict(tunnel, exemptions) or windows_conflict(tunnel, exemptions)
+
+
+def macos_conflict(tunnel: Tunnel, exemptions: tuple[Exemption, ...] | list[Exemption]) -> tuple[str, str] | None:
+    mac: dict[str, str] = {}
+    if tunnel.macos_endpoint_user is not None:
+        mac[tunnel.macos_endpoint_user] = "tunnel.macos.endpoint_user"
+    for i, ex in enumerate(exemptions):
+        if ex.macos_user is not None:
+            other = mac.get(ex.macos_user)
+            if other is not None:
+                return f"exempt[{i}].macos.user", f"user {ex.macos_user} already stands for {other}"
+            mac[ex.macos_user] = f"exempt[{i}]"
+    return None
+
+
+def windows_conflict(tunnel: Tunnel, exemptions: tuple[Exemption, ...] | list[Exemption]) -> tuple[str, str] | None:
+    # (service, program) in lower case ("" for absent) -> who, and how the policy spells it
+    win: dict[tuple[str, str], tuple[str, str]] = {}
+    t = tunnel
+    if t.windows_endpoint_service is not None or t.windows_endpoint_program is not None:
+        win[((t.windows_endpoint_service or "").lower(), (t.windows_endpoint_program or "").lower())] = (
+            "tunnel.windows", " and ".join(x for x in (t.windows_endpoint_service, t.windows_endpoint_program) if x))
+    for i, ex in enumerate(exemptions):
+        if ex.windows_service is not None or ex.windows_program is not None:
+            key = ((ex.windows_service or "").lower(), (ex.windows_program or "").lower())
+            spelled = " and ".join(x for x in (ex.windows_service, ex.windows_program) if x)
+            if key in win:
+                return f"exempt[{i}].windows", f"{spelled} already stands for {win[key][0]}"
+            win[key] = (f"exempt[{i}]", spelled)
+    # Covering: a subject with one part blank matches every subject sharing the other part.
+    for (svc, prog), (who, spelled) in win.items():
+        if svc and prog:
+            for cover in ((svc, ""), ("", prog)):
+                if cover in win:
+                    return (who if who == "tunnel.windows" else f"{who}.windows",
+                            f"{who} ({spelled}) is also matched by {win[cover][0]} ({win[cover][1]}): "
+                            "the firewall could not keep their grants apart")
+    return None
 
 
 def parse_exemption(data: Mapping[str, Any], source: str, prefix: str) -> Exemption:
@@ -563,6 +689,8 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
         except ValueError as e:
             raise t.fail("endpoint_mark", str(e)) from None
     ep_cgroups = _convert(t, "endpoint_cgroups", t.get_list("endpoint_cgroups", str), v.cgroup)
+    macos = _platform_table(t, "macos", _TUNNEL_MACOS)
+    windows = _platform_table(t, "windows", _TUNNEL_WINDOWS)
     t.finish()
     if "" in ep_cgroups:
         # Every socket lives below the root: all of them would pass the endpoint check.
@@ -572,7 +700,8 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
         raise t.fail("endpoint_mark", f"{mark:#x} lies in the range ksbpf reserves for exemptions ({EXEMPT_MARK_BASE:#x}/{EXEMPT_MARK_MASK:#x})")
     if endpoints and mark is None and not ep_cgroups:
         raise t.fail("endpoints", "endpoints need endpoint_mark, endpoint_cgroups, or both")
-    tunnel = Tunnel(interfaces, endpoints, mark, ep_cgroups)
+    tunnel = Tunnel(interfaces, endpoints, mark, ep_cgroups, macos.get("endpoint_user"),
+                    windows.get("endpoint_service"), windows.get("endpoint_program"))
 
     dns_r = _Reader(top.get("dns", dict, {}), source, "dns")
     dns = Dns(_convert(dns_r, "servers", dns_r.get_list("servers", str), v.address))
@@ -632,6 +761,9 @@ def _parse_policy(data: Mapping[str, Any], source: str, v: _Validators) -> Polic
         seen.add(exemption.cgroup)
         exemptions.append(exemption)
     top.finish()
+    conflict = subject_conflict(tunnel, exemptions)
+    if conflict is not None:
+        raise PolicyError(conflict[1], source=source, key=conflict[0])
 
     return Policy(
         tunnel=tunnel,
@@ -674,12 +806,26 @@ def loads_policy(text: str, source: str = "<policy>") -> Policy:
 #   table defined twice), they are parsed together as one text, which is sound now that
 #   the cuts are known to lie between statements.
 # Only "\n" ends a line, as in TOML (re's ^ under MULTILINE), so "\r\n" is never cut.
-# Exemptions are validated one by one and checked for duplicate cgroups over the merged
-# list, as parse_policy does. Anything unusual, and any error at all, goes to the full
+# A chunk under `[exempt.macos]` or `[exempt.windows]` is joined to the chunk before it when
+# that one is an `[[exempt]]` chunk (joined with it, the sub-table belongs to that
+# exemption, as in the whole text); dropping a cut leaves the argument above intact.
+# Exemptions are validated one by one and checked for duplicate cgroups and shared platform
+# subjects over the merged list, as parse_policy does. Anything unusual, and any error at all, goes to the full
 # path (loads_policy), so every PolicyError, exempt[i] index included, is the full path's.
 
 _CUT_RE = re.compile(r"^(?=[ \t]*\[)", re.MULTILINE)
 _EXEMPT_HEADER_RE = re.compile(r"[ \t]*\[\[[ \t]*exempt[ \t]*\]\]")
+_EXEMPT_PLATFORM_RE = re.compile(r"[ \t]*\[[ \t]*exempt[ \t]*\.[ \t]*(?:macos|windows)[ \t]*\]")
+
+
+def _chunks(text: str) -> list[str]:
+    out: list[str] = []
+    for chunk in _CUT_RE.split(text):
+        if out and _EXEMPT_PLATFORM_RE.match(chunk) and _EXEMPT_HEADER_RE.match(out[-1]):
+            out[-1] += chunk
+        elif chunk:
+            out.append(chunk)
+    return out
 
 # A parsed chunk: the Exemption of an [[exempt]] chunk, the TOML of any other, None if
 # it does not parse alone, is not valid, or is unusual (the full path must decide).
@@ -719,9 +865,7 @@ class PolicyParser:
         rest_data: list[dict[str, Any]] = []
         ok = True
         # Every chunk is looked up even after a bad one, so that the cache keeps them all.
-        for chunk in _CUT_RE.split(text):
-            if not chunk:
-                continue
+        for chunk in _chunks(text):
             if chunk in seen:
                 got = seen[chunk]
             else:
@@ -757,6 +901,8 @@ class PolicyParser:
                 return None
             self._rest_failed = False
             self._rest = (key, base)
+        if subject_conflict(base.tunnel, exemptions) is not None:
+            return None
         return replace(base, exemptions=tuple(exemptions), source=source)
 
     @staticmethod

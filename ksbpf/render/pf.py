@@ -9,34 +9,44 @@ How verdict() maps onto PF (pf.conf(5): the last matching rule wins unless it is
 - Every pass is `no state`: a packet is judged on its own, as verdict() judges it, and no
   state can carry a flow past a reload. load.sh flushes the states made before the rules.
 - Interfaces: macOS PF has neither interface groups nor wildcards (xnu's pfi_kif_match
-  compares interfaces by identity), so a glob `utun*` is rendered as the explicit list
-  utun0 .. utun31 (GLOB_UNITS) and reported: any other name the glob matches stays
-  blocked. A rule may name an interface that does not exist yet; it matches once it does.
+  compares a rule's interface with the packet's by identity, and xnu has no ifgroups), so
+  a renumbered tunnel is followed the only way PF allows: a glob `utun*` is rendered as
+  the explicit family utun0 .. utun31 (GLOB_UNITS) and reported; any other name the glob
+  matches stays blocked. A rule may name an interface that does not exist yet; it matches
+  once it does. Write `utun*`, not `utun4`, for a client whose unit number changes.
 - `set` options belong to the main ruleset: `pfctl -a ksbpf` drops them silently. pf.conf
   (the main ruleset load.sh installs) has `set skip on lo0` and calls the anchor before
   Apple's; the anchor passes lo0 itself too.
 - macOS has no cgroups and PF cannot see socket marks. The endpoint exception is open to
-  every local process unless `endpoint_user` names the tunnel client's user; an exemption
-  is rendered only when `exempt_users` maps its cgroup to a user (PF `user`, which matches
-  the owner of the local TCP/UDP socket). What is not rendered is listed in `unsupported`.
+  every local process unless `[tunnel.macos] endpoint_user` names the tunnel client's user;
+  an exemption is rendered only when its `[exempt.macos] user` names one (PF `user`
+  matches the owner of the local TCP/UDP socket). What is not rendered is listed in
+  `unsupported`, by the key that would render it.
 - Drops that come from the host, not from PF: net.inet.ip.check_interface=1 (set by
   load.sh) drops IPv4 packets for a local address arriving on another interface
   (CVE-2019-14899).
 - `[bpf]` and `[metrics]` configure the Linux engine and daemon, not what passes; they
   have no counterpart here.
 
+- The main ruleset is the system's /etc/pf.conf (given as `pf_conf`; Apple's stock file
+  when None) with ksbpf's options on top and `anchor "ksbpf"` before its first filter
+  rule: /etc/pf.conf itself is never written. Loading it replaces the main ruleset, so
+  anchors a system service inserted at run time are dropped until it inserts them again.
+
 Limits, not per policy and so not in `unsupported`: PF has no forward hook (a routed
 packet is filtered `in` on its input and `out` on its output interface); macOS has no IPv6
-counterpart of check_interface; nothing survives a reboot (run load.sh at boot).
+counterpart of check_interface. Persistence: the LaunchDaemon (LAUNCHD_PLIST) runs load.sh
+at boot and every CHECK_INTERVAL seconds; load.sh changes nothing while PF holds what it
+would load, and loads it again when anything (a `pfctl -f /etc/pf.conf` at boot) dropped it.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+import plistlib
+from collections.abc import Iterable
 from typing import Literal
 
-from ksbpf.policy import Endpoint, IPNetwork, Policy, PortSpec
+from ksbpf.policy import Endpoint, IPNetwork, Policy, PortSpec, macos_conflict, validate_macos_user
 from ksbpf.render import _guard
 from ksbpf.render.base import Rendered, Unsupported
 from ksbpf.verdict import DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, DNS_PORTS, ND_ICMPV6_TYPES
@@ -48,34 +58,62 @@ STATE_DIR = "/var/run/ksbpf"
 LOOPBACK = "lo0"
 TUNNEL_MACRO = "ksbpf_tunnel"
 
-_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10}")
+# Where the LaunchDaemon finds load.sh (README: copy the rendered files there).
+INSTALL_DIR = "/Library/Application Support/ksbpf"
+LAUNCHD_LABEL = "org.ksbpf.pf"
+LAUNCHD_PLIST = f"{LAUNCHD_LABEL}.plist"
+CHECK_INTERVAL = 60
 
 Direction = Literal["in", "out"]
 
-# macOS's stock /etc/pf.conf, with ksbpf's options on top and its anchor first among the
-# filter rules: Apple's anchors may hold `pass quick` rules, which would win if run first.
-MAIN_RULESET = """\
-# ksbpf: the main ruleset while the kill switch is engaged (macOS's stock /etc/pf.conf
-# plus ksbpf's options and anchor). rollback.sh loads /etc/pf.conf again.
-set skip on lo0
-set block-policy drop
+# macOS's stock /etc/pf.conf (its comments left out): the main ruleset when no other is given.
+STOCK_PF_CONF = """\
 scrub-anchor "com.apple/*"
 nat-anchor "com.apple/*"
 rdr-anchor "com.apple/*"
 dummynet-anchor "com.apple/*"
-anchor "ksbpf"
 anchor "com.apple/*"
 load anchor "com.apple" from "/etc/pf.anchors/com.apple"
 """
+# The first word of a filter statement in pf.conf(5) (an include may hold one too).
+_FILTER_WORDS = frozenset({"pass", "block", "anchor", "antispoof", "match", "include"})
 
 
 # ------------------------------------------------------------------ refusing unsafe values
 
 
 def _user(name: object, what: str) -> str:
-    if not isinstance(name, str) or not _USER.fullmatch(name):
+    if not isinstance(name, str):
         raise ValueError(f"refusing to render {what} {name!r}: a macOS user name or uid")
-    return name
+    try:
+        return validate_macos_user(name)
+    except ValueError as e:
+        raise ValueError(f"refusing to render {what}: {e}") from None
+
+
+def main_ruleset(pf_conf: str | None = None) -> str:
+    """The main ruleset while ksbpf is engaged: `pf_conf` (the system's /etc/pf.conf text;
+    Apple's stock file when None) with ksbpf's options first and `anchor "ksbpf"` before
+    its first filter statement. First among the filter rules: a `pass quick` in Apple's
+    anchors or the user's rules would win if it ran before ksbpf's anchor."""
+    text = STOCK_PF_CONF if pf_conf is None else pf_conf
+    lines = text.splitlines()
+    at = len(lines)
+    continued = False
+    for i, line in enumerate(lines):
+        words = line.split("#", 1)[0].split()
+        if not continued and words and words[0] in _FILTER_WORDS:
+            at = i
+            break
+        continued = line.rstrip().endswith("\\")
+    head = [
+        "# ksbpf: the main ruleset while the kill switch is engaged: /etc/pf.conf (unchanged on",
+        "# disk) with ksbpf's options on top and its anchor first among the filter rules.",
+        "# rollback.sh and `ksctl down` load /etc/pf.conf again.",
+        f"set skip on {LOOPBACK}",
+        "set block-policy drop",
+    ]
+    return "\n".join([*head, *lines[:at], f'anchor "{ANCHOR}"', *lines[at:]]) + "\n"
 
 
 # ------------------------------------------------------------------ PF text
@@ -115,10 +153,9 @@ def _af(family: int) -> str:
 
 
 class _Anchor:
-    def __init__(self, policy: Policy, endpoint_user: str | None, exempt_users: Mapping[str, str]) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.p = policy
-        self.endpoint_user = endpoint_user
-        self.exempt_users = exempt_users
+        self.endpoint_user = policy.tunnel.macos_endpoint_user
         self.tunnel_names = tunnel_interfaces(policy.tunnel.interfaces)
         self.tunnel = f"on ${TUNNEL_MACRO}"
         self.block6 = policy.ipv6.mode == "block"
@@ -209,7 +246,7 @@ class _Anchor:
 
     def _exemptions(self, d: Direction) -> None:
         for i, ex in enumerate(self.p.exemptions):
-            user = self.exempt_users.get(ex.cgroup)
+            user = ex.macos_user
             if user is None:
                 continue
             self.add(f"# exempt[{i}] {ex.cgroup} as user {user}")
@@ -239,7 +276,7 @@ class _Anchor:
         return _list(kept) if kept else None
 
 
-def _unsupported(policy: Policy, endpoint_user: str | None, exempt_users: Mapping[str, str]) -> list[Unsupported]:
+def _unsupported(policy: Policy) -> list[Unsupported]:
     out: list[Unsupported] = []
     for i, name in enumerate(policy.tunnel.interfaces):
         if name.endswith("*"):
@@ -248,25 +285,18 @@ def _unsupported(policy: Policy, endpoint_user: str | None, exempt_users: Mappin
                 f"macOS PF has no interface wildcards or groups; {name!r} is rendered as "
                 f"{name[:-1]}0-{name[:-1]}{GLOB_UNITS - 1} and any other name it matches stays blocked",
             ))
-    if policy.tunnel.endpoints and endpoint_user is None:
-        if policy.tunnel.endpoint_mark is not None:
-            out.append(Unsupported(
-                "tunnel.endpoint_mark",
-                "PF cannot match socket marks: every local process may reach the endpoints "
-                "(name the tunnel client's user with endpoint_user to restrict them)",
-            ))
-        if policy.tunnel.endpoint_cgroups:
-            out.append(Unsupported(
-                "tunnel.endpoint_cgroups",
-                "macOS has no cgroups: every local process may reach the endpoints "
-                "(name the tunnel client's user with endpoint_user to restrict them)",
-            ))
+    if policy.tunnel.endpoints and policy.tunnel.macos_endpoint_user is None:
+        out.append(Unsupported(
+            "tunnel.macos.endpoint_user",
+            "not set: PF cannot see cgroups or socket marks, so every local process may reach the endpoints "
+            "(name the tunnel client's user in [tunnel.macos] endpoint_user to restrict them)",
+        ))
     for i, ex in enumerate(policy.exemptions):
-        if ex.cgroup not in exempt_users:
+        if ex.macos_user is None:
             out.append(Unsupported(
-                f"exempt[{i}].cgroup",
-                f"macOS has no cgroups: {ex.cgroup} is not exempted and its traffic outside the tunnel "
-                "stays blocked (map it to a macOS user with exempt_users to render it as PF `user` rules)",
+                f"exempt[{i}].macos.user",
+                f"not set: exempt[{i}] ({ex.cgroup}) is not applied on macOS and its traffic outside the tunnel "
+                "stays blocked (name the macOS user it stands for in [exempt.macos] user)",
             ))
     return out
 
@@ -289,7 +319,7 @@ def _load_script(anchor: str, main: str) -> str:
         "# enable PF holding a reference, and drop the states made before the rules.\n"
         "set -eu\n"
         "umask 077\n"
-        f"STATE={STATE_DIR}\n"
+        f'STATE="${{KSBPF_STATE_DIR:-{STATE_DIR}}}"\n'
         'mkdir -p "$STATE"\n'
         "\n"
         + _heredoc("$STATE/anchor.conf", anchor, "KSBPF_ANCHOR")
@@ -299,6 +329,17 @@ def _load_script(anchor: str, main: str) -> str:
         "# Parse both first (-n loads nothing): a ruleset pfctl refuses changes nothing.\n"
         'pfctl -n -f "$STATE/main.conf"\n'
         f'pfctl -n -a {ANCHOR} -f "$STATE/anchor.conf"\n'
+        "\n"
+        "# Engaged already, as this loaded it (the LaunchDaemon runs this every minute): PF\n"
+        "# enabled, the main ruleset calls the anchor, and the anchor holds what was read back\n"
+        "# after the last load of this same anchor. Then change nothing (no state flush).\n"
+        'if [ -f "$STATE/token" ] && [ -f "$STATE/loaded.rules" ] && [ -f "$STATE/loaded.anchor" ] &&\n'
+        '    cmp -s "$STATE/anchor.conf" "$STATE/loaded.anchor" &&\n'
+        "    pfctl -s info 2>/dev/null | grep -q '^Status: Enabled' &&\n"
+        f"    pfctl -s rules 2>/dev/null | grep -qx 'anchor \"{ANCHOR}\" all' &&\n"
+        f'    [ "$(pfctl -a {ANCHOR} -s rules 2>/dev/null)" = "$(cat "$STATE/loaded.rules")" ]; then\n'
+        "    exit 0\n"
+        "fi\n"
         "\n"
         "# IPv4 strong host model: a packet for a local address must arrive on that address's\n"
         "# interface (CVE-2019-14899). Set before PF changes, kept for rollback.sh.\n"
@@ -324,9 +365,11 @@ def _load_script(anchor: str, main: str) -> str:
         "# now blocks: drop them all.\n"
         "pfctl -F states\n"
         "\n"
-        "# Read back what the kernel holds.\n"
+        "# Read back what the kernel holds, and keep it for the check above and ksctl status.\n"
         "pfctl -s info | grep -q '^Status: Enabled' || { echo 'ksbpf: PF is not enabled' >&2; exit 1; }\n"
-        f"pfctl -a {ANCHOR} -s rules | grep -q . || {{ echo 'ksbpf: anchor {ANCHOR} is empty' >&2; exit 1; }}\n"
+        f'pfctl -a {ANCHOR} -s rules > "$STATE/loaded.rules"\n'
+        f"grep -q . \"$STATE/loaded.rules\" || {{ echo 'ksbpf: anchor {ANCHOR} is empty' >&2; exit 1; }}\n"
+        'cp "$STATE/anchor.conf" "$STATE/loaded.anchor"\n'
         "echo 'ksbpf: PF kill switch engaged'\n"
     )
 
@@ -338,9 +381,11 @@ def _rollback_script() -> str:
         "# PF configuration (as root). Every step runs even if one before it failed.\n"
         "# If PF still blocks afterwards, `pfctl -d` disables PF altogether.\n"
         "set -u\n"
-        f"STATE={STATE_DIR}\n"
+        f'STATE="${{KSBPF_STATE_DIR:-{STATE_DIR}}}"\n'
         "rc=0\n"
-        "# The system's main ruleset first: after it nothing calls the anchor.\n"
+        "# The LaunchDaemon first, or it engages the kill switch again within a minute.\n"
+        f"launchctl bootout system/{LAUNCHD_LABEL} 2>/dev/null || true\n"
+        "# The system's main ruleset next: after it nothing calls the anchor.\n"
         "pfctl -f /etc/pf.conf || rc=1\n"
         f"pfctl -a {ANCHOR} -F rules || rc=1\n"
         "# Release the reference load.sh took; PF stays enabled only if someone else holds one.\n"
@@ -357,42 +402,48 @@ def _rollback_script() -> str:
 # ------------------------------------------------------------------ entry point
 
 
-def render_pf(
-    policy: Policy,
-    *,
-    endpoint_user: str | None = None,
-    exempt_users: Mapping[str, str] | None = None,
-) -> Rendered:
-    """The PF rendering of `policy`: files `ksbpf.anchor` (the anchor's rules), `pf.conf`
-    (the main ruleset load.sh installs), `load.sh` and `rollback.sh`.
+def launchd_plist(install_dir: str = INSTALL_DIR) -> str:
+    """The LaunchDaemon that runs load.sh at boot and every CHECK_INTERVAL seconds (load.sh
+    changes nothing while PF holds its rules)."""
+    data = {
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": ["/bin/sh", f"{install_dir}/load.sh"],
+        "RunAtLoad": True,
+        "StartInterval": CHECK_INTERVAL,
+        "StandardOutPath": "/var/log/ksbpf.log",
+        "StandardErrorPath": "/var/log/ksbpf.log",
+    }
+    return plistlib.dumps(data, sort_keys=True).decode("ascii").replace("\t", "  ")
 
-    `endpoint_user` (a macOS user name or uid) restricts the endpoint exception to the
-    tunnel client's sockets; `exempt_users` maps an exemption's cgroup to the macOS user
-    whose sockets it stands for. Raises ValueError for any value it cannot render safely.
+
+def render_pf(policy: Policy, *, pf_conf: str | None = None) -> Rendered:
+    """The PF rendering of `policy`: files `ksbpf.anchor` (the anchor's rules), `pf.conf`
+    (the main ruleset: `pf_conf`, the system's /etc/pf.conf text, Apple's stock one when
+    None, calling the anchor), `load.sh`, `rollback.sh` and the LaunchDaemon
+    `org.ksbpf.pf.plist`. The subjects come from the policy: `[tunnel.macos] endpoint_user`
+    and each exemption's `[exempt.macos] user`. Raises ValueError for any value it cannot
+    render safely.
     """
     _guard.check_policy(policy)
-    users = dict(exempt_users or {})
-    if endpoint_user is not None:
-        _user(endpoint_user, "endpoint_user")
-    for cg, user in users.items():
-        _guard.cgroup(cg, "exempt_users cgroup")
-        _user(user, f"user for {cg}")
-    known = {ex.cgroup for ex in policy.exemptions}
-    stray = sorted(set(users) - known)
-    if stray:
-        raise ValueError(f"exempt_users names cgroups the policy does not exempt: {', '.join(stray)}")
-    # One user per identity: a user shared by two grants would get both (PF sees only the user).
-    named = [*users.values(), *([endpoint_user] if endpoint_user is not None else [])]
-    shared = sorted({u for u in named if named.count(u) > 1})
-    if shared:
-        raise ValueError(f"a macOS user may stand for one cgroup or the tunnel client only: {', '.join(shared)}")
-    anchor = _Anchor(policy, endpoint_user, users).text()
+    t = policy.tunnel
+    if t.macos_endpoint_user is not None:
+        _user(t.macos_endpoint_user, "tunnel.macos.endpoint_user")
+    for i, ex in enumerate(policy.exemptions):
+        if ex.macos_user is not None:
+            _user(ex.macos_user, f"exempt[{i}].macos.user")
+    # One user per grant: PF sees only the user, so a shared one would get both.
+    conflict = macos_conflict(t, policy.exemptions)
+    if conflict is not None:
+        raise ValueError(f"refusing to render {conflict[0]}: {conflict[1]}")
+    anchor = _Anchor(policy).text()
+    main = main_ruleset(pf_conf)
     files = {
         "ksbpf.anchor": anchor,
-        "pf.conf": MAIN_RULESET,
-        "load.sh": _load_script(anchor, MAIN_RULESET),
+        "pf.conf": main,
+        "load.sh": _load_script(anchor, main),
         "rollback.sh": _rollback_script(),
+        LAUNCHD_PLIST: launchd_plist(),
     }
     for name, text in files.items():
         _guard.printable(name, text)
-    return Rendered("macos", files, tuple(_unsupported(policy, endpoint_user, users)))
+    return Rendered("macos", files, tuple(_unsupported(policy)))

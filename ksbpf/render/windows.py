@@ -19,10 +19,12 @@ everything, then allow the tunnel" pair of rules blocks everything. The script i
 
 Tunnel interfaces are matched by alias with PowerShell's -like (a glob `wg*` is a prefix,
 as in verdict()), resolved to the adapters present when the script runs: a tunnel adapter
-created later is blocked until apply.ps1 runs again. Exemptions need a Windows identity: a
-cgroup `.../NAME.service` becomes the Windows service NAME, or `exempt_programs` maps a
-cgroup to a program path; the endpoint exception is open to every program unless
-`endpoint_program` names the tunnel client.
+created later is blocked until apply.ps1 runs again (the scheduled task, TASK_XML, runs it
+at boot and whenever a network connects). Exemptions need a Windows identity, given in the
+policy and never guessed from a cgroup's name: `[exempt.windows] service` and/or
+`program`; the endpoint exception is open to every program unless `[tunnel.windows]
+endpoint_service` and/or `endpoint_program` name the tunnel client. With both, a socket
+must match both (the firewall's -Service and -Program).
 
 Host behaviour the rules rely on: firewall rules have no effect on loopback traffic
 (Microsoft KB 2771908); the strong host model (Windows' default) drops packets for a local
@@ -36,12 +38,22 @@ no counterpart here. Limits, not per policy and so not in `unsupported`: the fir
 from __future__ import annotations
 
 import ipaddress
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
+from xml.sax.saxutils import escape
 
-from ksbpf.policy import Endpoint, IPAddress, IPNetwork, Policy, PortSpec
+from ksbpf.policy import (
+    Endpoint,
+    Exemption,
+    IPAddress,
+    IPNetwork,
+    Policy,
+    PortSpec,
+    validate_windows_program,
+    validate_windows_service,
+    windows_conflict,
+)
 from ksbpf.render import _guard
 from ksbpf.render.base import Rendered, Unsupported
 from ksbpf.verdict import DHCP4_CLIENT, DHCP4_SERVER, DHCP6_CLIENT, DHCP6_SERVER, DNS_PORTS, ND_ICMPV6_TYPES
@@ -51,9 +63,12 @@ TUNNEL_METRIC = 1
 ALL4 = "0.0.0.0-255.255.255.255"
 ALL6 = "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
 
-_SERVICE_UNIT = re.compile(r"([A-Za-z0-9_.-]{1,200})\.service")
-# A drive or an %ENVVAR% root, then path components of plain characters.
-_PROGRAM = re.compile(r"(?:[A-Za-z]:|%[A-Za-z_][A-Za-z0-9_]*%)(?:\\[A-Za-z0-9 _.()+-]{1,255})+")
+# Where the scheduled task finds apply.ps1 (README: copy the rendered files there).
+INSTALL_DIR = "C:\\Program Files\\ksbpf"
+TASK_NAME = "ksbpf"
+TASK_XML = "ksbpf-task.xml"
+# Microsoft-Windows-NetworkProfile/Operational 10000: a network (a tunnel adapter too) connected.
+NETWORK_CONNECTED = ("Microsoft-Windows-NetworkProfile/Operational", 10000)
 
 Direction = Literal["Outbound", "Inbound"]
 BOTH: tuple[Direction, Direction] = ("Outbound", "Inbound")
@@ -61,16 +76,35 @@ TUNNEL = object()  # stands for $TunnelAliases in a rule
 
 
 def _program(path: object, what: str) -> str:
-    parts = path.split("\\")[1:] if isinstance(path, str) else []
-    if not isinstance(path, str) or not _PROGRAM.fullmatch(path) or any(p.strip() in (".", "..") for p in parts):
+    if not isinstance(path, str):
         raise ValueError(f"refusing to render {what} {path!r}: a program path like C:\\Program Files\\X\\x.exe")
-    return path
+    try:
+        return validate_windows_program(path)
+    except ValueError as e:
+        raise ValueError(f"refusing to render {what}: {e}") from None
 
 
-def service_for(cgroup: str) -> str | None:
-    """The Windows service a cgroup stands for: `system.slice/sshd.service` -> `sshd`."""
-    m = _SERVICE_UNIT.fullmatch(cgroup.rsplit("/", 1)[-1])
-    return m.group(1) if m else None
+def _service(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"refusing to render {what} {name!r}: a Windows service name")
+    try:
+        return validate_windows_service(name)
+    except ValueError as e:
+        raise ValueError(f"refusing to render {what}: {e}") from None
+
+
+def identity(service: str | None, program: str | None) -> dict[str, str]:
+    """The firewall conditions for a Windows subject ({} for none)."""
+    who = {}
+    if service is not None:
+        who["Service"] = service
+    if program is not None:
+        who["Program"] = program
+    return who
+
+
+def exemption_identity(ex: Exemption) -> dict[str, str]:
+    return identity(ex.windows_service, ex.windows_program)
 
 
 # ------------------------------------------------------------------ address and port sets
@@ -144,10 +178,9 @@ def _ps_value(v: object) -> str:
 
 
 class _Rules:
-    def __init__(self, policy: Policy, endpoint_program: str | None, identities: Mapping[str, tuple[str, str]]) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.p = policy
-        self.endpoint_program = endpoint_program
-        self.identities = identities
+        self.endpoint_who = identity(policy.tunnel.windows_endpoint_service, policy.tunnel.windows_endpoint_program)
         self.block6 = policy.ipv6.mode == "block"
         self.families = (4,) if self.block6 else (4, 6)
         self.rules: list[_Rule] = []
@@ -210,29 +243,29 @@ class _Rules:
             if ep.family not in self.families:
                 continue  # IPv6 is dropped before the endpoints in block mode
             common = {"Protocol": ep.proto.upper(), "RemoteAddress": [str(ep.address)], "RemotePort": str(ep.port)}
-            self.add(f"endpoint{i}", f"VPN endpoint {ep}", "Outbound", "Allow", Program=self.endpoint_program, **common)
+            self.add(f"endpoint{i}", f"VPN endpoint {ep}", "Outbound", "Allow", **common, **self.endpoint_who)
             self.add(f"endpoint{i}", f"VPN endpoint {ep} replies", "Inbound", "Allow", **common)
 
     def _exemptions(self) -> None:
         for i, ex in enumerate(self.p.exemptions):
-            ident = self.identities.get(ex.cgroup)
-            if ident is None:
+            who = exemption_identity(ex)
+            if not who:
                 continue
-            who = {ident[0]: ident[1]}
+            name = " ".join(who.values())
             for j, spec in enumerate(ex.allow):
                 remote = self.nets(ex.to)
                 if remote is False:
                     continue
                 common = {"Protocol": spec.proto.upper(), "RemotePort": _ports(spec), "RemoteAddress": remote, **who}
-                self.add(f"exempt{i}-allow{j}", f"exempt[{i}] {ident[1]} to {spec}", "Outbound", "Allow", **common)
-                self.add(f"exempt{i}-allow{j}", f"exempt[{i}] {ident[1]} replies from {spec}", "Inbound", "Allow", **common)
+                self.add(f"exempt{i}-allow{j}", f"exempt[{i}] {name} to {spec}", "Outbound", "Allow", **common)
+                self.add(f"exempt{i}-allow{j}", f"exempt[{i}] {name} replies from {spec}", "Inbound", "Allow", **common)
             for j, spec in enumerate(ex.listen):
                 remote = self.nets(ex.from_)
                 if remote is False:
                     continue
                 common = {"Protocol": spec.proto.upper(), "LocalPort": _ports(spec), "RemoteAddress": remote, **who}
-                self.add(f"exempt{i}-listen{j}", f"exempt[{i}] {ident[1]} listening on {spec}", "Inbound", "Allow", **common)
-                self.add(f"exempt{i}-listen{j}", f"exempt[{i}] {ident[1]} answering on {spec}", "Outbound", "Allow", **common)
+                self.add(f"exempt{i}-listen{j}", f"exempt[{i}] {name} listening on {spec}", "Inbound", "Allow", **common)
+                self.add(f"exempt{i}-listen{j}", f"exempt[{i}] {name} answering on {spec}", "Outbound", "Allow", **common)
 
     def _lan(self) -> None:
         for fam in self.families:
@@ -250,18 +283,19 @@ class _Rules:
             self.add(f"lan{fam}", f"LAN IPv{fam}", "Inbound", "Allow", RemoteAddress=nets)
 
 
-def _unsupported(policy: Policy, endpoint_program: str | None, identities: Mapping[str, tuple[str, str]]) -> list[Unsupported]:
+def _unsupported(policy: Policy) -> list[Unsupported]:
     out: list[Unsupported] = []
     t = policy.tunnel
-    if t.endpoints and endpoint_program is None:
-        why = "every local program may reach the endpoints (name the tunnel client with endpoint_program to restrict them)"
-        if t.endpoint_mark is not None:
-            out.append(Unsupported("tunnel.endpoint_mark", f"Windows firewall rules cannot match socket marks: {why}"))
-        if t.endpoint_cgroups:
-            out.append(Unsupported("tunnel.endpoint_cgroups", f"Windows has no cgroups: {why}"))
-    if t.endpoints and endpoint_program is not None:
+    endpoint_who = identity(t.windows_endpoint_service, t.windows_endpoint_program)
+    if t.endpoints and not endpoint_who:
+        out.append(Unsupported(
+            "tunnel.windows",
+            "names no tunnel client: firewall rules cannot match cgroups or socket marks, so every local program "
+            "may reach the endpoints (name it in [tunnel.windows] endpoint_service or endpoint_program)",
+        ))
+    if t.endpoints and endpoint_who:
         for i, ep in enumerate(t.endpoints):
-            via = _other_ways_to(policy, ep, identities)
+            via = _other_ways_to(policy, ep)
             if via:
                 out.append(Unsupported(
                     f"tunnel.endpoints[{i}]",
@@ -269,13 +303,11 @@ def _unsupported(policy: Policy, endpoint_program: str | None, identities: Mappi
                     "so the endpoint check cannot drop them first as verdict() does",
                 ))
     for i, ex in enumerate(policy.exemptions):
-        if ex.cgroup not in identities:
-            svc = service_for(ex.cgroup)
-            why = "names no service (.../NAME.service)" if svc is None else f"shares the service {svc} with another exemption"
+        if not exemption_identity(ex):
             out.append(Unsupported(
-                f"exempt[{i}].cgroup",
-                f"Windows has no cgroups and {ex.cgroup} {why}: it is not exempted and its traffic outside "
-                "the tunnel stays blocked (map it with exempt_programs)",
+                f"exempt[{i}].windows",
+                f"not set: exempt[{i}] ({ex.cgroup}) is not applied on Windows and its traffic outside the tunnel "
+                "stays blocked (name the service or program it stands for in [exempt.windows] service or program)",
             ))
     if policy.lan_networks(4) or (policy.ipv6.mode == "tunnel" and policy.lan_networks(6)):
         out.append(Unsupported(
@@ -286,14 +318,14 @@ def _unsupported(policy: Policy, endpoint_program: str | None, identities: Mappi
     return out
 
 
-def _other_ways_to(policy: Policy, ep: Endpoint, identities: Mapping[str, tuple[str, str]]) -> str:
+def _other_ways_to(policy: Policy, ep: Endpoint) -> str:
     """Which allow rule, beside the endpoint's own, lets another program's packet to `ep` out."""
     if ep.family == 6 and policy.ipv6.mode == "block":
         return ""
     if ep.port not in DNS_PORTS and any(ep.address in n for n in policy.lan_networks(ep.family)):
         return "the LAN rules"
     for i, ex in enumerate(policy.exemptions):
-        if ex.cgroup not in identities:
+        if not exemption_identity(ex):
             continue
         if any(s.covers(ep.proto, ep.port) for s in ex.allow) and any(ep.address in n for n in ex.to_networks(ep.family)):
             return f"exempt[{i}]"
@@ -431,6 +463,9 @@ $Others = @(Get-NetFirewallRule -PolicyStore ActiveStore -Enabled True -Action A
 if ($Others.Count -gt 0) {
     Write-Warning "ksbpf: $($Others.Count) allow rules from group policy or app containers stay active and may pass traffic outside the tunnel: $(($Others | ForEach-Object { $_.DisplayName }) -join '; ')"
 }
+# 6. The scheduled task (if installed) engages again at boot and when a network connects;
+#    rollback.ps1 disabled it.
+try { Enable-ScheduledTask -TaskName 'ksbpf' -ErrorAction Stop | Out-Null } catch { }
 "ksbpf: kill switch engaged ($Made rules)"
 """
 
@@ -446,6 +481,9 @@ $Failed = $false
 # same, to Windows' own defaults.
 $StateTrusted = $false
 try { $StateTrusted = Assert-KsbpfState $State $false } catch { Write-Warning "$_"; $Failed = $true }
+
+# 0. The scheduled task first, or it engages the kill switch again at the next boot or network.
+try { Disable-ScheduledTask -TaskName 'ksbpf' -ErrorAction Stop | Out-Null } catch { }
 
 # 1. Default actions first: from here on only explicit block rules block.
 $ProfilesFile = Join-Path $State 'profiles.xml'
@@ -515,46 +553,75 @@ def _apply_script(policy: Policy, rules: list[_Rule]) -> str:
     )
 
 
-def render_windows(
-    policy: Policy,
-    *,
-    endpoint_program: str | None = None,
-    exempt_programs: Mapping[str, str] | None = None,
-) -> Rendered:
-    """The Windows rendering of `policy`: files `apply.ps1` and `rollback.ps1`.
+def task_xml(install_dir: str = INSTALL_DIR) -> str:
+    """The scheduled task that runs apply.ps1 as SYSTEM at boot and whenever a network
+    connects (a tunnel adapter appearing), so a new adapter gets its rules."""
+    log, event_id = NETWORK_CONNECTED
+    query = (f'<QueryList><Query Id="0" Path="{log}"><Select Path="{log}">'
+             f"*[System[(EventID={event_id})]]</Select></Query></QueryList>")
+    args = f'-NoProfile -NonInteractive -ExecutionPolicy Bypass -File "{install_dir}\\apply.ps1"'
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">\n'
+        "  <RegistrationInfo>\n"
+        "    <Description>ksbpf: engage the kill switch at boot and when a network (the tunnel) connects</Description>\n"
+        f"    <URI>\\{TASK_NAME}</URI>\n"
+        "  </RegistrationInfo>\n"
+        "  <Triggers>\n"
+        "    <BootTrigger>\n"
+        "      <Enabled>true</Enabled>\n"
+        "    </BootTrigger>\n"
+        "    <EventTrigger>\n"
+        "      <Enabled>true</Enabled>\n"
+        f"      <Subscription>{escape(query)}</Subscription>\n"
+        "    </EventTrigger>\n"
+        "  </Triggers>\n"
+        "  <Principals>\n"
+        '    <Principal id="Author">\n'
+        "      <UserId>S-1-5-18</UserId>\n"
+        "      <RunLevel>HighestAvailable</RunLevel>\n"
+        "    </Principal>\n"
+        "  </Principals>\n"
+        "  <Settings>\n"
+        "    <MultipleInstancesPolicy>Queue</MultipleInstancesPolicy>\n"
+        "    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>\n"
+        "    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>\n"
+        "    <ExecutionTimeLimit>PT10M</ExecutionTimeLimit>\n"
+        "    <Enabled>true</Enabled>\n"
+        "  </Settings>\n"
+        '  <Actions Context="Author">\n'
+        "    <Exec>\n"
+        "      <Command>%SystemRoot%\\System32\\WindowsPowerShell\\v1.0\\powershell.exe</Command>\n"
+        f"      <Arguments>{escape(args)}</Arguments>\n"
+        "    </Exec>\n"
+        "  </Actions>\n"
+        "</Task>\n"
+    )
 
-    `endpoint_program` restricts the endpoint exception to the tunnel client's program;
-    `exempt_programs` maps an exemption's cgroup to the program it stands for (otherwise a
-    `.../NAME.service` cgroup stands for the Windows service NAME). Raises ValueError for
-    any value it cannot render safely.
+
+def render_windows(policy: Policy) -> Rendered:
+    """The Windows rendering of `policy`: files `apply.ps1`, `rollback.ps1` and the
+    scheduled task `ksbpf-task.xml`. The subjects come from the policy: `[tunnel.windows]
+    endpoint_service`/`endpoint_program` and each exemption's `[exempt.windows]`
+    service/program. Raises ValueError for any value it cannot render safely.
     """
     _guard.check_policy(policy)
-    if endpoint_program is not None:
-        _program(endpoint_program, "endpoint_program")
-    programs = dict(exempt_programs or {})
-    for cg, path in programs.items():
-        _guard.cgroup(cg, "exempt_programs cgroup")
-        _program(path, f"program for {cg}")
-    stray = sorted(set(programs) - {ex.cgroup for ex in policy.exemptions})
-    if stray:
-        raise ValueError(f"exempt_programs names cgroups the policy does not exempt: {', '.join(stray)}")
-    named = [p.lower() for p in (*programs.values(), *([endpoint_program] if endpoint_program else []))]
-    shared = sorted({p for p in named if named.count(p) > 1})
-    if shared:
-        raise ValueError(f"a program may stand for one cgroup or the tunnel client only: {', '.join(shared)}")
-    identities: dict[str, tuple[str, str]] = {}
-    services = [service_for(ex.cgroup) for ex in policy.exemptions if ex.cgroup not in programs]
-    for ex in policy.exemptions:
-        svc = service_for(ex.cgroup)
-        if ex.cgroup in programs:
-            identities[ex.cgroup] = ("Program", programs[ex.cgroup])
-        elif svc is not None and services.count(svc) == 1:
-            # Two cgroups naming one service (a.slice/x.service, b.slice/x.service) stay
-            # unsupported: the firewall could not tell their grants apart.
-            identities[ex.cgroup] = ("Service", svc)
-    rules = _Rules(policy, endpoint_program, identities).build()
-    files = {"apply.ps1": _apply_script(policy, rules), "rollback.ps1": _ROLLBACK}
+    t = policy.tunnel
+    if t.windows_endpoint_service is not None:
+        _service(t.windows_endpoint_service, "tunnel.windows.endpoint_service")
+    if t.windows_endpoint_program is not None:
+        _program(t.windows_endpoint_program, "tunnel.windows.endpoint_program")
+    for i, ex in enumerate(policy.exemptions):
+        if ex.windows_service is not None:
+            _service(ex.windows_service, f"exempt[{i}].windows.service")
+        if ex.windows_program is not None:
+            _program(ex.windows_program, f"exempt[{i}].windows.program")
+    # The firewall sees only the subject: one shared by two grants would get both.
+    conflict = windows_conflict(t, policy.exemptions)
+    if conflict is not None:
+        raise ValueError(f"refusing to render {conflict[0]}: {conflict[1]}")
+    rules = _Rules(policy).build()
+    files = {"apply.ps1": _apply_script(policy, rules), "rollback.ps1": _ROLLBACK, TASK_XML: task_xml()}
     for name, text in files.items():
         _guard.printable(name, text)
-    return Rendered("windows", files, tuple(_unsupported(policy, endpoint_program, identities)))
-
+    return Rendered("windows", files, tuple(_unsupported(policy)))

@@ -1,6 +1,6 @@
-"""The shared test world for the macOS and Windows adapters: the policies, the renderer
-options, a generated set of packets, and how a packet of verdict()'s world looks to PF and
-to the Windows firewall (interface names, users, services, programs).
+"""The shared test world for the macOS and Windows adapters: the policies (with their
+macOS and Windows subjects), a generated set of packets, and how a packet of verdict()'s
+world looks to PF and to the Windows firewall (interface names, users, services, programs).
 
 Used by test_adapters_agree.py (rendered rules vs verdict()) and the golden tests.
 """
@@ -10,13 +10,12 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ksbpf.policy import Policy, load_policy
 from ksbpf.render.pf import tunnel_interfaces
-from ksbpf.render.windows import service_for
 from ksbpf.verdict import Packet, endpoint_authorized, exemption_for
 from tests.unit.pfparse import PfPacket
 from tests.unit.winparse import WinPacket
@@ -27,15 +26,15 @@ ip = ipaddress.ip_address
 # A process that is neither the tunnel client nor exempt still owns a socket.
 OTHER_USER = "_someone"
 OTHER_PROGRAM = r"C:\Program Files\Other\other.exe"
-WG_EXE = r"C:\Program Files\WireGuard\wireguard.exe"
+WG_EXE = r"C:\Program Files\WireGuard\wireguard.exe"  # full-mapped's tunnel client
 
 
 @dataclass(frozen=True)
 class Case:
+    """A policy; its macOS and Windows subjects ([tunnel.macos], [exempt.windows], ...) are in it."""
+
     name: str
     policy: Policy
-    pf_opts: dict[str, Any] = field(default_factory=dict)
-    win_opts: dict[str, Any] = field(default_factory=dict)
 
 
 def _policy(name: str) -> Policy:
@@ -43,39 +42,7 @@ def _policy(name: str) -> Policy:
 
 
 def cases() -> list[Case]:
-    full = _policy("full")
-    return [
-        Case("minimal", _policy("minimal")),
-        Case("full", full),
-        Case(
-            "full-mapped",
-            full,
-            pf_opts={
-                "endpoint_user": "_wireguard",
-                "exempt_users": {
-                    "system.slice/sshd.service": "_sshd",
-                    "system.slice/systemd-timesyncd.service": "_timed",
-                    "user.slice/backup": "backup",
-                },
-            },
-            win_opts={"endpoint_program": WG_EXE, "exempt_programs": {"user.slice/backup": r"C:\Tools\backup.exe"}},
-        ),
-        Case("wildcard", _policy("wildcard")),
-        Case(
-            "corners",
-            _policy("corners"),
-            pf_opts={
-                "endpoint_user": "_wireguard",
-                "exempt_users": {
-                    "system.slice/unbound.service": "_unbound",
-                    "system.slice/sshd.service": "_sshd",
-                    "system.slice/sshd.service/inner": "_sshd_inner",
-                    "system.slice/chronyd.service": "_chronyd",
-                },
-            },
-            win_opts={"endpoint_program": WG_EXE},
-        ),
-    ]
+    return [Case(name, _policy(name)) for name in ("minimal", "full", "full-mapped", "wildcard", "corners")]
 
 
 GOLDEN_CASES = ("minimal", "full", "full-mapped", "wildcard")
@@ -183,22 +150,24 @@ def packets(policy: Policy) -> Iterator[Packet]:
 
 
 def pf_user(case: Case, p: Packet) -> str | None:
+    """The owner of the packet's local socket as PF sees it: the user the policy names for
+    the tunnel client or the exemption the socket's cgroup falls under, else someone else."""
     if p.cgroup is None or p.proto not in ("tcp", "udp"):
         return None
-    opts = case.pf_opts
-    if p.direction == "out" and opts.get("endpoint_user") and endpoint_authorized(case.policy, p):
-        return str(opts["endpoint_user"])
+    t = case.policy.tunnel
+    if p.direction == "out" and t.macos_endpoint_user and endpoint_authorized(case.policy, p):
+        return t.macos_endpoint_user
     ex = exemption_for(case.policy, p.cgroup)
-    if ex is not None and ex.cgroup in opts.get("exempt_users", {}):
-        return str(opts["exempt_users"][ex.cgroup])
+    if ex is not None and ex.macos_user is not None:
+        return ex.macos_user
     return OTHER_USER
 
 
-def to_pf(case: Case, p: Packet) -> PfPacket:
+def to_pf(case: Case, p: Packet, ifname: str | None = None) -> PfPacket:
     iface = p.oif if p.direction == "out" else p.iif
     return PfPacket(
         direction=p.direction,
-        ifname="lo0" if iface == "lo" else iface,
+        ifname=ifname or ("lo0" if iface == "lo" else iface),
         af=p.family,
         proto="icmp6" if p.proto == "icmpv6" else p.proto,
         src=p.src,
@@ -211,19 +180,16 @@ def to_pf(case: Case, p: Packet) -> PfPacket:
 
 
 def win_identity(case: Case, p: Packet) -> tuple[str | None, str | None]:
-    """(service, program) of the packet's local socket."""
+    """(service, program) of the packet's local socket: what the policy names for the tunnel
+    client or the socket's exemption; a service runs in a host program nobody named."""
     if p.cgroup is None:
         return None, None
-    opts = case.win_opts
-    if p.direction == "out" and opts.get("endpoint_program") and endpoint_authorized(case.policy, p):
-        return None, str(opts["endpoint_program"])
+    t = case.policy.tunnel
+    if p.direction == "out" and (t.windows_endpoint_service or t.windows_endpoint_program) and endpoint_authorized(case.policy, p):
+        return t.windows_endpoint_service, t.windows_endpoint_program or OTHER_PROGRAM
     ex = exemption_for(case.policy, p.cgroup)
-    if ex is not None:
-        if ex.cgroup in opts.get("exempt_programs", {}):
-            return None, str(opts["exempt_programs"][ex.cgroup])
-        svc = service_for(ex.cgroup)
-        if svc is not None:
-            return svc, None
+    if ex is not None and (ex.windows_service or ex.windows_program):
+        return ex.windows_service, ex.windows_program or OTHER_PROGRAM
     return None, OTHER_PROGRAM
 
 

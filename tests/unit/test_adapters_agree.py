@@ -59,10 +59,10 @@ def _unsupported_key(rendered: Rendered, *features: str) -> str | None:
     return None
 
 
-def _exempt_feature(case: Case, p: Packet) -> str:
+def _exempt_feature(case: Case, p: Packet, key: str) -> str:
     ex = exemption_for(case.policy, p.cgroup)
     assert ex is not None
-    return f"exempt[{case.policy.exemptions.index(ex)}].cgroup"
+    return f"exempt[{case.policy.exemptions.index(ex)}].{key}"
 
 
 @functools.cache
@@ -83,10 +83,10 @@ def pf_exclusion(case: Case, rendered: Rendered, p: Packet, v: Reason) -> str | 
             return _unsupported_key(rendered, f"tunnel.interfaces[{i}]") or "UNLISTED glob"
     if v is Reason.EXEMPT:
         ex = exemption_for(case.policy, p.cgroup)
-        if ex is not None and ex.cgroup not in case.pf_opts.get("exempt_users", {}):
-            return _unsupported_key(rendered, _exempt_feature(case, p)) or "UNLISTED exemption"
-    if v is Reason.ENDPOINT_UNAUTHORIZED and not case.pf_opts.get("endpoint_user"):
-        return _unsupported_key(rendered, "tunnel.endpoint_mark", "tunnel.endpoint_cgroups") or "UNLISTED endpoint"
+        if ex is not None and ex.macos_user is None:
+            return _unsupported_key(rendered, _exempt_feature(case, p, "macos.user")) or "UNLISTED exemption"
+    if v is Reason.ENDPOINT_UNAUTHORIZED and not case.policy.tunnel.macos_endpoint_user:
+        return _unsupported_key(rendered, "tunnel.macos.endpoint_user") or "UNLISTED endpoint"
     return None
 
 
@@ -98,11 +98,12 @@ def win_exclusion(case: Case, rendered: Rendered, p: Packet, v: Reason) -> str |
     if v is Reason.EXEMPT:
         ex = exemption_for(case.policy, p.cgroup)
         assert ex is not None
-        if _exempt_feature(case, p) in {u.feature for u in rendered.unsupported}:
-            return f"unsupported: {_exempt_feature(case, p)}"
+        if ex.windows_service is None and ex.windows_program is None:
+            return _unsupported_key(rendered, _exempt_feature(case, p, "windows")) or "UNLISTED exemption"
     if v is Reason.ENDPOINT_UNAUTHORIZED:
-        if not case.win_opts.get("endpoint_program"):
-            return _unsupported_key(rendered, "tunnel.endpoint_mark", "tunnel.endpoint_cgroups") or "UNLISTED endpoint"
+        t = case.policy.tunnel
+        if not (t.windows_endpoint_service or t.windows_endpoint_program):
+            return _unsupported_key(rendered, "tunnel.windows") or "UNLISTED endpoint"
         for i, ep in enumerate(case.policy.tunnel.endpoints):
             if (ep.address, ep.proto, ep.port) == (p.dst, p.proto, p.dport):
                 key = _unsupported_key(rendered, f"tunnel.endpoints[{i}]")
@@ -160,7 +161,7 @@ def compare(case: Case, platform: str, rendered: Rendered, first_only: bool = Fa
 
 
 def render(case: Case, platform: str) -> Rendered:
-    return render_pf(case.policy, **case.pf_opts) if platform == "macos" else render_windows(case.policy, **case.win_opts)
+    return render_pf(case.policy) if platform == "macos" else render_windows(case.policy)
 
 
 @functools.cache

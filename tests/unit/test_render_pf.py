@@ -24,8 +24,7 @@ FULL = CASES["full"].policy
 
 
 def _render(name: str):  # type: ignore[no-untyped-def]
-    c = CASES[name]
-    return render_pf(c.policy, **c.pf_opts)
+    return render_pf(CASES[name].policy)
 
 
 @pytest.mark.parametrize("name", GOLDEN_CASES)
@@ -111,7 +110,10 @@ def test_load_checks_then_loads_the_anchor_before_the_main_ruleset_then_enables_
     assert at('pfctl -n -f "$STATE/main.conf"') < at('pfctl -a ksbpf -f - < "$STATE/anchor.conf"')
     assert at('pfctl -n -a ksbpf -f "$STATE/anchor.conf"') < at('pfctl -a ksbpf -f - < "$STATE/anchor.conf"')
     assert at("pfctl -a ksbpf -f -") < at('pfctl -f - < "$STATE/main.conf"') < at("token=$(pfctl -E")
-    assert at("token=$(pfctl -E") < at("pfctl -F states") < at("pfctl -s info")
+    assert at("token=$(pfctl -E") < at("pfctl -F states") < at("pfctl -s info |")
+    # The no-change check (the LaunchDaemon runs load.sh every minute) comes after both
+    # rulesets parse and before anything changes.
+    assert at("pfctl -n -a ksbpf") < at('if [ -f "$STATE/token" ]') < at("sysctl -w")
     assert at("sysctl -w net.inet.ip.check_interface=1") < at("pfctl -a ksbpf -f -"), "host setting before PF changes"
     assert "pfctl -d" not in cmds, "enable with a reference, never toggle PF for everyone"
 
@@ -140,10 +142,10 @@ def test_scripts_are_valid_sh(script: str, tmp_path: Path) -> None:
 
 def test_unsupported_names_every_feature_pf_cannot_express() -> None:
     assert [u.feature for u in _render("full").unsupported] == [
-        "tunnel.endpoint_mark", "tunnel.endpoint_cgroups", "exempt[0].cgroup", "exempt[1].cgroup", "exempt[2].cgroup",
+        "tunnel.macos.endpoint_user", "exempt[0].macos.user", "exempt[1].macos.user", "exempt[2].macos.user",
     ]
     assert [u.feature for u in _render("wildcard").unsupported] == [
-        "tunnel.interfaces[0]", "tunnel.interfaces[1]", "tunnel.endpoint_mark",
+        "tunnel.interfaces[0]", "tunnel.interfaces[1]", "tunnel.macos.endpoint_user",
     ]
     assert _render("minimal").unsupported == ()
     assert _render("full-mapped").unsupported == ()
@@ -157,9 +159,47 @@ def test_mapped_identities_become_user_rules() -> None:
     assert 'pass out quick proto tcp to any port 6000:6010 user "backup" no state' in anchor
 
 
-def test_unknown_cgroup_in_exempt_users_is_refused() -> None:
-    with pytest.raises(ValueError, match="does not exempt"):
-        render_pf(FULL, exempt_users={"system.slice/nope.service": "_x"})
+def test_an_exemption_without_a_macos_user_is_reported_not_applied_by_its_key() -> None:
+    r = _render("full")
+    assert [u.feature for u in r.unsupported] == [
+        "tunnel.macos.endpoint_user", "exempt[0].macos.user", "exempt[1].macos.user", "exempt[2].macos.user"]
+    assert "not applied on macOS" in str(r.unsupported[1])
+    assert " user " not in r.files["ksbpf.anchor"].replace("# exempt", "")
+    assert _render("full-mapped").unsupported == ()
+
+
+def test_the_main_ruleset_is_the_systems_pf_conf_with_the_anchor_first_among_filter_rules() -> None:
+    from ksbpf.render.pf import STOCK_PF_CONF, main_ruleset
+
+    mine = 'ext = "en0"\nset limit states 10000\nnat on $ext from 10.0.0.0/8 to any -> ($ext)\n' \
+           'pass in quick on $ext proto tcp to port 22 \\\n  keep state\nanchor "com.apple/*"\n'
+    lines = main_ruleset(mine).splitlines()
+    at = lines.index('anchor "ksbpf"')
+    assert lines[at + 1].startswith("pass in quick"), lines  # before the user's first filter rule
+    assert lines.index("set skip on lo0") < lines.index('ext = "en0"')
+    assert [ln for ln in lines if not ln.startswith(("#", "set skip on lo0", "set block-policy")) and ln != 'anchor "ksbpf"'] \
+        == mine.splitlines(), "every line of /etc/pf.conf is kept, in order"
+    # A continuation line is never split from its rule.
+    assert main_ruleset('pass in quick on en0 \\\nall no state\n').splitlines()[-3:] == [
+        'anchor "ksbpf"', "pass in quick on en0 \\", "all no state"]
+    stock = main_ruleset(None)
+    assert stock == main_ruleset(STOCK_PF_CONF)
+    assert stock.index("\nanchor \"ksbpf\"") < stock.index("\nanchor \"com.apple/*\"")
+    assert stock.index('rdr-anchor "com.apple/*"') < stock.index('anchor "ksbpf"')
+    assert render_pf(FULL, pf_conf=mine).files["pf.conf"] == main_ruleset(mine)
+
+
+def test_the_launchdaemon_runs_the_loader_at_boot_and_keeps_checking() -> None:
+    import plistlib
+
+    r = _render("full-mapped")
+    plist = plistlib.loads(r.files["org.ksbpf.pf.plist"].encode())
+    assert plist["Label"] == "org.ksbpf.pf"
+    assert plist["ProgramArguments"] == ["/bin/sh", "/Library/Application Support/ksbpf/load.sh"]
+    assert plist["RunAtLoad"] is True and plist["StartInterval"] == 60
+    # The emergency key unloads it first, or it would engage again within a minute.
+    rollback = r.files["rollback.sh"]
+    assert rollback.index("launchctl bootout system/org.ksbpf.pf") < rollback.index("pfctl -f /etc/pf.conf")
 
 
 # ------------------------------------------------------------------ hostile values
@@ -212,12 +252,15 @@ def test_values_of_the_wrong_type_or_shape_are_refused(bad: dict[str, object]) -
         render_pf(replace(Policy(Tunnel(("wg0",))), **bad))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("user", ['_wg" all', "a b", "x\n", "", "$(id)", "-x", "a" * 40])
-def test_hostile_user_names_are_refused(user: str) -> None:
+MAPPED = CASES["full-mapped"].policy
+
+
+@pytest.mark.parametrize("user", ['_wg" all', "a b", "x\n", "", "$(id)", "-x", "a" * 40, 7])
+def test_hostile_user_names_are_refused(user: object) -> None:
     with pytest.raises(ValueError):
-        render_pf(FULL, endpoint_user=user)
+        render_pf(replace(MAPPED, tunnel=replace(MAPPED.tunnel, macos_endpoint_user=user)))
     with pytest.raises(ValueError):
-        render_pf(FULL, exempt_users={"system.slice/sshd.service": user})
+        render_pf(replace(MAPPED, exemptions=(replace(MAPPED.exemptions[0], macos_user=user), *MAPPED.exemptions[1:])))
 
 
 def test_a_policy_from_toml_that_slips_a_newline_past_validation_is_still_refused() -> None:
@@ -246,10 +289,12 @@ def test_renderer_imports_no_kernel_library() -> None:
 
 
 def test_one_user_stands_for_one_grant() -> None:
-    with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
-        render_pf(FULL, exempt_users={"system.slice/sshd.service": "_x", "user.slice/backup": "_x"})
-    with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
-        render_pf(FULL, endpoint_user="_x", exempt_users={"user.slice/backup": "_x"})
+    # A hand-built Policy skips validation: the renderer refuses shared users itself.
+    ex = MAPPED.exemptions
+    with pytest.raises(ValueError, match="already stands for"):
+        render_pf(replace(MAPPED, exemptions=(ex[0], replace(ex[1], macos_user="_sshd"), ex[2])))
+    with pytest.raises(ValueError, match="already stands for"):
+        render_pf(replace(MAPPED, exemptions=(ex[0], ex[1], replace(ex[2], macos_user="_wireguard"))))
 
 
 def test_every_character_outside_the_name_alphabet_is_refused() -> None:

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from ksbpf.policy import Endpoint, Exemption, Policy, PortSpec, Tunnel
-from ksbpf.render.windows import complement, render_windows, service_for
+from ksbpf.render.windows import complement, render_windows
 from tests.unit import winparse
 from tests.unit.adapter_world import GOLDEN_CASES, WG_EXE, cases, check_golden
 
@@ -21,8 +21,7 @@ FULL = CASES["full"].policy
 
 
 def _render(name: str):  # type: ignore[no-untyped-def]
-    c = CASES[name]
-    return render_windows(c.policy, **c.win_opts)
+    return render_windows(CASES[name].policy)
 
 
 @pytest.mark.parametrize("name", GOLDEN_CASES)
@@ -123,6 +122,8 @@ def test_scripts_parse_as_powershell(name: str) -> None:
     tsp = pytest.importorskip("tree_sitter_powershell")
     parser = ts.Parser(ts.Language(tsp.language()))
     for fname, text in _render(name).files.items():
+        if not fname.endswith(".ps1"):
+            continue  # the task XML: test_the_scheduled_task_... parses it
         tree = parser.parse(text.encode("ascii"))
         assert not tree.root_node.has_error, f"{name}/{fname} does not parse"
 
@@ -139,18 +140,19 @@ def test_complement_ranges_cover_everything_but_the_servers() -> None:
     assert complement([], 6) == ["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"]
 
 
-def test_service_names_come_from_service_units_only() -> None:
-    assert service_for("system.slice/sshd.service") == "sshd"
-    assert service_for("system.slice/systemd-timesyncd.service") == "systemd-timesyncd"
-    assert service_for("system.slice/wg-quick@wg0.service") is None
-    assert service_for("user.slice/backup") is None
-    assert service_for("system.slice") is None
+def test_a_linux_unit_name_is_never_taken_as_a_service_name() -> None:
+    """full.toml exempts system.slice/sshd.service and names no Windows subject: nothing
+    becomes a Service condition; the exemption is reported as not applied, by its key."""
+    r = _render("full")
+    assert "Service = " not in r.files["apply.ps1"] and "exempt0" not in r.files["apply.ps1"]
+    assert "exempt[0].windows" in {u.feature for u in r.unsupported}
 
 
 def test_unsupported_names_every_feature_windows_cannot_express() -> None:
     assert [u.feature for u in _render("full").unsupported] == [
-        "tunnel.endpoint_mark", "tunnel.endpoint_cgroups", "exempt[2].cgroup", "lan.networks",
+        "tunnel.windows", "exempt[0].windows", "exempt[1].windows", "exempt[2].windows", "lan.networks",
     ]
+    assert "not applied on Windows" in str(_render("full").unsupported[1])
     assert [u.feature for u in _render("full-mapped").unsupported] == ["lan.networks"]
     assert _render("minimal").unsupported == ()
 
@@ -161,14 +163,13 @@ def test_mapped_identities_become_program_and_service_conditions() -> None:
     assert by_name["ksbpf-out-endpoint0"]["Program"] == WG_EXE
     assert "Program" not in by_name["ksbpf-in-endpoint0"]
     assert by_name["ksbpf-in-exempt0-listen0"]["Service"] == "sshd"
+    assert "Program" not in by_name["ksbpf-in-exempt0-listen0"]
+    # service and program both named: a socket must match both.
+    assert by_name["ksbpf-out-exempt1-allow0"]["Service"] == "W32Time"
+    assert by_name["ksbpf-out-exempt1-allow0"]["Program"] == r"%SystemRoot%\System32\svchost.exe"
     assert by_name["ksbpf-out-exempt2-allow0"]["Program"] == r"C:\Tools\backup.exe"
     # IPv6 is blocked in this policy: "any" becomes all of IPv4 so no allow lets IPv6 out.
     assert by_name["ksbpf-out-exempt2-allow0"]["RemoteAddress"] == ["0.0.0.0-255.255.255.255"]
-
-
-def test_unknown_cgroup_in_exempt_programs_is_refused() -> None:
-    with pytest.raises(ValueError, match="does not exempt"):
-        render_windows(FULL, exempt_programs={"system.slice/nope.service": r"C:\x.exe"})
 
 
 # ------------------------------------------------------------------ hostile values
@@ -195,12 +196,33 @@ def test_hostile_cgroups_are_refused(cgroup: str) -> None:
         render_windows(Policy(Tunnel(("wg0",)), exemptions=(Exemption(cgroup, allow=(PortSpec("tcp", 1, 2),)),)))
 
 
+MAPPED = CASES["full-mapped"].policy
+
+
+def _with_endpoint(**kw: object) -> Policy:
+    return replace(MAPPED, tunnel=replace(MAPPED.tunnel, **kw))  # type: ignore[arg-type]
+
+
+def _with_exempt(i: int, **kw: object) -> Policy:
+    exemptions = list(MAPPED.exemptions)
+    exemptions[i] = replace(exemptions[i], **kw)  # type: ignore[arg-type]
+    return replace(MAPPED, exemptions=tuple(exemptions))
+
+
 @pytest.mark.parametrize("path", HOSTILE_PROGRAMS)
 def test_hostile_program_paths_are_refused(path: str) -> None:
     with pytest.raises(ValueError):
-        render_windows(FULL, endpoint_program=path)
+        render_windows(_with_endpoint(windows_endpoint_program=path))
     with pytest.raises(ValueError):
-        render_windows(FULL, exempt_programs={"user.slice/backup": path})
+        render_windows(_with_exempt(2, windows_program=path))
+
+
+@pytest.mark.parametrize("name", ["x'; calc; '", "a b", "", "x\n", "W32Time$(calc)", "a" * 300, 1])
+def test_hostile_service_names_are_refused(name: object) -> None:
+    with pytest.raises(ValueError):
+        render_windows(_with_endpoint(windows_endpoint_service=name))
+    with pytest.raises(ValueError):
+        render_windows(_with_exempt(0, windows_service=name))
 
 
 def test_values_of_the_wrong_type_are_refused() -> None:
@@ -213,22 +235,46 @@ def test_values_of_the_wrong_type_are_refused() -> None:
 
 def test_program_paths_render_literally() -> None:
     path = r"C:\Program Files (x86)\WireGuard\wireguard.exe"
-    script = render_windows(FULL, endpoint_program=path).files["apply.ps1"]
+    script = render_windows(_with_endpoint(windows_endpoint_program=path)).files["apply.ps1"]
     assert f"Program = '{path}'" in script
-    assert re.search(r"Program = '[^']*'[^;}]", script) is None
+    assert re.search(r"Program = '[^']*'(?!;| \})", script) is None
 
 
 def test_one_identity_stands_for_one_grant() -> None:
-    with pytest.raises(ValueError, match="one cgroup or the tunnel client"):
-        render_windows(FULL, endpoint_program=r"C:\Tools\backup.exe", exempt_programs={"user.slice/backup": r"C:\TOOLS\Backup.exe"})
+    # A hand-built Policy skips validation: the renderer refuses shared subjects itself.
+    with pytest.raises(ValueError, match="already stands for"):
+        render_windows(_with_endpoint(windows_endpoint_program=r"C:\TOOLS\Backup.exe"))
+    with pytest.raises(ValueError, match="could not keep their grants apart"):
+        render_windows(_with_exempt(0, windows_service=None, windows_program=r"%SystemRoot%\System32\svchost.exe"))
     twins = Policy(Tunnel(("wg0",)), exemptions=(
         Exemption("a.slice/x.service", allow=(PortSpec("tcp", 1, 1),)),
         Exemption("b.slice/x.service", allow=(PortSpec("tcp", 2, 2),)),
     ))
     r = render_windows(twins)
-    assert [u.feature for u in r.unsupported] == ["exempt[0].cgroup", "exempt[1].cgroup"]
-    assert "shares the service x" in str(r.unsupported[0])
-    assert "Service = 'x'" not in r.files["apply.ps1"]
+    assert [u.feature for u in r.unsupported] == ["exempt[0].windows", "exempt[1].windows"]
+    assert "Service = " not in r.files["apply.ps1"]
+
+
+def test_the_scheduled_task_runs_apply_at_boot_and_when_a_network_connects() -> None:
+    import xml.etree.ElementTree as ET
+
+    r = _render("full-mapped")
+    ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+    root = ET.fromstring(r.files["ksbpf-task.xml"])
+    assert root.find("t:Triggers/t:BootTrigger/t:Enabled", ns).text == "true"  # type: ignore[union-attr]
+    sub = root.find("t:Triggers/t:EventTrigger/t:Subscription", ns).text  # type: ignore[union-attr]
+    query = ET.fromstring(sub)  # type: ignore[arg-type]
+    select = query.find("Query/Select")
+    assert select is not None and select.get("Path") == "Microsoft-Windows-NetworkProfile/Operational"
+    assert select.text == "*[System[(EventID=10000)]]"
+    assert root.find("t:Principals/t:Principal/t:UserId", ns).text == "S-1-5-18"  # type: ignore[union-attr]  # SYSTEM
+    exe = root.find("t:Actions/t:Exec/t:Command", ns).text  # type: ignore[union-attr]
+    args = root.find("t:Actions/t:Exec/t:Arguments", ns).text  # type: ignore[union-attr]
+    assert exe is not None and exe.endswith("\\powershell.exe")
+    assert args == '-NoProfile -NonInteractive -ExecutionPolicy Bypass -File "C:\\Program Files\\ksbpf\\apply.ps1"'
+    # The emergency key disables the task, or it would engage again at the next network event.
+    assert "Disable-ScheduledTask -TaskName 'ksbpf'" in r.files["rollback.ps1"]
+    assert r.files["rollback.ps1"].index("Disable-ScheduledTask") < r.files["rollback.ps1"].index("Set-NetFirewallProfile")
 
 
 def test_every_character_outside_the_name_alphabet_is_refused() -> None:

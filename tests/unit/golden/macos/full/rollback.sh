@@ -3,9 +3,11 @@
 # PF configuration (as root). Every step runs even if one before it failed.
 # If PF still blocks afterwards, `pfctl -d` disables PF altogether.
 set -u
-STATE=/var/run/ksbpf
+STATE="${KSBPF_STATE_DIR:-/var/run/ksbpf}"
 rc=0
-# The system's main ruleset first: after it nothing calls the anchor.
+# The LaunchDaemon first, or it engages the kill switch again within a minute.
+launchctl bootout system/org.ksbpf.pf 2>/dev/null || true
+# The system's main ruleset next: after it nothing calls the anchor.
 pfctl -f /etc/pf.conf || rc=1
 pfctl -a ksbpf -F rules || rc=1
 # Release the reference load.sh took; PF stays enabled only if someone else holds one.

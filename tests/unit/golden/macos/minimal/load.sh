@@ -4,7 +4,7 @@
 # enable PF holding a reference, and drop the states made before the rules.
 set -eu
 umask 077
-STATE=/var/run/ksbpf
+STATE="${KSBPF_STATE_DIR:-/var/run/ksbpf}"
 mkdir -p "$STATE"
 
 cat > "$STATE/anchor.conf" <<'KSBPF_ANCHOR'
@@ -38,8 +38,9 @@ block drop in quick all
 KSBPF_ANCHOR
 
 cat > "$STATE/main.conf" <<'KSBPF_MAIN'
-# ksbpf: the main ruleset while the kill switch is engaged (macOS's stock /etc/pf.conf
-# plus ksbpf's options and anchor). rollback.sh loads /etc/pf.conf again.
+# ksbpf: the main ruleset while the kill switch is engaged: /etc/pf.conf (unchanged on
+# disk) with ksbpf's options on top and its anchor first among the filter rules.
+# rollback.sh and `ksctl down` load /etc/pf.conf again.
 set skip on lo0
 set block-policy drop
 scrub-anchor "com.apple/*"
@@ -54,6 +55,17 @@ KSBPF_MAIN
 # Parse both first (-n loads nothing): a ruleset pfctl refuses changes nothing.
 pfctl -n -f "$STATE/main.conf"
 pfctl -n -a ksbpf -f "$STATE/anchor.conf"
+
+# Engaged already, as this loaded it (the LaunchDaemon runs this every minute): PF
+# enabled, the main ruleset calls the anchor, and the anchor holds what was read back
+# after the last load of this same anchor. Then change nothing (no state flush).
+if [ -f "$STATE/token" ] && [ -f "$STATE/loaded.rules" ] && [ -f "$STATE/loaded.anchor" ] &&
+    cmp -s "$STATE/anchor.conf" "$STATE/loaded.anchor" &&
+    pfctl -s info 2>/dev/null | grep -q '^Status: Enabled' &&
+    pfctl -s rules 2>/dev/null | grep -qx 'anchor "ksbpf" all' &&
+    [ "$(pfctl -a ksbpf -s rules 2>/dev/null)" = "$(cat "$STATE/loaded.rules")" ]; then
+    exit 0
+fi
 
 # IPv4 strong host model: a packet for a local address must arrive on that address's
 # interface (CVE-2019-14899). Set before PF changes, kept for rollback.sh.
@@ -79,7 +91,9 @@ case "$old" in ''|*[!0-9]*) ;; *) pfctl -X "$old" 2>/dev/null || true ;; esac
 # now blocks: drop them all.
 pfctl -F states
 
-# Read back what the kernel holds.
+# Read back what the kernel holds, and keep it for the check above and ksctl status.
 pfctl -s info | grep -q '^Status: Enabled' || { echo 'ksbpf: PF is not enabled' >&2; exit 1; }
-pfctl -a ksbpf -s rules | grep -q . || { echo 'ksbpf: anchor ksbpf is empty' >&2; exit 1; }
+pfctl -a ksbpf -s rules > "$STATE/loaded.rules"
+grep -q . "$STATE/loaded.rules" || { echo 'ksbpf: anchor ksbpf is empty' >&2; exit 1; }
+cp "$STATE/anchor.conf" "$STATE/loaded.anchor"
 echo 'ksbpf: PF kill switch engaged'

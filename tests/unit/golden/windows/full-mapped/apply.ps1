@@ -77,14 +77,14 @@ $Rules = @(
     @{ Name = 'ksbpf-in-dhcp4'; DisplayName = 'ksbpf: DHCPv4 replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '68'; RemotePort = '67'; RemoteAddress = @('0.0.0.0-255.255.255.255') }
     @{ Name = 'ksbpf-out-dhcp6'; DisplayName = 'ksbpf: DHCPv6 client'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '546'; RemotePort = '547'; RemoteAddress = @('::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
     @{ Name = 'ksbpf-in-dhcp6'; DisplayName = 'ksbpf: DHCPv6 replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; LocalPort = '546'; RemotePort = '547'; RemoteAddress = @('::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff') }
-    @{ Name = 'ksbpf-out-endpoint0'; DisplayName = 'ksbpf: VPN endpoint 198.51.100.7:51820/udp'; Direction = 'Outbound'; Action = 'Allow'; Program = 'C:\Program Files\WireGuard\wireguard.exe'; Protocol = 'UDP'; RemoteAddress = @('198.51.100.7'); RemotePort = '51820' }
+    @{ Name = 'ksbpf-out-endpoint0'; DisplayName = 'ksbpf: VPN endpoint 198.51.100.7:51820/udp'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemoteAddress = @('198.51.100.7'); RemotePort = '51820'; Program = 'C:\Program Files\WireGuard\wireguard.exe' }
     @{ Name = 'ksbpf-in-endpoint0'; DisplayName = 'ksbpf: VPN endpoint 198.51.100.7:51820/udp replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemoteAddress = @('198.51.100.7'); RemotePort = '51820' }
-    @{ Name = 'ksbpf-out-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp'; Direction = 'Outbound'; Action = 'Allow'; Program = 'C:\Program Files\WireGuard\wireguard.exe'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443' }
+    @{ Name = 'ksbpf-out-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443'; Program = 'C:\Program Files\WireGuard\wireguard.exe' }
     @{ Name = 'ksbpf-in-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443' }
     @{ Name = 'ksbpf-in-exempt0-listen0'; DisplayName = 'ksbpf: exempt[0] sshd listening on tcp/22'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; LocalPort = '22'; RemoteAddress = @('10.0.0.0/8', '192.168.1.0/24'); Service = 'sshd' }
     @{ Name = 'ksbpf-out-exempt0-listen0'; DisplayName = 'ksbpf: exempt[0] sshd answering on tcp/22'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; LocalPort = '22'; RemoteAddress = @('10.0.0.0/8', '192.168.1.0/24'); Service = 'sshd' }
-    @{ Name = 'ksbpf-out-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] systemd-timesyncd to udp/123'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'systemd-timesyncd' }
-    @{ Name = 'ksbpf-in-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] systemd-timesyncd replies from udp/123'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'systemd-timesyncd' }
+    @{ Name = 'ksbpf-out-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] W32Time %SystemRoot%\System32\svchost.exe to udp/123'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'W32Time'; Program = '%SystemRoot%\System32\svchost.exe' }
+    @{ Name = 'ksbpf-in-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] W32Time %SystemRoot%\System32\svchost.exe replies from udp/123'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'W32Time'; Program = '%SystemRoot%\System32\svchost.exe' }
     @{ Name = 'ksbpf-out-exempt2-allow0'; DisplayName = 'ksbpf: exempt[2] C:\Tools\backup.exe to tcp/6000-6010'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemotePort = '6000-6010'; RemoteAddress = @('0.0.0.0-255.255.255.255'); Program = 'C:\Tools\backup.exe' }
     @{ Name = 'ksbpf-in-exempt2-allow0'; DisplayName = 'ksbpf: exempt[2] C:\Tools\backup.exe replies from tcp/6000-6010'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; RemotePort = '6000-6010'; RemoteAddress = @('0.0.0.0-255.255.255.255'); Program = 'C:\Tools\backup.exe' }
     @{ Name = 'ksbpf-out-lan4-tcp'; DisplayName = 'ksbpf: LAN IPv4 TCP, not DNS'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemotePort = @('0-52', '54-852', '854-65535'); RemoteAddress = @('192.168.1.0/24') }
@@ -150,4 +150,7 @@ $Others = @(Get-NetFirewallRule -PolicyStore ActiveStore -Enabled True -Action A
 if ($Others.Count -gt 0) {
     Write-Warning "ksbpf: $($Others.Count) allow rules from group policy or app containers stay active and may pass traffic outside the tunnel: $(($Others | ForEach-Object { $_.DisplayName }) -join '; ')"
 }
+# 6. The scheduled task (if installed) engages again at boot and when a network connects;
+#    rollback.ps1 disabled it.
+try { Enable-ScheduledTask -TaskName 'ksbpf' -ErrorAction Stop | Out-Null } catch { }
 "ksbpf: kill switch engaged ($Made rules)"

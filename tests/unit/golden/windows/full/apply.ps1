@@ -81,10 +81,6 @@ $Rules = @(
     @{ Name = 'ksbpf-in-endpoint0'; DisplayName = 'ksbpf: VPN endpoint 198.51.100.7:51820/udp replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemoteAddress = @('198.51.100.7'); RemotePort = '51820' }
     @{ Name = 'ksbpf-out-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443' }
     @{ Name = 'ksbpf-in-endpoint1'; DisplayName = 'ksbpf: VPN endpoint 203.0.113.9:443/tcp replies'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; RemoteAddress = @('203.0.113.9'); RemotePort = '443' }
-    @{ Name = 'ksbpf-in-exempt0-listen0'; DisplayName = 'ksbpf: exempt[0] sshd listening on tcp/22'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'TCP'; LocalPort = '22'; RemoteAddress = @('10.0.0.0/8', '192.168.1.0/24'); Service = 'sshd' }
-    @{ Name = 'ksbpf-out-exempt0-listen0'; DisplayName = 'ksbpf: exempt[0] sshd answering on tcp/22'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; LocalPort = '22'; RemoteAddress = @('10.0.0.0/8', '192.168.1.0/24'); Service = 'sshd' }
-    @{ Name = 'ksbpf-out-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] systemd-timesyncd to udp/123'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'systemd-timesyncd' }
-    @{ Name = 'ksbpf-in-exempt1-allow0'; DisplayName = 'ksbpf: exempt[1] systemd-timesyncd replies from udp/123'; Direction = 'Inbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = '123'; RemoteAddress = @('162.159.200.1/32'); Service = 'systemd-timesyncd' }
     @{ Name = 'ksbpf-out-lan4-tcp'; DisplayName = 'ksbpf: LAN IPv4 TCP, not DNS'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'TCP'; RemotePort = @('0-52', '54-852', '854-65535'); RemoteAddress = @('192.168.1.0/24') }
     @{ Name = 'ksbpf-out-lan4-udp'; DisplayName = 'ksbpf: LAN IPv4 UDP, not DNS'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'UDP'; RemotePort = @('0-52', '54-852', '854-65535'); RemoteAddress = @('192.168.1.0/24') }
     @{ Name = 'ksbpf-out-lan4-icmp'; DisplayName = 'ksbpf: LAN IPv4 ICMPv4'; Direction = 'Outbound'; Action = 'Allow'; Protocol = 'ICMPv4'; RemoteAddress = @('192.168.1.0/24') }
@@ -148,4 +144,7 @@ $Others = @(Get-NetFirewallRule -PolicyStore ActiveStore -Enabled True -Action A
 if ($Others.Count -gt 0) {
     Write-Warning "ksbpf: $($Others.Count) allow rules from group policy or app containers stay active and may pass traffic outside the tunnel: $(($Others | ForEach-Object { $_.DisplayName }) -join '; ')"
 }
+# 6. The scheduled task (if installed) engages again at boot and when a network connects;
+#    rollback.ps1 disabled it.
+try { Enable-ScheduledTask -TaskName 'ksbpf' -ErrorAction Stop | Out-Null } catch { }
 "ksbpf: kill switch engaged ($Made rules)"

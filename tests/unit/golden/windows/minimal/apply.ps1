@@ -134,4 +134,7 @@ $Others = @(Get-NetFirewallRule -PolicyStore ActiveStore -Enabled True -Action A
 if ($Others.Count -gt 0) {
     Write-Warning "ksbpf: $($Others.Count) allow rules from group policy or app containers stay active and may pass traffic outside the tunnel: $(($Others | ForEach-Object { $_.DisplayName }) -join '; ')"
 }
+# 6. The scheduled task (if installed) engages again at boot and when a network connects;
+#    rollback.ps1 disabled it.
+try { Enable-ScheduledTask -TaskName 'ksbpf' -ErrorAction Stop | Out-Null } catch { }
 "ksbpf: kill switch engaged ($Made rules)"

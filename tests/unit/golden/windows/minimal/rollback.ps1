@@ -49,6 +49,9 @@ function Assert-KsbpfState([string]$Path, [bool]$Create) {
 $StateTrusted = $false
 try { $StateTrusted = Assert-KsbpfState $State $false } catch { Write-Warning "$_"; $Failed = $true }
 
+# 0. The scheduled task first, or it engages the kill switch again at the next boot or network.
+try { Disable-ScheduledTask -TaskName 'ksbpf' -ErrorAction Stop | Out-Null } catch { }
+
 # 1. Default actions first: from here on only explicit block rules block.
 $ProfilesFile = Join-Path $State 'profiles.xml'
 try {
