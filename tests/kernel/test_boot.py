@@ -118,6 +118,11 @@ def _prepare_root(root: Path, deb: Path, cgroup: BootCgroup) -> str:
     # With the network only to fill the cache; nothing is downloaded once it holds everything.
     fetch = nspawn_run(root, cgroup, ["apt-get", "install", "-y", "-q", "--download-only", target], binds=binds,
                        network=True)
+    if fetch.returncode != 0:
+        # The cached root's package lists may name versions the mirror no longer has.
+        nspawn_run(root, cgroup, ["apt-get", "update", "-q"], network=True)
+        fetch = nspawn_run(root, cgroup, ["apt-get", "install", "-y", "-q", "--download-only", target], binds=binds,
+                           network=True)
     assert fetch.returncode == 0, f"downloading ksbpf's dependencies failed:\n{fetch.stdout}{fetch.stderr}"
     install = nspawn_run(root, cgroup, ["apt-get", "install", "-y", "-q", target], binds=binds, network=False)
     assert install.returncode == 0, (
@@ -131,6 +136,9 @@ def _prepare_root(root: Path, deb: Path, cgroup: BootCgroup) -> str:
         shutil.copy(BOOT_ASSETS / script, lib / script)
     for unit in TEST_UNITS:
         shutil.copy(BOOT_ASSETS / unit, root / "etc/systemd/system" / unit)
+    dropins = root / Path(HOLD_DROPIN).parent.relative_to("/")
+    dropins.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BOOT_ASSETS / "boot-test-order.conf", dropins / "boot-test-order.conf")
     enable = nspawn_run(root, cgroup, ["systemctl", "enable", "ksbpf-lockdown.service", "ksbpf.service", *TEST_UNITS],
                         network=False)
     assert enable.returncode == 0, f"systemctl enable failed:\n{enable.stdout}{enable.stderr}"
@@ -189,7 +197,7 @@ def test_no_packet_leaves_from_network_pre_through_ready(boot: Boot) -> None:
     assert ct.show("ksbpf.service", "ActiveState") == "active", f"ksbpf.service is not active{boot.diag()}"
     lockdown_at = boot.mono("ksbpf-lockdown.service")
     ready_at = boot.mono("ksbpf.service")
-    probe_unit_at = boot.mono("leak-probe.service")
+    probe_unit_at = boot.mono("leak-probe.service", "ExecMainStartTimestampMonotonic")
     probe = wait_for(boot.probe, "the leak probe's state file")
     assert isinstance(probe, dict)
     first = float(probe["first_monotonic"])  # type: ignore[arg-type]
@@ -294,6 +302,7 @@ def test_exempt_through_the_daemon_lets_exactly_that_unit_out(boot: Boot) -> Non
     r = boot.ct.run("ksctl", "exempt", "--cgroup", EXEMPT_UNIT, "--allow", "udp/5555", "--to", f"{Wire.ISP4}/32")
     assert r.returncode == 0, f"ksctl exempt failed ({r.returncode}): {r.stdout}{r.stderr}{boot.diag()}"
     st = boot.status_json()
+    assert str(st.get("pid")) == boot.ct.show("ksbpf.service", "MainPID"), f"ksctl status did not come from ksbpfd: {st}"
     assert EXEMPT_UNIT in json.dumps(st.get("exemptions")), f"ksctl status does not list the exemption: {st.get('exemptions')}"
     wait_for(lambda: boot.wire.counters()["exempt"] >= 5, "the exempted unit's packets at the ISP", timeout=30)
     time.sleep(2)  # the leak probe keeps sending meanwhile

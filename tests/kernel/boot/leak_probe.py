@@ -65,6 +65,17 @@ def round_(seq: int, errors: dict) -> None:
                 errors[what] = errors.get(what, 0) + 1
 
 
+def notify_ready() -> None:
+    """sd_notify READY=1 (without python3-systemd: the root may not have it yet)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", path)
+
+
 def main() -> None:
     first = time.monotonic()
     print(f"leak-probe: first round at monotonic {first:.6f}", flush=True)
@@ -73,6 +84,8 @@ def main() -> None:
     while True:
         round_(seq, errors)
         seq += 1
+        if seq == 1:
+            notify_ready()
         tmp = STATE + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"first_monotonic": first, "rounds": seq, "last_monotonic": time.monotonic(),
