@@ -110,10 +110,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             reply = client.request({"op": "reload", "config": os.path.abspath(args.config)})
         print(f"ksbpf up ({args.config}) in {(time.monotonic() - t0) * 1000:.0f} ms by ksbpfd"
               + (f" [netns {args.netns}]" if args.netns else ""))
+        _mark_existing(reply.get("marks"))
         return _print_daemon_layers(reply.get("layers", {}))
     eng = _engine(args, need_bpf=True)
     result = eng.up_file(args.config)
     print(f"ksbpf up ({args.config}) in {result.seconds * 1000:.0f} ms" + (f" [netns {args.netns}]" if args.netns else ""))
+    if result.effective is not None:
+        from ksbpf.linux.sockmark import wanted_marks
+
+        _mark_existing(wanted_marks(result.effective))
     _print_layers(result.layers)
     if not result.ok:
         print(f"ksctl: layers not engaged: {', '.join(result.failed)} (the others are enforcing)", file=sys.stderr)
@@ -132,7 +137,41 @@ def cmd_reload(args: argparse.Namespace) -> int:
     with client:
         reply = client.request({"op": "reload"})
     print("ksbpfd reloaded its policy" + (f" [netns {args.netns}]" if args.netns else ""))
+    _mark_existing(reply.get("marks"))
     return _print_daemon_layers(reply.get("layers", {}))
+
+
+def _mark_existing(marks: dict[str, int] | None) -> None:
+    """Give the sockets exempt cgroups made before ksbpf engaged the mark sock_create gives
+    new ones (ksbpf.linux.sockmark: the sandboxed daemon cannot, ksctl as root can). Best
+    effort: an unmarked socket is blocked, never let out."""
+    if not marks or os.geteuid() != 0:
+        return
+    from ksbpf.linux.sockmark import mark_existing_sockets
+
+    try:
+        report = mark_existing_sockets({cg: int(m) for cg, m in marks.items()})
+    except OSError as e:
+        print(f"ksctl: could not mark existing sockets of exempt cgroups: {e}", file=sys.stderr)
+        return
+    if report.marked or report.refused:
+        print(f"  sockets   {report.describe()}")
+
+
+def cmd_mark_sockets(args: argparse.Namespace) -> int:
+    """For the unit's ExecStartPost=+ (and by hand): mark the existing sockets of the exempt
+    cgroups of the policy in force, as recorded in the state directory."""
+    from ksbpf.linux.sockmark import mark_existing_sockets, wanted_marks
+
+    eng = _engine(args)
+    try:
+        snapshot = eng.applied_snapshot()
+    except KsbpfError as e:
+        print(f"ksctl: no policy applied here: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    report = mark_existing_sockets(wanted_marks(eng.effective_policy(snapshot)))
+    print(report.describe())
+    return EXIT_OK if not report.refused else EXIT_PARTIAL
 
 
 def _print_daemon_layers(layers: dict[str, Any]) -> int:
@@ -206,14 +245,19 @@ def cmd_exempt(args: argparse.Namespace) -> int:
         with client:
             reply = client.request({"op": "exempt", "exemption": _exemption_request(args)})
         shown = reply.get("exemption") or {"cgroup": args.cgroup}
+        marks = reply.get("marks")
     else:
         from ksbpf.linux.cgroup import cgroup_dir
+        from ksbpf.linux.sockmark import wanted_marks
 
         ex = _exemption_from_args(args)
         cgroup_dir(ex.cgroup)  # refuses paths escaping the cgroup2 mount
-        _engine(args).set_exemption(ex)
+        effective = _engine(args).set_exemption(ex)
         shown = ex.as_dict()
+        mark = wanted_marks(effective).get(ex.cgroup) if effective is not None else None
+        marks = {ex.cgroup: mark} if mark else None
     print(f"exempted {shown.get('cgroup')}: " + json.dumps(shown))
+    _mark_existing(marks)  # a running service's sockets, made before it was exempt
     return EXIT_OK
 
 
@@ -473,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     sub.add_parser("reload", help="ksbpfd re-reads its policy file (as SIGHUP)").set_defaults(func=cmd_reload)
+    sub.add_parser("mark-sockets", help="mark sockets exempt cgroups made before ksbpf engaged "
+                   "(up, reload and exempt do it themselves)").set_defaults(func=cmd_mark_sockets)
     sub.add_parser("down", help="remove every layer").set_defaults(func=cmd_down)
 
     st = sub.add_parser("status", help="each layer's state")

@@ -444,7 +444,12 @@ class Daemon:
                     log.info("metrics now on http://%s/metrics", self.metrics.listen)
                 except OSError as e:
                     log.error("metrics stay on %s: cannot listen on %s: %s", self.metrics.listen, policy.metrics.listen, e)
-            return {"layers": {n: {"engaged": s, "detail": self.layer_detail.get(n, "")} for n, s in self.rec.layers.items()}}
+            from ksbpf.linux.sockmark import wanted_marks
+
+            # ksctl marks the sockets these cgroups made before (this sandbox cannot).
+            marks = wanted_marks(self.engine.effective_policy(policy))
+            return {"layers": {n: {"engaged": s, "detail": self.layer_detail.get(n, "")} for n, s in self.rec.layers.items()},
+                    "marks": marks}
         finally:
             self.notifier.notify(READY=1, STATUS=self._status_text())
 
@@ -658,7 +663,11 @@ class Daemon:
                 effective = self.engine.set_exemption(ex)
                 self._exemptions_changed(effective)
                 log.info("exempted %s: %s", ex.cgroup, ex.as_dict(), extra={"KSBPF_EVENT": "exempt"})
-                call.reply = {"exemption": ex.as_dict()}
+                from ksbpf.linux.sockmark import wanted_marks
+
+                # The one mark ksctl gives the sockets this cgroup already has (not this sandbox).
+                mark = wanted_marks(effective).get(ex.cgroup)
+                call.reply = {"exemption": ex.as_dict(), "marks": {ex.cgroup: mark} if mark else {}}
             elif op == "unexempt":
                 if not self.enforcing:
                     raise KsbpfError("ksbpf is not engaged (after `down`); reload first")

@@ -45,6 +45,7 @@ def instance_name(netns: str | None) -> str:
 class EngageResult:
     layers: dict[str, LayerStatus] = field(default_factory=dict)
     seconds: float = 0.0
+    effective: Policy | None = None  # the policy with the run-time exemptions, as applied
 
     @property
     def ok(self) -> bool:
@@ -199,7 +200,7 @@ class LinuxEngine:
         start = time.monotonic()
         effective = self.effective_policy(policy)
         bpf_plan = self._bpf_plan(effective, source)
-        result = EngageResult()
+        result = EngageResult(effective=effective)
         # nftables first: one atomic transaction, so a refusal leaves the old ruleset and
         # raises. An environment that has no nftables for us (no libnftables, no netlink)
         # leaves that layer out, reported: routing and BPF still engage.

@@ -191,3 +191,38 @@ def test_bad_exemptions_are_refused_and_change_nothing(setup: Setup, args: list[
     rc, out = setup.ksctl("exempt", *args)
     assert rc == 2 and needle in out, out
     assert setup.ksctl("exemptions", "--json") == before
+
+
+def test_a_listener_started_before_ksbpf_engaged_is_reachable(setup: Setup) -> None:
+    """An sshd starts at boot alongside ksbpfd, before the sock_create program is attached:
+    its listening socket has no exempt mark, so nftables and routing would drop its
+    connections once ksbpf enforces (the admin locked out). ksctl marks such sockets when
+    the exemption takes effect: from the policy at `up`, and at run time by `exempt`."""
+    lab = setup.lab
+    early = setup.lab.cgroup("early")
+    servers = [
+        spawn_in([sys.executable, "-c", LISTEN, "2222"], netns=lab.client, cgroup=setup.exempt, stdout=-1),
+        spawn_in([sys.executable, "-c", LISTEN, "2225"], netns=lab.client, cgroup=early, stdout=-1),
+        spawn_in([sys.executable, "-c", LISTEN, "2224"], netns=lab.client, cgroup=setup.other, stdout=-1),
+    ]
+    try:
+        for s in servers:
+            assert s.stdout is not None and s.stdout.readline().strip() == "ready"
+        setup.up(exempt=[{"cgroup": lab.cgroup_rel(setup.exempt), "listen": ["tcp/2222"], "from": ["192.0.2.1/32"]}])
+        lab.tunnel_down()
+
+        def connect(port: int) -> str:
+            return lab.run([sys.executable, "-c", CONNECT, SERVER_V4, CLIENT_V4, str(port)], netns=lab.server).stdout.strip()
+
+        assert connect(2222) == "hello", "the exempt service started before `up` is reachable"
+        assert connect(2224).startswith("fail"), "a non-exempt listener is not"
+        assert connect(2225).startswith("fail"), "nor is one not exempt yet"
+        rc, out = setup.ksctl("exempt", "--cgroup", lab.cgroup_rel(early), "--listen", "tcp/2225", "--from", "192.0.2.1/32")
+        assert rc == 0, out
+        assert "existing sockets marked" in out, out
+        assert connect(2225) == "hello", "a running service exempted at run time is reachable at once"
+        assert connect(2224).startswith("fail")
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()

@@ -87,8 +87,11 @@ def test_daemon_unit_contract() -> None:
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert s["ExecStart"].split()[0] == INSTALLED_KSBPFD and "--config /etc/ksbpf/policy.toml" in s["ExecStart"]
     # A minimal Debian has no /bin/kill (procps): reload through ksctl, which waits for the answer.
-    assert s["ExecReload"] == f"{INSTALLED_KSCTL} reload"
+    # '+': outside the sandbox, so that ksctl can mark the existing sockets of newly exempt
+    # cgroups (ksbpf.linux.sockmark); the same at start, once READY.
+    assert s["ExecReload"] == f"+{INSTALLED_KSCTL} reload"
     assert "kill" not in s["ExecReload"]
+    assert s["ExecStartPost"] == f"-+{INSTALLED_KSCTL} mark-sockets"
     assert s["Restart"] == "always" and int(s["WatchdogSec"]) > 0
     # ksbpfd's exit codes for a refused policy and a missing Python dependency: no restart loop.
     assert {"2", "5"} <= set(s["RestartPreventExitStatus"].split())
