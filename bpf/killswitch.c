@@ -2,8 +2,12 @@
 /*
  * ksbpf cgroup-bpf layer, compiled by BCC at load time (ksbpf/linux/bpf.py).
  *
- *   ks_egress       cgroup_skb/egress: drop what would leave outside the tunnel, and count it
- *   ks_sock_create  cgroup/sock_create: mark sockets of exempt and endpoint cgroups
+ *   ks_egress       cgroup_skb/egress: drop what would leave outside the tunnel, count it,
+ *                   and report it (a drop event: see ks_emit)
+ *   ks_sock_create  cgroup/sock_create: mark sockets of exempt and endpoint cgroups, and
+ *                   record each socket's owner (process, command, cgroup, netns)
+ *   ks_kfree_skb    tp_btf/kfree_skb: report nftables' drops of those sockets' packets
+ *                   (loaded and attached by the loader itself; see its comment)
  *
  * The policy reaches the program through maps only (filled by the loader before attach and
  * updated in place after, one whole version at a time: see struct ks_config); constants
@@ -40,14 +44,40 @@ BPF_TABLE_PINNED("percpu_hash", struct ks_drop_key, struct ks_drop_val, ks_drops
 BPF_TABLE("percpu_hash", struct ks_drop_key, struct ks_drop_val, ks_drops, KS_MAX_DROP_KEYS);
 #endif
 
-#ifdef KS_NETNS_SK_STORAGE
-// Kernels whose cgroup_skb lacks bpf_get_netns_cookie (before 6.15): sock_create records
-// each socket's netns here; BPF_F_CLONE hands it on to sockets accept() creates.
-#ifdef KS_SK_NETNS_PIN
-BPF_TABLE_PINNED("sk_storage", int, u64, ks_sk_netns, 0, KS_SK_NETNS_PIN, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+// Who made each socket (struct ks_owner). Kernels whose cgroup_skb lacks
+// bpf_get_netns_cookie (before 6.15) also read the socket's netns from here. BPF_F_CLONE
+// hands the record on to sockets accept() creates.
+#ifdef KS_OWNERS_PIN
+BPF_TABLE_PINNED("sk_storage", int, struct ks_owner, ks_owners, 0, KS_OWNERS_PIN, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 #else
-BPF_F_TABLE("sk_storage", int, u64, ks_sk_netns, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+BPF_F_TABLE("sk_storage", int, struct ks_owner, ks_owners, 0, BPF_F_NO_PREALLOC | BPF_F_CLONE);
 #endif
+
+// Drop events (struct ks_event) to ksbpfd, at most KS_EVENTS_PER_SEC per (cgroup, reason,
+// layer) and second: the rest are counted into the next event's count, so a flood costs
+// the daemon bounded work. Events the ring buffer had no room for are counted in
+// ks_events_lost (their packets ride on the next event of their key). Shared by every
+// generation, pinned once per instance, like the drop counters.
+#define KS_RINGBUF(_name, _bytes, _section) \
+struct _name##_table_t { \
+  int key; \
+  u32 leaf; \
+  int (*ringbuf_output) (void *, u64, u64); \
+  void* (*ringbuf_reserve) (u64); \
+  void (*ringbuf_discard) (void *, u64); \
+  void (*ringbuf_submit) (void *, u64); \
+  u32 max_entries; \
+}; \
+__attribute__((section(_section))) \
+struct _name##_table_t _name = { .max_entries = (_bytes) }
+#ifdef KS_EVENTS_PIN
+KS_RINGBUF(ks_events, KS_EVENTS_BYTES, "maps/ringbuf:" KS_EVENTS_PIN);
+BPF_TABLE_PINNED("percpu_array", u32, u64, ks_events_lost, 1, KS_EVENTS_LOST_PIN);
+BPF_TABLE_PINNED("lru_hash", struct ks_rate_key, struct ks_rate, ks_events_rate, KS_EVENTS_RATE_KEYS, KS_EVENTS_RATE_PIN);
+#else
+KS_RINGBUF(ks_events, KS_EVENTS_BYTES, "maps/ringbuf");
+BPF_TABLE("percpu_array", u32, u64, ks_events_lost, 1);
+BPF_TABLE("lru_hash", struct ks_rate_key, struct ks_rate, ks_events_rate, KS_EVENTS_RATE_KEYS);
 #endif
 
 struct ks_pkt {
@@ -60,7 +90,86 @@ struct ks_pkt {
     u8 daddr[16];
 };
 
-static __always_inline int ks_drop(struct __sk_buff *skb, u32 reason)
+// Drops only: nothing here runs for a packet that passes.
+static __always_inline void ks_emit(u8 layer, u32 reason, u64 cgroup_id, struct ks_owner *owner, struct ks_pkt *p)
+{
+    struct ks_rate_key rk = {};
+    struct ks_rate fresh = {};
+    struct ks_rate *rl;
+    struct ks_event *e;
+    u64 now = bpf_ktime_get_ns();
+    u64 pending;
+    u32 zero = 0;
+    u64 *lost;
+
+    rk.cgroup_id = cgroup_id;
+    rk.reason = reason;
+    rk.layer = layer;
+    rl = ks_events_rate.lookup(&rk);
+    if (!rl) {
+        ks_events_rate.insert(&rk, &fresh);
+        rl = ks_events_rate.lookup(&rk);
+        if (!rl)
+            goto lost;
+    }
+    // Racy across CPUs on purpose (no lock on the drop path): a window may let a few
+    // events more through; counts stay exact, as pending only moves by atomic adds.
+    if (now - rl->window_ns >= 1000000000ULL) {
+        rl->window_ns = now;
+        rl->sent = 0;
+    }
+    if (rl->sent >= KS_EVENTS_PER_SEC) {
+        __sync_fetch_and_add(&rl->pending, 1);
+        return;
+    }
+    __sync_fetch_and_add(&rl->sent, 1);
+    e = ks_events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        __sync_fetch_and_add(&rl->pending, 1);
+        goto lost;
+    }
+    pending = rl->pending;
+    if (pending)
+        __sync_fetch_and_add(&rl->pending, -pending);
+    e->time_ns = now;
+    e->cgroup_id = cgroup_id;
+    e->count = 1 + (u32)pending;
+    e->layer = layer;
+    e->reason = reason;
+    e->family = p->family;
+    e->proto = p->proto;
+    e->dport = p->dport;
+    e->pad = 0;
+    __builtin_memcpy(e->daddr, p->daddr, 16);
+    if (owner) {
+        e->pid = owner->tgid;
+        __builtin_memcpy(e->comm, owner->comm, 16);
+    } else {
+        e->pid = 0;
+        __builtin_memset(e->comm, 0, 16);
+    }
+    ks_events.ringbuf_submit(e, 0);
+    return;
+lost:
+    lost = ks_events_lost.lookup(&zero);
+    if (lost)
+        *lost += 1;  // per CPU: no atomic needed
+}
+
+static __always_inline struct ks_owner *ks_skb_owner(struct __sk_buff *skb)
+{
+    struct bpf_sock *sk = skb->sk;
+
+    // The hook runs with skb->sk set to the full socket (a SYN-ACK's listener).
+    if (!sk)
+        return NULL;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return NULL;
+    return ks_owners.sk_storage_get(sk, 0, 0);
+}
+
+static __always_inline int ks_drop(struct __sk_buff *skb, u32 reason, struct ks_pkt *p)
 {
     struct ks_drop_key key = {};
     struct ks_drop_val zero = {};
@@ -68,6 +177,7 @@ static __always_inline int ks_drop(struct __sk_buff *skb, u32 reason)
 
     key.reason = reason;
     key.cgroup_id = bpf_skb_cgroup_id(skb);
+    ks_emit(KS_LAYER_BPF, reason, key.cgroup_id, ks_skb_owner(skb), p);
     val = ks_drops.lookup(&key);
     if (!val) {
         ks_drops.insert(&key, &zero);
@@ -298,20 +408,10 @@ static __always_inline void ks_skb_cgroups(struct __sk_buff *skb, u32 tag, u32 *
 static __always_inline u64 ks_skb_netns(struct __sk_buff *skb, u64 target)
 {
 #ifdef KS_NETNS_SK_STORAGE
-    struct bpf_sock *sk = skb->sk;
-    u64 *cookie;
+    struct ks_owner *owner = ks_skb_owner(skb);
 
-    struct bpf_sock *full;
-
-    // The hook runs with skb->sk set to the full socket (a SYN-ACK's listener).
-    if (!sk)
-        return target;
-    full = bpf_sk_fullsock(sk);
-    if (!full)
-        return target;
-    cookie = ks_sk_netns.sk_storage_get(full, 0, 0);
     // A socket created before the first attach has no record: judge it (fail closed).
-    return cookie ? *cookie : target;
+    return owner ? owner->netns_cookie : target;
 #else
     return bpf_get_netns_cookie(skb);
 #endif
@@ -354,12 +454,65 @@ static __always_inline struct ks_config *ks_active_config(void)
     return ks_config.lookup(&slot);
 }
 
+#define KS_PASS 0
+#define KS_DROP(reason) ((reason) + 1)
+
+// KS_PASS, or KS_DROP(reason): one drop site in ks_egress keeps the event code inlined once.
+static __always_inline u32 ks_judge(struct __sk_buff *skb, struct ks_config *cfg, struct ks_pkt *p, u32 ifindex)
+{
+    u32 rules = 0, endpoint = 0;
+
+    if (ks_is_tunnel(ifindex, cfg->tunnel_bank)) {
+        // Passing needs no netns check (another netns's packets pass too); dropping does.
+        if (p->family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
+            return ks_judged(skb, cfg) ? KS_DROP(KS_R_IPV6_BLOCKED) : KS_PASS;
+        // DNS only to the configured resolvers, even inside the tunnel.
+        if (ks_is_dns(p) && !ks_dns_allowed(p, cfg->dns_tag))
+            return ks_judged(skb, cfg) ? KS_DROP(KS_R_DNS) : KS_PASS;
+        return KS_PASS;
+    }
+    if (!ks_judged(skb, cfg))
+        return KS_PASS;
+    if (ks_is_nd(p) || ks_is_dhcp(p))
+        return KS_PASS;
+    if (p->family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
+        return KS_DROP(KS_R_IPV6_BLOCKED);
+
+    if (ks_is_endpoint(p, cfg->endpoints_tag)) {
+        if ((cfg->flags & KS_F_ENDPOINT_MARK) && skb->mark != cfg->endpoint_mark)
+            return KS_DROP(KS_R_ENDPOINT_UNAUTHORIZED);
+        if (cfg->flags & KS_F_ENDPOINT_CGROUPS) {
+            ks_skb_cgroups(skb, cfg->cgroups_tag, &rules, &endpoint);
+            if (!endpoint)
+                return KS_DROP(KS_R_ENDPOINT_UNAUTHORIZED);
+        }
+        return KS_PASS;
+    }
+
+    ks_skb_cgroups(skb, cfg->cgroups_tag, &rules, &endpoint);
+    if (rules && p->has_ports) {
+        // allow: remote port and `to` networks; listen: our port (replies) and `from` networks.
+        if (ks_port_match(KS_SCOPE(rules, KS_KIND_ALLOW), p->proto, p->dport) &&
+            ks_net_match(KS_SCOPE(rules, KS_KIND_ALLOW), p))
+            return KS_PASS;
+        if (ks_port_match(KS_SCOPE(rules, KS_KIND_LISTEN), p->proto, p->sport) &&
+            ks_net_match(KS_SCOPE(rules, KS_KIND_LISTEN), p))
+            return KS_PASS;
+    }
+    // DNS outside the tunnel is dropped before LAN: a LAN resolver is still a leak.
+    if (ks_is_dns(p))
+        return KS_DROP(KS_R_DNS);
+    if (p->family && cfg->lan_rules && ks_net_match(KS_SCOPE(cfg->lan_rules, KS_KIND_ALLOW), p))
+        return KS_PASS;
+    return KS_DROP(KS_R_NO_TUNNEL);
+}
+
 int ks_egress(struct __sk_buff *skb)
 {
     struct ks_config *cfg;
     struct ks_pkt p = {};
     u32 ifindex = skb->ifindex;
-    u32 rules = 0, endpoint = 0;
+    u32 verdict;
 
     // Loopback is ifindex 1 in every netns, so this needs no netns check.
     if (ifindex == KS_LOOPBACK_IFINDEX)
@@ -369,50 +522,10 @@ int ks_egress(struct __sk_buff *skb)
         return 0;
 
     ks_parse(skb, &p);
-
-    if (ks_is_tunnel(ifindex, cfg->tunnel_bank)) {
-        // Passing needs no netns check (another netns's packets pass too); dropping does.
-        if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
-            return ks_judged(skb, cfg) ? ks_drop(skb, KS_R_IPV6_BLOCKED) : 1;
-        // DNS only to the configured resolvers, even inside the tunnel.
-        if (ks_is_dns(&p) && !ks_dns_allowed(&p, cfg->dns_tag))
-            return ks_judged(skb, cfg) ? ks_drop(skb, KS_R_DNS) : 1;
+    verdict = ks_judge(skb, cfg, &p, ifindex);
+    if (verdict == KS_PASS)
         return 1;
-    }
-    if (!ks_judged(skb, cfg))
-        return 1;
-    if (ks_is_nd(&p) || ks_is_dhcp(&p))
-        return 1;
-    if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
-        return ks_drop(skb, KS_R_IPV6_BLOCKED);
-
-    if (ks_is_endpoint(&p, cfg->endpoints_tag)) {
-        if ((cfg->flags & KS_F_ENDPOINT_MARK) && skb->mark != cfg->endpoint_mark)
-            return ks_drop(skb, KS_R_ENDPOINT_UNAUTHORIZED);
-        if (cfg->flags & KS_F_ENDPOINT_CGROUPS) {
-            ks_skb_cgroups(skb, cfg->cgroups_tag, &rules, &endpoint);
-            if (!endpoint)
-                return ks_drop(skb, KS_R_ENDPOINT_UNAUTHORIZED);
-        }
-        return 1;
-    }
-
-    ks_skb_cgroups(skb, cfg->cgroups_tag, &rules, &endpoint);
-    if (rules && p.has_ports) {
-        // allow: remote port and `to` networks; listen: our port (replies) and `from` networks.
-        if (ks_port_match(KS_SCOPE(rules, KS_KIND_ALLOW), p.proto, p.dport) &&
-            ks_net_match(KS_SCOPE(rules, KS_KIND_ALLOW), &p))
-            return 1;
-        if (ks_port_match(KS_SCOPE(rules, KS_KIND_LISTEN), p.proto, p.sport) &&
-            ks_net_match(KS_SCOPE(rules, KS_KIND_LISTEN), &p))
-            return 1;
-    }
-    // DNS outside the tunnel is dropped before LAN: a LAN resolver is still a leak.
-    if (ks_is_dns(&p))
-        return ks_drop(skb, KS_R_DNS);
-    if (p.family && cfg->lan_rules && ks_net_match(KS_SCOPE(cfg->lan_rules, KS_KIND_ALLOW), &p))
-        return 1;
-    return ks_drop(skb, KS_R_NO_TUNNEL);
+    return ks_drop(skb, verdict - 1, &p);
 }
 
 int ks_sock_create(struct bpf_sock *sk)
@@ -420,15 +533,25 @@ int ks_sock_create(struct bpf_sock *sk)
     struct ks_cgroup_key k = {};
     struct ks_config *cfg = ks_active_config();
     u64 cookie = bpf_get_netns_cookie(sk);
+    struct ks_owner *owner;
     u32 mark = 0;
 
     if (!cfg)
         return 1;
-#ifdef KS_NETNS_SK_STORAGE
-    u64 *rec = ks_sk_netns.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-    if (rec)
-        *rec = cookie;
+#ifndef KS_NETNS_SK_STORAGE
+    // The helper mode needs no record of other namespaces' sockets: their drops are not ours.
+    if (cookie != cfg->netns_cookie)
+        return 1;
 #endif
+    // The creating task is current here: its process and cgroup own the socket for good
+    // (a socket keeps its cgroup), whoever sends on it later and in whatever context.
+    owner = ks_owners.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (owner) {
+        owner->netns_cookie = cookie;
+        owner->cgroup_id = bpf_get_current_cgroup_id();
+        owner->tgid = bpf_get_current_pid_tgid() >> 32;
+        bpf_get_current_comm(owner->comm, sizeof(owner->comm));
+    }
     if (cookie != cfg->netns_cookie)
         return 1;
     k.tag = cfg->cgroups_tag;
@@ -448,3 +571,105 @@ int ks_sock_create(struct bpf_sock *sk)
         sk->mark = mark;
     return 1;
 }
+
+#ifdef KS_NFT_EVENTS
+/*
+ * nftables drops. The output chain runs before cgroup egress, so in normal operation
+ * nftables drops first and ks_egress never sees those packets. Measured options:
+ *   - this program, tp_btf/kfree_skb filtered on SKB_DROP_REASON_NETFILTER_DROP: runs only
+ *     when the kernel frees a dropped skb (never for a packet that passes), sees every
+ *     netfilter drop whatever chain made it, and reads the owner from socket storage with
+ *     a BTF-typed skb->sk (BTF tracing programs may call bpf_sk_storage_get; raw
+ *     tracepoints may not);
+ *   - nftables `log group` rules joined with the owner in user space: a netlink message per
+ *     dropped packet before any rate limit (the daemon's CPU grows with the flood), and
+ *     nflog knows uid/gid but not the socket's creator or its cgroup.
+ * The loader attaches it through a bpf_link it pins in the generation's directory, so it
+ * outlives the loader process and goes with its generation. Kernel struct offsets and the
+ * reason's number come from the running kernel's BTF as -D flags (ksbpf.linux.btf): BCC
+ * compiles against headers that may be another kernel's, and has no CO-RE.
+ */
+#define KS_AT(ptr, off, type) (*(type *)((char *)(ptr) + (off)))
+
+int ks_kfree_skb(unsigned long long *ctx)
+{
+    void *skb = (void *)ctx[KS_TP_SKB_ARG];
+    struct ks_config *cfg;
+    struct ks_owner *owner;
+    struct ks_pkt p = {};
+    unsigned char *head;
+    void *sk;
+    u8 vihl;
+    u16 nh;
+    u32 reason;
+
+    if ((u32)ctx[KS_TP_REASON_ARG] != KS_NETFILTER_DROP)
+        return 0;
+    // Received packets carry their input device; locally generated ones none (forwarded
+    // and inbound drops are counted by nftables and carry no process).
+    if (KS_AT(skb, KS_OFF_SKB_IIF, int) != 0)
+        return 0;
+    sk = KS_AT(skb, KS_OFF_SKB_SK, void *);
+    if (!sk)
+        return 0;
+    // Only inet sockets have a record (cgroup/sock_create runs for them alone): a packet
+    // socket's raw frames carry no process.
+    owner = ks_owners.sk_storage_get(sk, 0, 0);
+    if (!owner)
+        return 0;
+    cfg = ks_active_config();
+    if (!cfg || owner->netns_cookie != cfg->netns_cookie)
+        return 0;
+    head = KS_AT(skb, KS_OFF_SKB_HEAD, unsigned char *);
+    nh = KS_AT(skb, KS_OFF_SKB_NH, u16);
+    if (bpf_probe_read_kernel(&vihl, 1, head + nh) < 0)
+        return 0;
+    if ((vihl >> 4) == 4) {
+        struct ks_iphdr ip;
+
+        if (bpf_probe_read_kernel(&ip, sizeof(ip), head + nh) < 0)
+            return 0;
+        p.family = 4;
+        p.proto = ip.protocol;
+        __builtin_memcpy(p.daddr, &ip.daddr, 4);
+        if (!(ip.frag_off & bpf_htons(KS_IP_OFFSET)) && (p.proto == KS_IPPROTO_TCP || p.proto == KS_IPPROTO_UDP)) {
+            __be16 ports[2];
+
+            if (bpf_probe_read_kernel(ports, sizeof(ports), head + nh + (vihl & 0x0f) * 4) == 0) {
+                p.sport = ports[0];
+                p.dport = ports[1];
+                p.has_ports = 1;
+            }
+        }
+    } else if ((vihl >> 4) == 6) {
+        struct ks_ipv6hdr ip6;
+
+        if (bpf_probe_read_kernel(&ip6, sizeof(ip6), head + nh) < 0)
+            return 0;
+        p.family = 6;
+        p.proto = ip6.nexthdr;  // extension headers are not followed here: no ports then
+        __builtin_memcpy(p.daddr, ip6.daddr, 16);
+        if (p.proto == KS_IPPROTO_TCP || p.proto == KS_IPPROTO_UDP) {
+            __be16 ports[2];
+
+            if (bpf_probe_read_kernel(ports, sizeof(ports), head + nh + sizeof(ip6)) == 0) {
+                p.sport = ports[0];
+                p.dport = ports[1];
+                p.has_ports = 1;
+            }
+        }
+    }
+    // nftables' own counters say which rule dropped; the event names the policy's reason
+    // the way ksbpf.verdict orders them for a packet leaving outside the tunnel.
+    if (p.family == 6 && (cfg->flags & KS_F_IPV6_BLOCK))
+        reason = KS_R_IPV6_BLOCKED;
+    else if (ks_is_endpoint(&p, cfg->endpoints_tag))
+        reason = KS_R_ENDPOINT_UNAUTHORIZED;
+    else if (ks_is_dns(&p))
+        reason = KS_R_DNS;
+    else
+        reason = KS_R_NO_TUNNEL;
+    ks_emit(KS_LAYER_NFT, reason, owner->cgroup_id, owner, &p);
+    return 0;
+}
+#endif

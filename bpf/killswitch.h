@@ -35,6 +35,19 @@
 #define KS_MAX_DROP_KEYS 4096
 #endif
 #define KS_MAX_IPV6_EXT 6
+#ifndef KS_EVENTS_BYTES
+#define KS_EVENTS_BYTES (256 * 1024)   /* ring buffer: a power of two, a multiple of the page size */
+#endif
+#ifndef KS_EVENTS_PER_SEC
+#define KS_EVENTS_PER_SEC 8             /* events per (cgroup, reason, layer) and second */
+#endif
+#ifndef KS_EVENTS_RATE_KEYS
+#define KS_EVENTS_RATE_KEYS 4096
+#endif
+
+/* ks_event.layer */
+#define KS_LAYER_BPF 1
+#define KS_LAYER_NFT 2
 
 /* ks_config.flags */
 #define KS_F_IPV6_BLOCK 0x1
@@ -143,6 +156,48 @@ struct ks_drop_key {
 struct ks_drop_val {
     u64 packets;
     u64 bytes;
+};
+
+/*
+ * Socket storage: who made the socket, recorded by ks_sock_create (the creating task is
+ * "current" there, unlike at egress, which can run in softirq for another task's packet).
+ * netns_cookie is also the netns check of the sk_storage netns mode.
+ */
+struct ks_owner {
+    u64 netns_cookie;
+    u64 cgroup_id;
+    u32 tgid;
+    u32 pad;
+    char comm[16];
+};
+
+/* One drop event in the ring buffer; count = this drop and those the rate limit held back. */
+struct ks_event {
+    u64 time_ns;        /* CLOCK_MONOTONIC */
+    u64 cgroup_id;
+    u32 pid;            /* 0: the socket has no owner record */
+    u32 count;
+    char comm[16];
+    u8 family;          /* 4, 6 or 0 */
+    u8 proto;
+    u8 layer;           /* KS_LAYER_* */
+    u8 reason;          /* the drop reason number (-D KS_R_*) */
+    __be16 dport;
+    u16 pad;
+    u8 daddr[16];
+};
+
+struct ks_rate_key {
+    u64 cgroup_id;
+    u32 reason;
+    u32 layer;
+};
+
+struct ks_rate {
+    u64 window_ns;      /* start of the current one-second window */
+    u64 pending;        /* drops held back since the last event: the next one carries them */
+    u32 sent;           /* events in this window */
+    u32 pad;
 };
 
 /* Own copies of the two header layouts, so nothing depends on the header tree's version. */

@@ -16,8 +16,13 @@ Design, in short (the why of each is next to the code that does it):
 - Pins, per instance, under /sys/fs/bpf/ksbpf/<instance>/:
       drops        per-CPU hash (reason, cgroup id) -> (packets, bytes), shared by all
                    generations so counters survive reloads and restarts
-      sk_netns     socket -> netns cookie (only on kernels without the cgroup_skb helper)
-      g<N>/        one generation: egress, sock_create and its own policy maps
+      owners       socket storage: who made each socket (pid, comm, cgroup) and its netns
+                   cookie (the netns check on kernels without the cgroup_skb helper)
+      events       the drop-event ring buffer ksbpfd reads (ksbpf.linux.events), with
+      events_rate  its per-(cgroup, reason, layer) rate limit and
+      events_lost  the count of events it had no room for
+      g<N>/        one generation: egress, sock_create and its own policy maps, and
+                   nft_events, the bpf_link of its kfree_skb program (nftables' drops)
   A generation is one build of the programs. Its maps are filled before it is attached,
   so a program never sees a half-written policy.
 - A new policy whose programs would be built exactly as the live generation's (same source,
@@ -81,7 +86,7 @@ from typing import ClassVar
 import ksbpf
 from ksbpf import marks
 from ksbpf.errors import BpfError, CapacityError, KsbpfError
-from ksbpf.linux import bpffs, headers
+from ksbpf.linux import bpffs, btf, headers
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.netns import netns
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
@@ -96,7 +101,20 @@ PROGS = {"egress": "ks_egress", "sock_create": "ks_sock_create"}
 GEN_MAPS = ("ks_active", "ks_config", "ks_tunnels", "ks_tunnels_big", "ks_endpoints", "ks_dns", "ks_cgroups",
             "ks_ports", "ks_nets")
 DROPS_PIN = "drops"
-SK_NETNS_PIN = "sk_netns"
+SK_NETNS_PIN = "sk_netns"  # before owner records: unpinned when found
+OWNERS_PIN = "owners"
+EVENTS_PIN = "events"
+EVENTS_LOST_PIN = "events_lost"
+EVENTS_RATE_PIN = "events_rate"
+NFT_EVENTS_LINK = "nft_events"  # in a generation's directory: the kfree_skb program's bpf_link
+NFT_EVENTS_PROG = "ks_kfree_skb"
+
+# Drop events (ksbpf.linux.events reads them).
+EVENTS_BYTES = 256 * 1024  # ~4000 events: one second of every key's allowance on a busy host
+EVENTS_PER_SEC = 8  # per (cgroup, reason, layer); the rest ride on the next event's count
+EVENTS_RATE_KEYS = 4096
+OWNER_FMT = "<QQII16s"
+EVENT_FMT = "<QQII16sBBBBHH16s"
 
 MAX_CGROUP_DEPTH = 31
 MAX_DROP_KEYS = 4096
@@ -151,6 +169,7 @@ _BPF_PROG_GET_FD_BY_ID = 13
 _BPF_MAP_GET_FD_BY_ID = 14
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_PROG_QUERY = 16
+_BPF_RAW_TRACEPOINT_OPEN = 17
 _BPF_MAP_LOOKUP_BATCH = 24
 _BPF_MAP_UPDATE_BATCH = 26
 _BPF_MAP_DELETE_BATCH = 27
@@ -164,8 +183,13 @@ ATTACH_SOCK_CREATE = 2  # BPF_CGROUP_INET_SOCK_CREATE
 ATTACH_TYPES = {"egress": ATTACH_EGRESS, "sock_create": ATTACH_SOCK_CREATE}
 
 MAP_PERCPU_HASH = 5
+MAP_PERCPU_ARRAY = 6
+MAP_LRU_HASH = 9
 MAP_SK_STORAGE = 24
+MAP_RINGBUF = 27
 PROG_CGROUP_SKB = 8
+PROG_TRACING = 26
+ATTACH_TRACE_RAW_TP = 23  # BPF_TRACE_RAW_TP: tp_btf
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 _NR_MEMBARRIER = {"x86_64": 324, "aarch64": 283, "armv7l": 389, "ppc64le": 365, "s390x": 356, "riscv64": 283}
@@ -856,18 +880,39 @@ class Capacity:
         ]
 
 
-def cflags(netns_mode: str, pin_dir: Path | None, capacity: Capacity | None = None) -> list[str]:
-    """Constants for the C source. Policy never goes here: it goes into maps."""
+def check_events_bytes(n: int) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    if n < page or n & (n - 1) or n > 1 << 30:
+        raise BpfError(f"event ring buffer size {n}: a power of two from the page size ({page}) to 1 GiB")
+    return n
+
+
+def cflags(netns_mode: str, pin_dir: Path | None, capacity: Capacity | None = None,
+           events_bytes: int = EVENTS_BYTES, nft_events: btf.KfreeSkb | None = None) -> list[str]:
+    """Constants for the C source. Policy never goes here: it goes into maps.
+    `nft_events`: how to build the kfree_skb program for this kernel (None: not built)."""
     flags = [f"-DKS_R_{r.value.upper()}={REASON_NUMBERS[r]}" for r in DROP_REASONS]
     flags += [f"-DKS_MAX_DEPTH={MAX_CGROUP_DEPTH}", f"-DKS_MAX_DROP_KEYS={MAX_DROP_KEYS}"]
     flags += (capacity or Capacity()).cflags()
+    flags += [f"-DKS_EVENTS_BYTES={check_events_bytes(events_bytes)}", f"-DKS_EVENTS_PER_SEC={EVENTS_PER_SEC}",
+              f"-DKS_EVENTS_RATE_KEYS={EVENTS_RATE_KEYS}"]
+    if nft_events is not None:
+        flags += nft_events.cflags()
     if netns_mode == "sk_storage":
         flags.append("-DKS_NETNS_SK_STORAGE")
     if pin_dir is not None:
         flags.append(f'-DKS_DROPS_PIN="{pin_dir / DROPS_PIN}"')
-        if netns_mode == "sk_storage":
-            flags.append(f'-DKS_SK_NETNS_PIN="{pin_dir / SK_NETNS_PIN}"')
+        flags.append(f'-DKS_OWNERS_PIN="{pin_dir / OWNERS_PIN}"')
+        flags.append(f'-DKS_EVENTS_PIN="{pin_dir / EVENTS_PIN}"')
+        flags.append(f'-DKS_EVENTS_LOST_PIN="{pin_dir / EVENTS_LOST_PIN}"')
+        flags.append(f'-DKS_EVENTS_RATE_PIN="{pin_dir / EVENTS_RATE_PIN}"')
     return flags
+
+
+def nft_events_build() -> tuple[btf.KfreeSkb | None, str]:
+    """(how to build the nftables drop-event program here, or None and why not)."""
+    info = btf.running_kfree_skb()
+    return (info, "") if isinstance(info, btf.KfreeSkb) else (None, info)
 
 
 def build_digest(source_dir: Path, flags: list[str], source: headers.KernelSource, netns_mode: str) -> bytes:
@@ -1361,6 +1406,8 @@ class LoadStats:
     loader_s: float  # the whole child, python start and bcc import included
     peak_rss_kb: int  # the child's VmHWM
     netns_mode: str
+    # Why the nftables drop-event program (ks_kfree_skb) is not attached ("" : it is).
+    nft_events: str = ""
 
     @classmethod
     def nothing(cls, netns_mode: str) -> LoadStats:
@@ -1373,11 +1420,13 @@ def _source_dir() -> Path:
     return Path(str(importlib.resources.files("ksbpf.bpf")))
 
 
-def _run_loader(source: headers.KernelSource, netns_mode: str, flags: list[str], gen_dir: Path | None) -> LoadStats:
+def _run_loader(source: headers.KernelSource, netns_mode: str, flags: list[str], gen_dir: Path | None,
+                nft: btf.KfreeSkb | None = None, nft_why: str = "") -> LoadStats:
     request = {
         "source_dir": str(_source_dir()),
         "cflags": flags,
         "gen_dir": str(gen_dir) if gen_dir else None,
+        "nft_btf_id": nft.btf_id if nft is not None else None,
     }
     env = {k: v for k, v in os.environ.items() if k != headers.ENV_VAR}
     env.update(source.env)
@@ -1399,7 +1448,35 @@ def _run_loader(source: headers.KernelSource, netns_mode: str, flags: list[str],
     if proc.returncode != 0 or "error" in reply or not reply:
         raise BpfError(_loader_failure(reply.get("error", f"loader exited with {proc.returncode}"),
                                        proc.stderr, source))
-    return LoadStats(reply["compile_s"], reply["load_s"], wall, reply["peak_rss_kb"], netns_mode)
+    return LoadStats(reply["compile_s"], reply["load_s"], wall, reply["peak_rss_kb"], netns_mode,
+                     reply.get("nft_events", "") if nft is not None else nft_why)
+
+
+def load_tracing(insns: bytes, name: str, btf_id: int) -> int:
+    """BPF_PROG_LOAD of a tp_btf program from BCC's compiled instructions. BCC loads tracing
+    programs only as fentry/fexit (by a kfunc__ name); a BTF tracepoint needs the
+    tracepoint's btf_trace_* id and BPF_TRACE_RAW_TP, which this passes itself."""
+    prog = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 20)
+    a = _attr()
+    struct.pack_into("<IIQQIIQ", a, 0, PROG_TRACING, len(insns) // 8, ctypes.addressof(prog),
+                     ctypes.addressof(lic), 1, len(log), ctypes.addressof(log))
+    struct.pack_into("<16s", a, 48, name.encode()[:15])
+    struct.pack_into("<I", a, 68, ATTACH_TRACE_RAW_TP)
+    struct.pack_into("<I", a, 108, btf_id)
+    try:
+        return _sys_bpf(_BPF_PROG_LOAD, a, f"loading {name}")
+    except OSError as e:
+        tail = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()][-3:]
+        raise OSError(e.errno, f"{e.strerror}{': ' + ' / '.join(tail) if tail else ''}") from None
+
+
+def raw_tracepoint_open(prog_fd: int) -> int:
+    """Attach a tp_btf program: a bpf_link fd (pin it to outlive this process)."""
+    a = _attr()
+    struct.pack_into("<QI", a, 0, 0, prog_fd)
+    return _sys_bpf(_BPF_RAW_TRACEPOINT_OPEN, a, "attaching the tracepoint")
 
 
 def _loader_failure(error: str, stderr: str, source: headers.KernelSource) -> str:
@@ -1435,8 +1512,19 @@ def _loader_main() -> int:
     except Exception as e:  # BCC raises bare Exception; stderr has the verifier log
         print(json.dumps({"error": f"the kernel refused the program: {e}"}))
         return 1
-    t2 = time.monotonic()
     from bcc import lib
+
+    # The drop-event program is an observer: the kill switch is enforced without it, so a
+    # kernel that refuses it costs the events of the nftables layer, never the generation.
+    nft_events, nft_fd = "", -1
+    if request.get("nft_btf_id") is not None:
+        fn_name = NFT_EVENTS_PROG.encode()
+        try:
+            insns = ctypes.string_at(lib.bpf_function_start(b.module, fn_name), lib.bpf_function_size(b.module, fn_name))
+            nft_fd = load_tracing(insns, NFT_EVENTS_PROG, request["nft_btf_id"])
+        except OSError as e:
+            nft_events = f"the kernel refused {NFT_EVENTS_PROG}: {e.strerror}"
+    t2 = time.monotonic()
 
     gen_dir = request["gen_dir"]
     if gen_dir:
@@ -1449,8 +1537,15 @@ def _loader_main() -> int:
         except OSError as e:
             print(json.dumps({"error": f"pinning under {gen_dir} failed: {e}"}))
             return 1
+        if nft_fd >= 0:
+            # Attached before the generation is filled: it reads the generation's zeroed
+            # config (netns cookie 0) until then and reports nothing.
+            try:
+                obj_pin(raw_tracepoint_open(nft_fd), Path(gen_dir) / NFT_EVENTS_LINK)
+            except OSError as e:
+                nft_events = f"attaching {NFT_EVENTS_PROG} to kfree_skb failed: {e.strerror}"
     peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    print(json.dumps({"compile_s": t1 - t0, "load_s": t2 - t1, "peak_rss_kb": peak}))
+    print(json.dumps({"compile_s": t1 - t0, "load_s": t2 - t1, "peak_rss_kb": peak, "nft_events": nft_events}))
     return 0
 
 
@@ -1975,6 +2070,8 @@ class BpfLayer:
     # process that applied nothing (ksctl without the daemon) finds them, before a walk
     # of the whole cgroup tree (tens of thousands of cgroups on a busy host or the bench).
     cgroup_hint: str | None = None
+    # Bytes of the drop-event ring buffer (a power of two, at least a page).
+    events_bytes: int = EVENTS_BYTES
     last_apply: ApplyStats | None = field(default=None, init=False)
     _policy: Policy | None = field(default=None, init=False, repr=False)
     _cgroup_cache: dict[int, tuple[Path, ...]] = field(default_factory=dict, init=False, repr=False)
@@ -1999,6 +2096,7 @@ class BpfLayer:
             raise BpfError(f"invalid instance name {self.instance!r} (1-64 of A-Z a-z 0-9 _ . -)")
         if self.netns_mode not in ("auto", "helper", "sk_storage"):
             raise BpfError(f"unknown netns mode {self.netns_mode!r}")
+        check_events_bytes(self.events_bytes)
 
     @property
     def dir(self) -> Path:
@@ -2070,7 +2168,8 @@ class BpfLayer:
             capacity = live[0].capacity() if live else None
             if capacity is None or not capacity.holds(plan):
                 capacity = Capacity.for_plan(plan)
-            flags = cflags(mode, self.dir, capacity)
+            nft, nft_why = nft_events_build()
+            flags = cflags(mode, self.dir, capacity, self.events_bytes, nft)
             header = Config(cookie, 0, target_id, plan.flags, plan.endpoint_mark, self.instance,
                             build=build_digest(_source_dir(), flags, source, mode))
             if live is not None and live[1].build == header.build:
@@ -2085,7 +2184,7 @@ class BpfLayer:
                 self._sweep_unattached()
                 number = 1 + max([g.number for g in self._generations()] + [a.generation for a in previous] + [0])
                 gen = Generation(number, self.dir / f"g{number}")
-                load = _run_loader(source, mode, flags, gen.path)
+                load = _run_loader(source, mode, flags, gen.path, nft, nft_why)
                 try:
                     self._fill(gen, plan, replace(header, generation=number))
                     how = self._attach(gen, target, previous)
@@ -2169,11 +2268,18 @@ class BpfLayer:
         """A pinned map from an older, incompatible build would be reused blindly by BCC:
         unpin it. True when every instance map is pinned and fits (the live generation's
         programs use those very maps, so it may be reused)."""
-        wanted = {DROPS_PIN: (MAP_PERCPU_HASH, struct.calcsize(DROP_KEY_FMT), struct.calcsize(DROP_VAL_FMT))}
-        if mode == "sk_storage":
-            wanted[SK_NETNS_PIN] = (MAP_SK_STORAGE, 4, 8)
+        wanted = {
+            DROPS_PIN: (MAP_PERCPU_HASH, struct.calcsize(DROP_KEY_FMT), struct.calcsize(DROP_VAL_FMT), None),
+            OWNERS_PIN: (MAP_SK_STORAGE, 4, struct.calcsize(OWNER_FMT), None),
+            EVENTS_PIN: (MAP_RINGBUF, 0, 0, self.events_bytes),
+            EVENTS_LOST_PIN: (MAP_PERCPU_ARRAY, 4, 8, 1),
+            EVENTS_RATE_PIN: (MAP_LRU_HASH, 16, 24, EVENTS_RATE_KEYS),
+        }
+        legacy = self.dir / SK_NETNS_PIN  # replaced by the owner records, which carry the netns
+        if legacy.exists():
+            legacy.unlink()
         kept = True
-        for name, (mtype, ks, vs) in wanted.items():
+        for name, (mtype, ks, vs, entries) in wanted.items():
             path = self.dir / name
             if not path.exists():
                 kept = False
@@ -2181,6 +2287,7 @@ class BpfLayer:
             try:
                 with BpfMap.pinned(path) as m:
                     ok = (m.info.type, m.info.key_size, m.info.value_size) == (mtype, ks, vs)
+                    ok = ok and entries in (None, m.info.max_entries)
             except OSError:
                 ok = False
             if not ok:
@@ -2776,6 +2883,31 @@ class BpfLayer:
         except OSError as e:
             raise BpfError(f"reading {path}: {e}") from None
         return sorted(out)
+
+    def events_lost(self) -> int:
+        """Drop events the ring buffer had no room for (their packets ride on the next
+        event of their key), summed over CPUs; 0 before the first load."""
+        path = self.dir / EVENTS_LOST_PIN
+        if not path.exists():
+            return 0
+        try:
+            with BpfMap.pinned(path) as m:
+                raw = m.lookup(struct.pack("<I", 0))
+                return sum(struct.unpack("<Q", v)[0] for v in m.percpu_values(raw)) if raw else 0
+        except OSError as e:
+            raise BpfError(f"reading {path}: {e}") from None
+
+    def events_detail(self) -> str:
+        """Which layers' drops become events: "bpf+nftables", or why nftables' do not."""
+        gens = self._generations()
+        if not gens:
+            return "not loaded"
+        if (gens[-1].path / NFT_EVENTS_LINK).exists():
+            return "bpf+nftables"
+        why = self.last_apply.load.nft_events if self.last_apply is not None else ""
+        if not why:
+            why = nft_events_build()[1] or "the kfree_skb program is not attached"
+        return f"bpf only ({why})"
 
     def reset(self, cgroup: str | None = None) -> None:
         """Detach every program of this instance and unpin everything it made (counters

@@ -173,7 +173,7 @@ def test_cflags_carry_constants_never_policy() -> None:
     assert "-DKS_MAX_ENDPOINTS=131072" in bpf.cflags("helper", None, bpf.Capacity(65536))
     pinned = bpf.cflags("sk_storage", Path("/sys/fs/bpf/ksbpf/x"))
     assert '-DKS_DROPS_PIN="/sys/fs/bpf/ksbpf/x/drops"' in pinned
-    assert "-DKS_NETNS_SK_STORAGE" in pinned and '-DKS_SK_NETNS_PIN="/sys/fs/bpf/ksbpf/x/sk_netns"' in pinned
+    assert "-DKS_NETNS_SK_STORAGE" in pinned and '-DKS_OWNERS_PIN="/sys/fs/bpf/ksbpf/x/owners"' in pinned
 
 
 def test_config_roundtrip() -> None:
