@@ -537,6 +537,21 @@ Remove-Item -Recurse -Force -Path $State -ErrorAction SilentlyContinue
 """
 
 
+# The emergency key does not depend on the policy: `ksctl down` runs it as it is.
+ROLLBACK_SCRIPT = _ROLLBACK
+
+# `ksctl status`: what the firewall holds, as one JSON object on stdout.
+STATUS_SCRIPT = """\
+$ErrorActionPreference = 'Stop'
+$Rules = @(Get-NetFirewallRule -Group 'ksbpf' -ErrorAction SilentlyContinue |
+    ForEach-Object { @{ Name = $_.Name; Action = "$($_.Action)"; Direction = "$($_.Direction)"; Enabled = "$($_.Enabled)" } })
+$Profiles = @(Get-NetFirewallProfile |
+    ForEach-Object { @{ Name = $_.Name; Enabled = "$($_.Enabled)"; DefaultInboundAction = "$($_.DefaultInboundAction)"; DefaultOutboundAction = "$($_.DefaultOutboundAction)" } })
+$Adapters = @(Get-NetAdapter -IncludeHidden -ErrorAction SilentlyContinue | ForEach-Object { $_.Name })
+ConvertTo-Json -Depth 4 -Compress -InputObject @{ Rules = $Rules; Profiles = $Profiles; Adapters = $Adapters }
+"""
+
+
 def _apply_script(policy: Policy, rules: list[_Rule]) -> str:
     patterns = ", ".join(_ps_quote(p) for p in policy.tunnel.interfaces)
     return (

@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.unit import pfparse  # noqa: E402 - after the repository is on sys.path
+from tests.unit import pfparse, winparse  # noqa: E402 - after the repository is on sys.path
 
-__all__ = ["Tool", "pfparse"]
+__all__ = ["Tool", "pfparse", "winparse"]
 
 
 class Tool:
