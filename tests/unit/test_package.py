@@ -79,6 +79,16 @@ def test_versions_agree() -> None:
     assert m.group(1) == VERSION == __version__
 
 
+def test_every_subpackage_is_packaged() -> None:
+    """pyproject names its packages one by one (bpf/ and nft/ are mapped in): a new one must be
+    listed, or the .deb (and any wheel) leaves it out."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ksbpf").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
+    mapped = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    assert listed - found == set(mapped), sorted(listed - found)
+
+
 def test_units_and_entry_points_and_install_agree() -> None:
     scripts = PYPROJECT["project"]["scripts"]
     assert scripts == {"ksctl": "ksbpf.cli:main", "ksbpfd": "ksbpf.daemon:main"}
