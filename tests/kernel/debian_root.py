@@ -379,7 +379,9 @@ class Container:
 
     def boot(self, timeout: float = 120) -> None:
         cmd = ["systemd-nspawn", "--register=no", "--keep-unit", "-D", str(self.root), "-b", "-M", self.name,
-               "--console=passive", "--capability=all", "--system-call-filter=bpf",
+               # bpf(2) for the BPF layer; pidfd_getfd(2) for `ksctl mark-sockets` (ExecStartPost=):
+               # nspawn's own seccomp filter refuses both with EPERM (boot-findings F4).
+               "--console=passive", "--capability=all", "--system-call-filter=bpf pidfd_getfd",
                f"--network-namespace-path=/run/netns/{self.wire.ct}", "--resolv-conf=off", "--timezone=off",
                "--link-journal=no"]
         with open(self.log, "ab") as out:

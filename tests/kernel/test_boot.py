@@ -1,7 +1,8 @@
 """The Debian package under a real systemd: `make deb`, `apt-get install ./ksbpf_*.deb` into
 a Debian 12 root, the units enabled with a policy whose tunnel never exists, and that root
 booted with systemd as PID 1 (systemd-nspawn) in a network namespace wired to a counting
-"ISP" namespace. In order (one booted container shared by the module):
+"ISP" namespace. In file order (one booted container shared by the module; the tests build
+on each other, so they must not be reordered):
 
 1. from the first packet of a unit ordered after network-pre.target, through ksbpfd's
    READY and after it, nothing arrives at the ISP outside the tunnel;
@@ -128,6 +129,8 @@ def _prepare_root(root: Path, deb: Path, cgroup: BootCgroup) -> str:
     assert install.returncode == 0, (
         f"apt-get install ./{deb.name} failed offline (its Depends did not resolve from the cache):\n"
         f"{install.stdout}{install.stderr}")
+    # Installing enables nothing: no unit links yet (the admin's `systemctl enable` below).
+    enabled = sorted(str(p.relative_to(root)) for p in (root / "etc/systemd/system").rglob("ksbpf*"))
     (root / "etc/ksbpf/policy.toml").write_text((BOOT_ASSETS / "policy.toml").read_text())
     (root / "etc/ksbpf/policy.toml").chmod(0o600)
     lib = root / "usr/local/lib/ksbpf-boot-test"
@@ -142,7 +145,7 @@ def _prepare_root(root: Path, deb: Path, cgroup: BootCgroup) -> str:
     enable = nspawn_run(root, cgroup, ["systemctl", "enable", "ksbpf-lockdown.service", "ksbpf.service", *TEST_UNITS],
                         network=False)
     assert enable.returncode == 0, f"systemctl enable failed:\n{enable.stdout}{enable.stderr}"
-    return install.stdout + install.stderr
+    return install.stdout + install.stderr + f"\nenabled by the install itself: {enabled}\n"
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +187,7 @@ def test_package_installs_with_its_dependencies_and_no_kernel_image(boot: Boot) 
     r = boot.ct.run("dpkg-query", "-W", "-f", "${Package} ${Status}\n")
     installed = {line.split()[0] for line in r.stdout.splitlines() if line.endswith("installed")}
     assert "ksbpf" in installed, f"ksbpf is not installed: {r.stdout}"
+    assert "enabled by the install itself: []" in boot.install, f"installing ksbpf enabled units: {boot.install[-300:]}"
     images = sorted(p for p in installed if p.startswith("linux-image"))
     assert not images, f"installing ksbpf pulled in a kernel image: {images}\n{boot.install}"
     for module in ("bcc", "nftables", "pyroute2", "systemd.daemon", "prometheus_client"):
@@ -397,9 +401,9 @@ def test_reboot_comes_up_enforcing_and_the_admin_stays_reachable(boot: Boot) -> 
     boot.assert_no_leak("through the reboot")
 
 
-@pytest.mark.xfail(strict=True, reason="boot-findings F3: a listener created before ksbpfd attached has no exempt "
-                   "mark; its exemption stops answering once ksbpfd enforces")
 def test_admin_listener_started_before_ksbpfd_answers(boot: Boot) -> None:
+    """boot-findings F3: a listener created before ksbpfd attached its programs has no exempt
+    mark from sock_create; `ksctl mark-sockets` (ExecStartPost=) must give it one."""
     since = boot.mono("fake-sshd.service", "ExecMainStartTimestampMonotonic")
     assert 0 < since < boot.mono("ksbpf.service"), "fake-sshd should have started before ksbpfd at this boot"
     banner = boot.wire.connect_admin()
@@ -429,6 +433,7 @@ def test_purge_leaves_nothing_in_the_kernel_or_on_disk(boot: Boot) -> None:
     assert ksbpf_programs(cgroup_root), "no ksbpf program attached before the purge: the query below would prove nothing"
     r = ct.run("apt-get", "purge", "-y", "-q", "ksbpf", timeout=180)
     assert r.returncode == 0, f"apt-get purge ksbpf failed:\n{r.stdout}{r.stderr}"
+    assert "did not remove everything" not in r.stdout + r.stderr, f"the prerm's ksctl down failed:\n{r.stdout}{r.stderr}"
     left = ksbpf_programs(cgroup_root.parent)
     assert not left, f"after apt-get purge ksbpf, attached in the container's cgroup tree (seen from the host): {left}"
     tables = boot.nft_tables()
