@@ -96,6 +96,8 @@ def _control(args: argparse.Namespace) -> Any:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if (plat := _platform()) != "linux":
+        return _platform_up(plat, args)
     client = _control(args)
     if client is not None:
         # ksbpfd stays the only writer: it reloads its policy file (which this must be).
@@ -185,12 +187,16 @@ def _print_daemon_layers(layers: dict[str, Any]) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    if (plat := _platform()) != "linux":
+        return _platform_down(plat, args)
     _engine(args).down()
     print("ksbpf down: all layers removed" + (f" [netns {args.netns}]" if args.netns else ""))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if (plat := _platform()) != "linux":
+        return _platform_status(plat, args)
     client = _control(args)
     if client is not None:
         with client:
@@ -301,6 +307,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     from ksbpf.policy import load_policy
 
     policy = load_policy(args.config)
+    args.platform = args.platform or _platform()
+    if args.output is not None and args.platform == "linux":
+        raise PolicyError("--output writes the macOS or Windows files; give --platform macos or windows",
+                          source="ksctl render", key="--output")
     if args.platform == "linux":
         from ksbpf.render.nft import render_nft, to_json
         from ksbpf.render.routing import render_routing
@@ -328,16 +338,21 @@ def cmd_render(args: argparse.Namespace) -> int:
         if args.platform == "macos":
             from ksbpf.render.pf import render_pf
 
-            rendered = render_pf(policy)
+            # On the Mac itself, the main ruleset is built from its /etc/pf.conf.
+            pf_conf = _platform_adapter("macos", args).system_pf_conf() if _platform() == "macos" else None
+            rendered = render_pf(policy, pf_conf=pf_conf)
         else:
             from ksbpf.render.windows import render_windows
 
             rendered = render_windows(policy)
     except ValueError as e:  # a value the platform's syntax cannot carry safely
         raise PolicyError(str(e), source=args.config, key=f"render --platform {args.platform}") from None
-    for name, text in rendered.files.items():
-        print(f"# ===== {name} =====")
-        print(text)
+    if args.output is not None:
+        _write_rendering(rendered.files, args.output)
+    else:
+        for name, text in rendered.files.items():
+            print(f"# ===== {name} =====")
+            print(text)
     if rendered.unsupported:
         print(f"# unsupported on {args.platform}:", file=sys.stderr)
         for u in rendered.unsupported:
@@ -499,6 +514,96 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ macOS and Windows
+
+# Commands that need the Linux engine or ksbpfd: refused by name elsewhere.
+_LINUX_ONLY = frozenset({"reload", "exempt", "unexempt", "exemptions", "audit", "doctor", "lab", "watch"})
+
+
+def _platform() -> str:
+    from ksbpf.platforms import current
+
+    try:
+        return current()
+    except ValueError as e:
+        raise PolicyError(str(e), source="ksctl", key="KSBPF_PLATFORM") from None
+
+
+def _platform_adapter(plat: str, args: argparse.Namespace) -> Any:
+    """The macOS or Windows adapter; --state-dir is its state (macOS) or install (Windows) folder."""
+    from pathlib import Path
+
+    if getattr(args, "netns", None):
+        raise PolicyError("network namespaces exist on Linux only", source="ksctl", key="--netns")
+    if plat == "macos":
+        from ksbpf.platforms.macos import MacOS
+
+        return MacOS(state_dir=Path(args.state_dir)) if args.state_dir else MacOS()
+    from ksbpf.platforms.windows import Windows
+
+    return Windows(install_dir=Path(args.state_dir)) if args.state_dir else Windows()
+
+
+def _platform_up(plat: str, args: argparse.Namespace) -> int:
+    from ksbpf.policy import load_policy, read_policy_file
+
+    if args.no_bpf:
+        raise PolicyError(f"there is no BPF layer on {plat}", source="ksctl up", key="--no-bpf")
+    adapter = _platform_adapter(plat, args)
+    if plat == "macos":
+        policy, text = read_policy_file(args.config)  # root's alone, as on Linux
+    else:
+        # Windows has no POSIX owner or mode to check: the README says to keep the file in an
+        # administrators-only folder.
+        policy = load_policy(args.config)
+        with open(args.config, encoding="utf-8") as f:
+            text = f.read()
+    result = adapter.up(policy, text)
+    print(f"ksbpf up ({args.config}) on {plat}" + (f": {result.rules} PF rules in anchor ksbpf" if plat == "macos" else ""))
+    for line in getattr(result, "output", []):
+        print(f"  {line}")
+    for w in result.warnings:
+        print(f"ksctl: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _platform_down(plat: str, args: argparse.Namespace) -> int:
+    problems = _platform_adapter(plat, args).down()
+    if problems:
+        for p in problems:
+            print(f"ksctl: down: {p}", file=sys.stderr)
+        key = "sudo sh rollback.sh, or pfctl -d" if plat == "macos" else "rollback.ps1 as administrator"
+        print(f"ksctl: the emergency key: {key}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"ksbpf down on {plat}: the kill switch is removed")
+    return EXIT_OK
+
+
+def _platform_status(plat: str, args: argparse.Namespace) -> int:
+    layers, unsupported = _platform_adapter(plat, args).status()
+    if args.json:
+        print(json.dumps({"platform": plat, "layers": {n: s.as_dict() for n, s in layers.items()},
+                          "unsupported": unsupported}, indent=1))
+    else:
+        _print_layers(layers)
+        for u in unsupported:
+            print(f"  not applied on {plat}: {u}")
+    return EXIT_OK if all(s.engaged for s in layers.values()) else EXIT_FAILED
+
+
+def _write_rendering(files: dict[str, str], folder: str) -> None:
+    from pathlib import Path
+
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(f"cannot write: {e.strerror}", source=folder, key="--output") from None
+    print(f"wrote {', '.join(files)} to {out}")
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -555,11 +660,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_init)
 
     r = sub.add_parser("render", help="print what `up` applies, or a macOS/Windows rendering")
-    r.add_argument("--platform", choices=["linux", "macos", "windows"], default="linux",
-                   help="target platform (default %(default)s)")
+    r.add_argument("--platform", choices=["linux", "macos", "windows"],
+                   help="target platform (default: the one ksctl runs on)")
     r.add_argument("--config", default=DEFAULT_POLICY, help=config_help)
     r.add_argument("--strict", action="store_true", help="fail if a feature cannot be expressed")
     r.add_argument("--offline", action="store_true", help="do not read interfaces from the kernel")
+    r.add_argument("--output", metavar="DIR",
+                   help="write the macOS or Windows files (with the LaunchDaemon or scheduled task) to DIR")
     r.set_defaults(func=cmd_render)
 
     e = sub.add_parser("explain", help=f"what the policy does with one packet (exit 0 allow, {EXIT_DROP} drop)")
@@ -599,6 +706,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in _LINUX_ONLY and _platform() != "linux":
+            print(f"ksctl: {args.command} works on Linux only (on macOS and Windows: up, down, status, render, "
+                  "check, explain, init)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         return int(args.func(args))
     except PolicyError as e:
         print(f"ksctl: {e}", file=sys.stderr)
