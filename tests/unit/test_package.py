@@ -222,6 +222,28 @@ def test_pages_are_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
     assert '"2025-12-04"' in first["ksctl.8"]
 
 
+def test_pages_and_completion_build_without_the_runtime_libraries() -> None:
+    """The package build runs the generators with Build-Depends only: none of the libraries
+    ksbpf takes at run time (python3-nftables, -pyroute2, -bpfcc, -systemd, -prometheus-client)
+    may be needed to render them. A child interpreter that cannot import them renders all."""
+    blocker = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'nftables', 'pyroute2', 'bcc', 'systemd', 'prometheus_client'}:\n"
+        "            raise ImportError(f'blocked: {name}')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ksbpf import manpages, completion\n"
+        "pages = dict(manpages.render_all())\n"
+        "assert sorted(pages) == sorted(manpages.PAGES), pages.keys()\n"
+        "assert 'complete -F _ksctl ksctl' in completion.bash_completion()\n"
+        "print('rendered')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout.strip() == "rendered", r.stdout + r.stderr
+
+
 # ------------------------------------------------------------------ bash completion
 
 
