@@ -63,6 +63,15 @@ def exemption_tables(draw: Any, cgroup: str) -> str:
         from_ = draw(st.lists(st.sampled_from(NETS), max_size=2, unique=True))
         if from_:
             lines.append(f"from = {_q(from_)}")
+    # The subjects on macOS and Windows (one per cgroup, so never shared), or none: then the
+    # exemption is reported as not applied there and its packets are left out by key.
+    n = CGROUPS.index(cgroup)
+    if draw(st.booleans()):
+        lines += ["[exempt.macos]", f'user = "_u{n}"']
+    windows = draw(st.sampled_from(["", f'service = "S{n}"', f"program = 'C:\\P\\p{n}.exe'",
+                                    f"service = \"S{n}\"\nprogram = 'C:\\P\\p{n}.exe'"]))
+    if windows:
+        lines += ["[exempt.windows]", windows]
     return "\n".join(lines) + "\n"
 
 
@@ -85,6 +94,11 @@ def policy_texts(draw: Any) -> str:
             out.append(f"endpoint_mark = {mark}")
         if cgroups:
             out.append(f"endpoint_cgroups = {_q(cgroups)}")
+        if draw(st.booleans()):
+            out += ["[tunnel.macos]", 'endpoint_user = "_wg"']
+        windows = draw(st.sampled_from(["", 'endpoint_service = "WG"', "endpoint_program = 'C:\\WG\\wg.exe'"]))
+        if windows:
+            out += ["[tunnel.windows]", windows]
     dns = draw(st.lists(st.sampled_from(["10.64.0.1", "fd00:64::1", "192.168.1.53"]), max_size=2, unique=True))
     if dns:
         out += ["[dns]", f"servers = {_q(dns)}"]
