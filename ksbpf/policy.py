@@ -41,7 +41,7 @@ _CGROUP_CANONICAL_RE = re.compile(r"[A-Za-z0-9_.@:+\\-]{1,255}(?:/[A-Za-z0-9_.@:
 # quotes: a macOS user name or uid (PF `user`), a Windows service name, a program path
 # under a drive or an %ENVVAR% root.
 _MACOS_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]{1,10}")
-_WINDOWS_SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,256}")
+_WINDOWS_SERVICE_RE = re.compile(r"[A-Za-z0-9_.$-]{1,256}")  # $: WireGuardTunnel$wg0, MSSQL$NAME
 _WINDOWS_PROGRAM_RE = re.compile(r"(?:[A-Za-z]:|%[A-Za-z_][A-Za-z0-9_]*%)(?:\\[A-Za-z0-9 _.()+-]{1,255})+")
 
 
@@ -411,7 +411,7 @@ def validate_macos_user(name: str) -> str:
 def validate_windows_service(name: str) -> str:
     """A Windows service name (the short name, e.g. W32Time), as a firewall rule's -Service."""
     if not _WINDOWS_SERVICE_RE.fullmatch(name):
-        raise ValueError(f"{name!r} is not a Windows service name (1-256 of A-Z a-z 0-9 _ . -; "
+        raise ValueError(f"{name!r} is not a Windows service name (1-256 of A-Z a-z 0-9 _ . $ -; "
                          "the service's short name, e.g. W32Time)")
     return name
 

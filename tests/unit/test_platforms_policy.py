@@ -53,6 +53,13 @@ def test_the_keys_parse_into_typed_fields() -> None:
     assert (e1.macos_user, e1.windows_service, e1.windows_program) == (None, None, r"C:\Program Files\App\app.exe")
     assert e0.as_dict()["macos"] == {"user": "_ntp"} and e0.as_dict()["windows"] == {"service": "W32Time"}
     assert "macos" not in e1.as_dict()
+    # WireGuard's tunnel services are named WireGuardTunnel$NAME: `$` is a literal in the
+    # single-quoted PowerShell string it is rendered into.
+    wg = loads_policy(BASE + '[tunnel.windows]\nendpoint_service = "WireGuardTunnel$wg0"\n')
+    assert wg.tunnel.windows_endpoint_service == "WireGuardTunnel$wg0"
+    from ksbpf.render.windows import render_windows
+
+    assert "Service = 'WireGuardTunnel$wg0'" in render_windows(wg).files["apply.ps1"]
 
 
 @pytest.mark.parametrize(("text", "key"), [
