@@ -212,6 +212,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             count = status["exemption_count"] if "exemption_count" in status else len(status.get("exemptions", []))
             print(f"  daemon    pid {status.get('pid')}, exemptions in force: {count}"
                   + (f", drift repaired: {repairs}" if repairs else "") + (f"; {status['note']}" if status.get("note") else ""))
+            _print_recent_drops(status)
         return EXIT_OK if all(s["engaged"] for s in status["layers"].values()) else EXIT_FAILED
     eng = _engine(args)
     layers = eng.status()
@@ -222,6 +223,63 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_layers(layers)
         print(f"  run-time exemptions: {len(exemptions)}")
     return EXIT_OK if all(s.engaged for s in layers.values()) else EXIT_FAILED
+
+
+def _print_recent_drops(status: dict[str, Any]) -> None:
+    from ksbpf.events import DropEvent
+
+    recent = status.get("recent_drops") or []
+    print(f"  drops     {'last ' + str(len(recent)) + ' with their process' if recent else 'none reported'}"
+          f" (events: {status.get('drop_events', '?')})")
+    for d in recent:
+        try:
+            print(f"    {DropEvent.from_dict(d).line()}")
+        except (KeyError, TypeError, ValueError):
+            print(f"    {d}")
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Live drop events from ksbpfd, until Ctrl-C or the daemon stops."""
+    from ksbpf.control import BadRequest, validate_request
+    from ksbpf.events import DropEvent
+
+    req: dict[str, Any] = {"op": "watch"}
+    if args.cgroup is not None:
+        req["cgroup"] = args.cgroup
+    if args.reason is not None:
+        req["reason"] = args.reason
+    try:
+        validate_request(json.dumps(req))  # the daemon would refuse it as well: say so before connecting
+    except BadRequest as e:
+        raise PolicyError(e.reason, source="ksctl watch", key=f"--{e.key}") from None
+    client = _control(args)
+    if client is None:
+        raise BackendError("control", "ksbpfd is not running" + (f" for netns {args.netns}" if args.netns else "")
+                           + ": drop events come from the daemon")
+    try:
+        with client:
+            for msg in client.watch(req):
+                if msg.get("ok"):
+                    print("ksctl: watching drop events (Ctrl-C ends)", file=sys.stderr, flush=True)
+                    continue
+                if "end" in msg:
+                    print(f"ksctl: {msg['end']}", file=sys.stderr)
+                    break
+                if "event" not in msg:
+                    continue
+                if msg.get("missed"):
+                    print(f"ksctl: {msg['missed']} events not shown (this watcher fell behind)", file=sys.stderr)
+                if args.json:
+                    print(json.dumps(msg["event"]), flush=True)
+                else:
+                    print(DropEvent.from_dict(msg["event"]).line(), flush=True)
+            else:
+                print("ksctl: ksbpfd closed the connection", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `ksctl watch | head`
+        sys.stderr.close()
+    return EXIT_OK
 
 
 def _exemption_request(args: argparse.Namespace) -> dict[str, Any]:
@@ -629,6 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="each layer's state")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("watch", help="live drop events with their process, from ksbpfd (Ctrl-C ends)")
+    w.add_argument("--json", action="store_true", help="one JSON object per line")
+    w.add_argument("--cgroup", metavar="PATH", help="only this cgroup and those below it")
+    w.add_argument("--reason", metavar="REASON", help="only drops for this reason (e.g. dns, no_tunnel)")
+    w.set_defaults(func=cmd_watch)
 
     ex = sub.add_parser("exempt", help="exempt a cgroup for exactly these ports")
     ex.add_argument("--cgroup", required=True, help="cgroup path below the cgroup2 mount, e.g. system.slice/ssh.service")

@@ -12,6 +12,11 @@ Protocol: one JSON object per line each way, on an AF_UNIX stream socket.
     {"op": "reload", "config": "/abs/path"}   -> the same, refused unless that is the daemon's
                                                  policy file (`ksctl up --config` with ksbpfd running)
     {"op": "down"}                            -> {"ok": true}   (remove every layer; the daemon idles)
+    {"op": "watch", "cgroup": "a", "reason": "dns"}  (both optional)
+                                              -> {"ok": true, "watching": {...}}, then a line per drop
+                                                 event, {"event": {...}} (with "missed": N when the
+                                                 watcher fell behind and N events were not sent), until
+                                                 {"end": "..."} when the daemon stops
     anything wrong                            -> {"error": "...", "code": "bad_request"|"forbidden"|"failed"}
 
 Only root may talk to it: the socket is 0600 in a 0700 directory, and the peer's uid
@@ -34,9 +39,11 @@ from ksbpf.errors import BackendError, KsbpfError, PolicyError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
     from typing import Any
+
+    from ksbpf.events import Subscriber, WatchHub
 
     Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -63,11 +70,13 @@ OPS: dict[str, frozenset[str]] = {
     "unexempt": frozenset({"op", "cgroup"}),
     "reload": frozenset({"op"}),
     "down": frozenset({"op"}),
+    "watch": frozenset({"op"}),
 }
 # Keys a request may leave out.
 OPTIONAL: dict[str, frozenset[str]] = {
     "status": frozenset({"brief"}),
     "reload": frozenset({"config"}),
+    "watch": frozenset({"cgroup", "reason"}),
 }
 
 
@@ -135,6 +144,21 @@ def validate_request(raw: bytes | str) -> dict[str, Any]:
             raise BadRequest(str(e), "cgroup") from None
         if not out["cgroup"]:
             raise BadRequest("the root cgroup is never exempted", "cgroup")
+    elif op == "watch":
+        from ksbpf.verdict import DROP_REASONS
+
+        if "cgroup" in req:
+            if not isinstance(req["cgroup"], str):
+                raise BadRequest("expected a string", "cgroup")
+            try:
+                out["cgroup"] = normalize_cgroup(req["cgroup"])
+            except ValueError as e:
+                raise BadRequest(str(e), "cgroup") from None
+        if "reason" in req:
+            names = [r.value for r in DROP_REASONS]
+            if req["reason"] not in names:
+                raise BadRequest(f"expected one of {', '.join(names)}", "reason")
+            out["reason"] = req["reason"]
     elif op == "reload" and "config" in req:
         config = req["config"]
         if not isinstance(config, str) or not os.path.isabs(config) or "\0" in config:
@@ -160,12 +184,15 @@ def peer_uid(conn: socket.socket) -> int:
 class ControlServer:
     """Serves `handler` (validated request -> reply dict) on the instance's socket. The
     handler runs on the server thread; the daemon's handler hands the request to its
-    main loop and waits for the answer."""
+    main loop and waits for the answer. A watch request is handed to a thread of its own
+    fed by `hub` (ksbpf.events.WatchHub, which bounds how many there are), so a watcher
+    never holds up other clients."""
 
-    def __init__(self, path: Path, handler: Handler, *, allowed_uid: int = 0) -> None:
+    def __init__(self, path: Path, handler: Handler, *, allowed_uid: int = 0, hub: WatchHub | None = None) -> None:
         self.path = path
         self.handler = handler
         self.allowed_uid = allowed_uid
+        self.hub = hub
         self._sock: socket.socket | None = None
         self._bound_ino = -1
         self._thread: Any = None  # threading.Thread
@@ -243,15 +270,19 @@ class ControlServer:
             except OSError as e:
                 _log().warning("control socket: accept failed: %s", e)
                 continue
-            with conn:
-                try:
-                    self._session(conn)
-                except (OSError, ValueError) as e:
-                    _log().info("control socket: client dropped: %s", e)
-                except Exception:  # the control socket outlives any one bad session
-                    _log().exception("control socket: session failed")
+            handed_off = False
+            try:
+                handed_off = self._session(conn)
+            except (OSError, ValueError) as e:
+                _log().info("control socket: client dropped: %s", e)
+            except Exception:  # the control socket outlives any one bad session
+                _log().exception("control socket: session failed")
+            finally:
+                if not handed_off:
+                    conn.close()
 
-    def _session(self, conn: socket.socket) -> None:
+    def _session(self, conn: socket.socket) -> bool:
+        """True when the connection went to a watch thread (which closes it)."""
         import time
 
         conn.settimeout(CLIENT_TIMEOUT)
@@ -259,32 +290,60 @@ class ControlServer:
         if uid != self.allowed_uid:
             _log().warning("control socket: refused a client with uid %d (root only)", uid)
             _send(conn, {"error": "permission denied: the ksbpf control socket serves root only", "code": "forbidden"})
-            return
+            return False
         buf = b""
         waited = 0.0  # time spent waiting for this client; the handler's own time is not counted
         while True:
             if waited >= SESSION_DEADLINE:
                 _log().info("control socket: client too slow, dropped after %.1f s", waited)
-                return
+                return False
             conn.settimeout(SESSION_DEADLINE - waited)
             t0 = time.monotonic()
             try:
                 chunk = conn.recv(65536)
             except TimeoutError:
-                return
+                return False
             finally:
                 waited += time.monotonic() - t0
             if not chunk:
-                return
+                return False
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 if line.strip():
                     conn.settimeout(CLIENT_TIMEOUT)  # sending the reply
+                    if self._watch(conn, line):
+                        return True
                     _send(conn, self._answer(line))
             if len(buf) > MAX_LINE:
                 _send(conn, {"error": f"request longer than {MAX_LINE} bytes", "code": "bad_request"})
-                return
+                return False
+
+    def _watch(self, conn: socket.socket, line: bytes) -> bool:
+        """A valid watch request: subscribe and hand the connection to its own thread."""
+        import threading
+
+        from ksbpf.events import Busy, WatchFilter
+
+        if b"watch" not in line:
+            return False  # not worth validating twice (an exemption may be large)
+        try:
+            req = validate_request(line)
+        except PolicyError:
+            return False  # _answer says what is wrong
+        if req["op"] != "watch":
+            return False
+        if self.hub is None:
+            _send(conn, {"error": "this ksbpfd reports no drop events", "code": "failed"})
+            return False
+        try:
+            sub = self.hub.subscribe(WatchFilter(req.get("cgroup"), req.get("reason")))
+        except Busy as e:
+            _send(conn, {"error": str(e), "code": "failed"})
+            return False
+        t = threading.Thread(target=_stream_events, args=(conn, sub, self.hub, req), name="control-watch", daemon=True)
+        t.start()
+        return True
 
     def _answer(self, line: bytes) -> dict[str, Any]:
         try:
@@ -301,6 +360,48 @@ class ControlServer:
             _log().exception("control socket: %s failed unexpectedly", req["op"])
             return {"error": f"internal error: {e}", "code": "failed"}
         return {"ok": True, **reply}
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    import select
+
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN)
+    if not p.poll(0):
+        return False
+    # Readable: the peer closed (b""), or sent something a watcher has no use for.
+    return not conn.recv(65536)
+
+
+def _stream_events(conn: socket.socket, sub: Subscriber, hub: WatchHub, req: dict[str, Any]) -> None:
+    """One watch session: events as they come; a watcher that stops reading is dropped
+    after CLIENT_TIMEOUT of a blocked send (its queue meanwhile drops and counts)."""
+    import queue
+
+    reported = 0
+    try:
+        conn.settimeout(CLIENT_TIMEOUT)
+        _send(conn, {"ok": True, "watching": {k: v for k, v in req.items() if k != "op"}})
+        while True:
+            try:
+                e = sub.queue.get(timeout=1.0)
+            except queue.Empty:
+                if _peer_gone(conn):
+                    return
+                continue
+            if e is None:
+                _send(conn, {"end": "ksbpfd is stopping"})
+                return
+            msg: dict[str, Any] = {"event": e.as_dict()}
+            if sub.dropped != reported:
+                msg["missed"] = sub.dropped - reported
+                reported = sub.dropped
+            _send(conn, msg)
+    except OSError as e:
+        _log().info("control socket: watcher gone: %s", e)
+    finally:
+        hub.unsubscribe(sub)
+        conn.close()
 
 
 def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
@@ -363,6 +464,30 @@ class ControlClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def watch(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A watch request's reply lines: the first (refused as request() refuses), then one
+        per event until the daemon ends the stream ({"end": ...}) or the connection closes."""
+        yield self.request(req)
+        self._sock.settimeout(None)  # events come when they come
+        while True:
+            while b"\n" not in self._buf:
+                try:
+                    chunk = self._sock.recv(65536)
+                except OSError as e:
+                    raise BackendError("control", f"{self.path}: {e.strerror or e}") from None
+                if not chunk:
+                    return
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError as e:
+                raise BackendError("control", f"unreadable event: {e}") from None
+            if isinstance(msg, dict):
+                yield msg
+                if "end" in msg:
+                    return
 
     def request(self, req: dict[str, Any]) -> dict[str, Any]:
         try:

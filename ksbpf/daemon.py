@@ -227,6 +227,8 @@ class Daemon:
         self.control: Any = None
         self.watchers: list[Any] = []
         self.cgroup_watcher: Any = None
+        self.events: Any = None  # ksbpf.linux.events.DropEventPump
+        self.events_detail = "not reading"
         self._bpf_retry_at: float | None = None
         self._bpf_backoff = BPF_RETRY_S[0]
         self._nft_check_at: float | None = None  # a deferred nft check (new fingerprint) is due
@@ -245,8 +247,10 @@ class Daemon:
         except OSError as e:
             return self._fail(f"metrics: cannot listen on {policy.metrics.listen}: {e.strerror or e}", EXIT_FAILED)
         from ksbpf.control import ControlServer, socket_path
+        from ksbpf.linux.events import DropEventPump
 
-        self.control = ControlServer(socket_path(self.netns), self._control_handler)
+        self.events = DropEventPump(logging.getLogger("ksbpf.events"), interval=self.args.event_interval)
+        self.control = ControlServer(socket_path(self.netns), self._control_handler, hub=self.events.hub)
         try:
             self.control.bind()
         except (OSError, KsbpfError) as e:
@@ -328,6 +332,8 @@ class Daemon:
     def _shutdown(self) -> None:
         self.stopping = True
         self.notifier.notify(STOPPING=1, STATUS="stopping; enforcement stays in the kernel")
+        if self.events is not None:
+            self.events.stop()  # ends the watch sessions, writes what the journal has not had
         if self.control is not None:
             self.control.close()
         self._fail_pending("ksbpfd is stopping")
@@ -379,6 +385,7 @@ class Daemon:
         log.info("%s: policy %s applied in %.0f ms (nftables: %s; bpf: %s)", why, policy.source, result.seconds * 1000,
                  self.engine.nft.last_apply or "whole", bpf_how)
         self._bpf_retry_at = None
+        self._follow_events()
         bpf = result.layers.get("bpf")
         if not self.args.no_bpf and (bpf is None or not bpf.engaged):
             self._bpf_backoff = BPF_RETRY_S[0]
@@ -605,6 +612,22 @@ class Daemon:
         self._report_repair("routing", self.rec.check_routing)
         self._report_repair("bpf", self.rec.check_bpf)
         self._cgroups()
+        self._follow_events()
+
+    def _follow_events(self) -> None:
+        """Read the BPF layer's drop-event ring buffer; again when a load made another."""
+        if self.events is None or self.args.no_bpf or not self.rec.layers.get("bpf") or self.rec.policy is None:
+            return
+        try:
+            layer = self.engine.bpf_layer(self.rec.policy)
+        except ImportError:
+            return
+        from ksbpf.linux.bpf import EVENTS_PIN
+
+        why = self.events.ensure(layer.dir / EVENTS_PIN)
+        if why and why not in self.events_detail:
+            log.warning("drop events: %s", why, extra={"KSBPF_EVENT": "events"})
+        self.events_detail = f"not reading: {why}" if why else layer.events_detail()
 
     def _retry_bpf(self) -> None:
         policy = self.rec.policy
@@ -620,6 +643,7 @@ class Daemon:
         if engaged:
             self.rec.layers["bpf"] = self.rec.bpf_engaged = True
             self._bpf_retry_at = None
+            self._follow_events()
             log.info("bpf: engaged on retry: %s", detail)
         else:
             self._bpf_backoff = min(self._bpf_backoff * 2, BPF_RETRY_S[1])
@@ -743,7 +767,20 @@ class Daemon:
             engaged=self.enforcing,
             config_ok=self.config_ok,
             config_applied_at=self.config_applied_at,
+            drop_events_lost=self._events_lost(),
         )
+
+    def _events_lost(self) -> int | None:
+        if self.args.no_bpf or self.rec.policy is None:
+            return None
+        try:
+            return int(self.engine.bpf_layer(self.rec.policy).events_lost())
+        except (ImportError, KsbpfError):
+            return None
+
+    def _recent_drops(self) -> dict[str, Any]:
+        return {"drop_events": self.events_detail,
+                "recent_drops": self.events.recent() if self.events is not None else []}
 
     def status(self, brief: bool = False) -> dict[str, Any]:
         """`brief`: without the lists that grow with the exemptions (`ksctl status` shows
@@ -761,6 +798,7 @@ class Daemon:
                 "exemption_count": len(policy.exemptions) if policy is not None else 0,
                 "drift_repairs": dict(self.rec.drift_repairs),
                 "note": self._last_note,
+                **self._recent_drops(),
             }
         return {
             "layers": layers,
@@ -779,6 +817,7 @@ class Daemon:
             "last_tunnel_follow_ms": None if self.rec.last_tunnel_follow_s is None else round(self.rec.last_tunnel_follow_s * 1000, 2),
             "metrics": f"http://{self.metrics.listen}/metrics" if self.metrics is not None else None,
             "note": self._last_note,
+            **self._recent_drops(),
         }
 
     def _exemption_dicts(self, policy: Policy | None) -> list[dict[str, Any]]:
@@ -841,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=5.0, metavar="S", help=argparse.SUPPRESS)
     p.add_argument("--settle", type=float, default=0.3, metavar="S",
                    help="wait this long before repairing drift, so `ksctl down` is told from drift")
+    p.add_argument("--event-interval", type=float, default=10.0, metavar="S",
+                   help="the journal gets one line per process, destination and drop reason per this many "
+                        "seconds, with a count (default %(default)s)")
     p.add_argument("--log-target", choices=["auto", "journal", "stderr"], default="auto",
                    help="where to log (default %(default)s: the journal when systemd runs ksbpfd, else stderr)")
     return p

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from ksbpf.verdict import DROP_REASONS
-
 EVENT_FMT = "<QQII16sBBBBHH16s"  # struct ks_event
 EVENT_SIZE = struct.calcsize(EVENT_FMT)
 LAYERS = {1: "bpf", 2: "nftables"}
@@ -79,6 +77,9 @@ def iso_time(t: float) -> str:
 def parse_record(raw: bytes, monotonic_now: float | None = None, wall_now: float | None = None) -> DropEvent:
     """A ring buffer record -> DropEvent (cgroup as "#id" until the caller names it). The
     kernel stamps CLOCK_MONOTONIC; the event's Unix time is derived from the clocks now."""
+    # Here, not at import: ksctl's status and watch print events without the policy parser.
+    from ksbpf.verdict import DROP_REASONS
+
     if len(raw) < EVENT_SIZE:
         raise BadRecord(f"drop event of {len(raw)} bytes, expected {EVENT_SIZE}")
     t_ns, cg, pid, count, comm, fam, proto, layer, reason, dport, _pad, daddr = struct.unpack_from(EVENT_FMT, raw)

@@ -97,6 +97,8 @@ class Snapshot:
     # the last applied policy enforces). As Prometheus's own *_config_last_reload_*.
     config_ok: bool = True
     config_applied_at: float = 0.0
+    # Drop events the BPF ring buffer had no room for (None: no BPF layer to ask).
+    drop_events_lost: int | None = None
 
 
 def slice_label(path: str) -> str:
@@ -353,6 +355,14 @@ class KsbpfCollector:
             "Unix time the policy file was last applied successfully (0: not since the daemon started).",
             value=st.config_applied_at,
         )
+
+        if st.drop_events_lost is not None:
+            yield CounterMetricFamily(
+                "ksbpf_drop_events_lost",
+                "Drop events the kernel could not hand to ksbpfd (ring buffer full); their packets are "
+                "still counted, and carried by the next event of their cgroup and reason.",
+                value=st.drop_events_lost,
+            )
 
         with self._lock:
             errors = self._errors

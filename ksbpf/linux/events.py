@@ -10,16 +10,31 @@ readable when records are there.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import select
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ksbpf.errors import BpfError
+from ksbpf.errors import BpfError, KsbpfError
+from ksbpf.events import (
+    BadRecord,
+    Coalescer,
+    DropEvent,
+    WatchHub,
+    journal_fields,
+    journal_message,
+    named,
+    parse_record,
+)
 from ksbpf.linux.bpf import MAP_RINGBUF, map_info, obj_get, os_reason
+from ksbpf.linux.cgroup import cgroup2_mount, ids_by_path
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
@@ -111,3 +126,118 @@ class EventReader:
             if self._stop.is_set():
                 return
             self.deliver(self.ring.read())
+
+
+class CgroupPaths:
+    """cgroup id -> path below the cgroup2 mount, for events: a cache, refilled by a walk
+    of the tree (at most once per `refresh_s`) when an id is not in it."""
+
+    def __init__(self, refresh_s: float = 1.0, max_ids: int = 65536) -> None:
+        self.refresh_s = refresh_s
+        self.max_ids = max_ids
+        self._paths: dict[int, str] = {}
+        self._walked = float("-inf")
+
+    def __call__(self, cg_id: int) -> str | None:
+        path = self._paths.get(cg_id)
+        if path is not None or cg_id == 0:
+            return path
+        now = time.monotonic()
+        if now - self._walked < self.refresh_s:
+            return None
+        self._walked = now
+        try:
+            found = {i: rel for rel, i in ids_by_path(cgroup2_mount()).items()}
+        except (OSError, KsbpfError):
+            return None
+        self._paths = found if len(found) <= self.max_ids else {cg_id: found[cg_id]} if cg_id in found else {}
+        return self._paths.get(cg_id)
+
+
+class DropEventPump:
+    """ksbpfd's consumer of drop events: reads the ring buffer on its own thread, names
+    each event's cgroup, hands it to the watch sessions (WatchHub), keeps the last few for
+    `ksctl status`, and writes the journal's coalesced lines (one per process, destination,
+    reason and layer per `interval`, with KSBPF_* fields)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, recent: int = 10,
+                 hub: WatchHub | None = None) -> None:
+        self.log = logger
+        self.hub = hub or WatchHub()
+        self.coalescer = Coalescer(interval)
+        self.names = CgroupPaths()
+        self._recent: deque[DropEvent] = deque(maxlen=recent)
+        self._lock = threading.Lock()
+        self._reader: EventReader | None = None
+        self._map_id: int | None = None
+        self.bad_records = 0
+
+    def ensure(self, ring: Path) -> str:
+        """Read `ring` (again, when the pinned map changed: a `down` and a new load make
+        another). Returns "" or why events cannot be read."""
+        try:
+            fd = obj_get(ring)
+        except OSError as e:
+            return f"no event ring buffer at {ring} ({os_reason(e)})"
+        try:
+            map_id = map_info(fd).id
+        except OSError as e:
+            return os_reason(e)
+        finally:
+            os.close(fd)
+        if self._reader is not None and map_id == self._map_id:
+            return ""
+        self.stop_reader()
+        try:
+            reader = EventReader(ring, self._deliver)
+        except BpfError as e:
+            return str(e)
+        self._reader, self._map_id = reader, map_id
+        reader.start()
+        return ""
+
+    def stop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader, self._map_id = None, None
+
+    def stop(self) -> None:
+        """The daemon stops: watch sessions end, what the journal has not had yet is written."""
+        self.stop_reader()
+        self.hub.close()
+        self._flush()
+
+    @property
+    def reading(self) -> bool:
+        return self._reader is not None
+
+    def recent(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [e.as_dict() for e in self._recent]
+
+    def _deliver(self, records: list[bytes]) -> None:
+        events = []
+        for raw in records:
+            try:
+                events.append(parse_record(raw))
+            except BadRecord:
+                self.bad_records += 1
+        now = time.monotonic()
+        if events:
+            events = named(events, self.names)
+            self.hub.publish(events)
+            with self._lock:
+                self._recent.extend(events)
+            for e in events:
+                self.coalescer.add(e, now)
+        if self.coalescer.due(now):
+            self._flush()
+
+    def _flush(self) -> None:
+        lines, folded = self.coalescer.flush()
+        for c in lines:
+            self.log.warning("%s", journal_message(c, self.coalescer.interval), extra=journal_fields(c))
+        if folded:
+            self.log.warning("dropped %d more packets of other processes, destinations or reasons (not itemized: "
+                             "more than %d kinds within %.0f s)", folded, self.coalescer.max_keys,
+                             self.coalescer.interval, extra={"KSBPF_EVENT": "drop", "KSBPF_COUNT": str(folded)})
