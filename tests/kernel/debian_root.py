@@ -77,7 +77,7 @@ def skip_reason() -> str | None:
 
 
 def run(argv: list[str], *, check: bool = True, timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    p: subprocess.CompletedProcess[str] = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, **kw)  # type: ignore[call-overload]
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -228,8 +228,12 @@ class OverlayRoot:
         for d in ("upper", "work", "root"):
             (self.dir / d).mkdir()
         self.path = self.dir / "root"
-        run(["mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={lower},upperdir={self.dir / 'upper'},workdir={self.dir / 'work'}", str(self.path)])
+        try:
+            run(["mount", "-t", "overlay", "overlay", "-o",
+                 f"lowerdir={lower},upperdir={self.dir / 'upper'},workdir={self.dir / 'work'}", str(self.path)])
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def cleanup(self) -> None:
         for _ in range(50):
@@ -280,10 +284,14 @@ class Wire:
         self.isp = f"ksbisp{self.tag}"
         self.ct = f"ksbct{self.tag}"
         run(["ip", "netns", "add", self.isp])
-        self._in(self.isp, "ip", "link", "set", "lo", "up")
-        self._in(self.isp, "nft", "-f", str(BOOT_ASSETS / "isp.nft"))
-        # Forwarding stays off in the ISP namespace: it answers, it routes nothing.
-        self.fresh_container_netns()
+        try:
+            self._in(self.isp, "ip", "link", "set", "lo", "up")
+            self._in(self.isp, "nft", "-f", str(BOOT_ASSETS / "isp.nft"))
+            # Forwarding stays off in the ISP namespace: it answers, it routes nothing.
+            self.fresh_container_netns()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def _in(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", ns, *argv], check=check)
@@ -466,7 +474,8 @@ class Container:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.run("systemctl", "poweroff", "--no-block", timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.run("systemctl", "poweroff", "--no-block", timeout=10)
         if self.wait_exit(40) is None:
             self.kill()
 
