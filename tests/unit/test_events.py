@@ -160,3 +160,61 @@ def test_btf_lookups() -> None:
         btf.Btf(b"\0" * 32)
     with pytest.raises(BpfError, match="no member"):
         btf.Btf(_btf_blob()).member_offset("sk_buff", "nope")
+
+
+def test_watch_requests_are_validated_strictly() -> None:
+    from ksbpf.control import BadRequest, validate_request
+
+    assert validate_request('{"op": "watch"}') == {"op": "watch"}
+    assert validate_request('{"op": "watch", "cgroup": "/a/b/", "reason": "dns"}') == {
+        "op": "watch", "cgroup": "a/b", "reason": "dns"}
+    for bad, key in (('{"op": "watch", "reason": "nope"}', "reason"), ('{"op": "watch", "reason": 1}', "reason"),
+                     ('{"op": "watch", "cgroup": 5}', "cgroup"), ('{"op": "watch", "cgroup": "a/../.."}', "cgroup"),
+                     ('{"op": "watch", "follow": true}', "follow")):
+        with pytest.raises(BadRequest) as e:
+            validate_request(bad)
+        assert e.value.key == key, bad
+
+
+def test_watch_sessions_stream_on_their_own_threads(tmp_path: object) -> None:
+    """A real control socket: a watch session streams what the hub publishes while a status
+    request is answered; a watcher that left is unsubscribed; closing the hub ends the rest."""
+    import os
+    import threading
+    import time
+    from pathlib import Path
+
+    from ksbpf.control import ControlClient, ControlServer, socket_path
+
+    assert isinstance(tmp_path, Path)
+    hub = ev.WatchHub(max_subscribers=2, queue_size=8)
+    server = ControlServer(socket_path("t", tmp_path), lambda req: {"op": req["op"]}, allowed_uid=os.geteuid(), hub=hub)
+    server.start()
+    try:
+        got: list[dict[str, object]] = []
+        client = ControlClient.connect(server.path, timeout=10)
+        stream = client.watch({"op": "watch", "reason": "dns"})
+        assert next(stream) == {"ok": True, "watching": {"reason": "dns"}}
+        reader = threading.Thread(target=lambda: got.extend(stream))
+        reader.start()
+        with ControlClient.connect(server.path, timeout=10) as other:
+            assert other.request({"op": "status"}) == {"ok": True, "op": "status"}
+        hub.publish([event(reason="no_tunnel"), event(dport=853)])
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [ev.DropEvent.from_dict(m["event"]).dport for m in got] == [853]  # type: ignore[arg-type]
+        leaver = ControlClient.connect(server.path, timeout=10)
+        next(leaver.watch({"op": "watch"}))
+        assert len(hub) == 2
+        leaver.close()
+        deadline = time.monotonic() + 10
+        while len(hub) == 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(hub) == 1, "a watcher that left is noticed without an event to send"
+        hub.close()
+        reader.join(timeout=10)
+        assert got[-1] == {"end": "ksbpfd is stopping"}
+        client.close()
+    finally:
+        server.close()
