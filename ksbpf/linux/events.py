@@ -125,7 +125,10 @@ class EventReader:
             self.ring.wait(self.tick)
             if self._stop.is_set():
                 return
-            self.deliver(self.ring.read())
+            try:
+                self.deliver(self.ring.read())
+            except Exception:  # a bug in one batch must not end the daemon's events for good
+                logging.getLogger("ksbpf.events").exception("drop events: a batch failed")
 
 
 class CgroupPaths:
