@@ -118,7 +118,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     result = eng.up_file(args.config)
     print(f"ksbpf up ({args.config}) in {result.seconds * 1000:.0f} ms" + (f" [netns {args.netns}]" if args.netns else ""))
     if result.effective is not None:
-        from ksbpf.linux.sockmark import wanted_marks
+        from ksbpf.sockmark import wanted_marks
 
         _mark_existing(wanted_marks(result.effective))
     _print_layers(result.layers)
@@ -145,11 +145,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def _mark_existing(marks: dict[str, int] | None) -> None:
     """Give the sockets exempt cgroups made before ksbpf engaged the mark sock_create gives
-    new ones (ksbpf.linux.sockmark: the sandboxed daemon cannot, ksctl as root can). Best
+    new ones (ksbpf.sockmark: the sandboxed daemon cannot, ksctl as root can). Best
     effort: an unmarked socket is blocked, never let out."""
     if not marks or os.geteuid() != 0:
         return
-    from ksbpf.linux.sockmark import mark_existing_sockets
+    from ksbpf.sockmark import mark_existing_sockets
 
     try:
         report = mark_existing_sockets({cg: int(m) for cg, m in marks.items()})
@@ -163,7 +163,7 @@ def _mark_existing(marks: dict[str, int] | None) -> None:
 def cmd_mark_sockets(args: argparse.Namespace) -> int:
     """For the unit's ExecStartPost=+ (and by hand): mark the existing sockets of the exempt
     cgroups of the policy in force, as recorded in the state directory."""
-    from ksbpf.linux.sockmark import mark_existing_sockets, wanted_marks
+    from ksbpf.sockmark import mark_existing_sockets, wanted_marks
 
     eng = _engine(args)
     try:
@@ -312,7 +312,7 @@ def cmd_exempt(args: argparse.Namespace) -> int:
         marks = reply.get("marks")
     else:
         from ksbpf.linux.cgroup import cgroup_dir
-        from ksbpf.linux.sockmark import wanted_marks
+        from ksbpf.sockmark import wanted_marks
 
         ex = _exemption_from_args(args)
         cgroup_dir(ex.cgroup)  # refuses paths escaping the cgroup2 mount

@@ -451,7 +451,7 @@ class Daemon:
                     log.info("metrics now on http://%s/metrics", self.metrics.listen)
                 except OSError as e:
                     log.error("metrics stay on %s: cannot listen on %s: %s", self.metrics.listen, policy.metrics.listen, e)
-            from ksbpf.linux.sockmark import wanted_marks
+            from ksbpf.sockmark import wanted_marks
 
             # ksctl marks the sockets these cgroups made before (this sandbox cannot).
             marks = wanted_marks(self.engine.effective_policy(policy))
@@ -687,7 +687,7 @@ class Daemon:
                 effective = self.engine.set_exemption(ex)
                 self._exemptions_changed(effective)
                 log.info("exempted %s: %s", ex.cgroup, ex.as_dict(), extra={"KSBPF_EVENT": "exempt"})
-                from ksbpf.linux.sockmark import wanted_marks
+                from ksbpf.sockmark import wanted_marks
 
                 # The one mark ksctl gives the sockets this cgroup already has (not this sandbox).
                 mark = wanted_marks(effective).get(ex.cgroup)

@@ -1,5 +1,7 @@
 """Give sockets that exist already the mark the BPF layer gives new ones.
 
+Imports nothing but the standard library and ksbpf.marks: ksctl's client path uses it.
+
 An exempt cgroup's sockets are told apart by the mark `cgroup/sock_create` gives them at
 creation (nftables 1.0.6 cannot match cgroup2, routing sees only marks). A socket made
 before that program was attached never gets one: an sshd started at boot alongside
@@ -88,6 +90,17 @@ def _cgroup_dirs(mount: Path, marks: dict[str, int]) -> dict[Path, int]:
     return out
 
 
+def _cgroup2_mount() -> Path | None:
+    # Not ksbpf.linux.cgroup's: ksctl imports this on its light client path (a daemon's
+    # reply), which must not pull in the policy parser or any kernel library.
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == "cgroup2":
+                return Path(fields[1].replace("\\040", " "))
+    return None
+
+
 _libc: ctypes.CDLL | None = None
 
 
@@ -154,12 +167,13 @@ def _mark_process(pid: int, mark: int, seen: set[int], report: MarkReport) -> No
 def mark_existing_sockets(marks: dict[str, int], mount: Path | None = None) -> MarkReport:
     """Mark the existing inet sockets of these cgroups (wanted_marks(policy), or the part
     of it a daemon's reply names) and of their descendants."""
-    from ksbpf.linux.cgroup import cgroup2_mount
-
     report = MarkReport()
     if not marks:
         return report
-    root = mount if mount is not None else cgroup2_mount()
+    root = mount if mount is not None else _cgroup2_mount()
+    if root is None:
+        report.refused.append("no cgroup2 mount")
+        return report
     seen: set[int] = set()
     me = os.getpid()
     for d, mark in _cgroup_dirs(root, marks).items():

@@ -88,7 +88,7 @@ def test_daemon_unit_contract() -> None:
     assert s["ExecStart"].split()[0] == INSTALLED_KSBPFD and "--config /etc/ksbpf/policy.toml" in s["ExecStart"]
     # A minimal Debian has no /bin/kill (procps): reload through ksctl, which waits for the answer.
     # '+': outside the sandbox, so that ksctl can mark the existing sockets of newly exempt
-    # cgroups (ksbpf.linux.sockmark); the same at start, once READY.
+    # cgroups (ksbpf.sockmark); the same at start, once READY.
     assert s["ExecReload"] == f"+{INSTALLED_KSCTL} reload"
     assert "kill" not in s["ExecReload"]
     assert s["ExecStartPost"] == f"-+{INSTALLED_KSCTL} mark-sockets"
