@@ -319,6 +319,22 @@ class Wire:
                 raise RuntimeError(f"no IPv6 link-local address on eth0 in {self.ct}")
             time.sleep(0.1)
 
+    def tunnel_up(self) -> None:
+        """A stand-in for the VPN tunnel: `wg0` in the container (the policy's tunnel
+        interface), a veth whose other end, ktun0, arrives at the ISP apart from isp0. ksbpf
+        routes everything through it (default dev wg0); the ISP answers ARP for its own address
+        there (arp_ignore=0), and fd00:64::1 by a proxy neighbour entry."""
+        run(["ip", "link", "add", "wg0", "netns", self.ct, "type", "veth", "peer", "name", "ktun0", "netns", self.isp])
+        self._in(self.isp, "ip", "link", "set", "ktun0", "up")
+        self._in(self.isp, "sysctl", "-qw", "net.ipv6.conf.ktun0.proxy_ndp=1")
+        self._in(self.isp, "ip", "-6", "neigh", "add", "proxy", self.ISP6, "dev", "ktun0")
+        self._in(self.ct, "ip", "addr", "add", "10.64.0.2/32", "dev", "wg0")
+        self._in(self.ct, "ip", "addr", "add", "fd00:6464::2/128", "dev", "wg0", "nodad")
+        self._in(self.ct, "ip", "link", "set", "wg0", "up")
+
+    def tunnel_down(self) -> None:
+        self._in(self.ct, "ip", "link", "del", "wg0", check=False)
+
     def kernel_snapshot(self) -> dict[str, str]:
         """What ksbpf could leave in the container's network namespace: rules, routes,
         tables (read from the host: the same namespace the container sees)."""

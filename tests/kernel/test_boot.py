@@ -315,6 +315,28 @@ def test_exempt_through_the_daemon_lets_exactly_that_unit_out(boot: Boot) -> Non
     boot.assert_no_leak("with a run-time exemption for another unit")
 
 
+def test_traffic_goes_through_the_tunnel_only_while_it_is_up(boot: Boot) -> None:
+    """The tunnel interface appears (a veth named wg0 standing in for WireGuard): ksbpfd
+    follows it, the probe's packets go through it and still none on the uplink; it goes
+    away: everything is blocked again."""
+    ct, wire = boot.ct, boot.wire
+    assert wire.counters()["tunnel"] == 0
+    wire.tunnel_up()
+    try:
+        wait_for(lambda: wire.counters()["tunnel"] > 20, "the probe's packets through the tunnel", timeout=30)
+        wait_for(lambda: boot.status_json()["tunnels"].get("wg0") is True, "ksctl status: wg0 up", timeout=30)
+        wait_for(lambda: ct.show("ksbpf.service", "StatusText").find("tunnel wg0 up") >= 0, "STATUS: tunnel wg0 up",
+                 timeout=30)
+        boot.assert_no_leak("with the tunnel up")
+    finally:
+        wire.tunnel_down()
+    wait_for(lambda: boot.status_json()["tunnels"].get("wg0") is False, "ksctl status: wg0 down", timeout=30)
+    # The probe keeps sending: none of it may fall back to the uplink now.
+    rounds = int(boot.probe()["rounds"])
+    wait_for(lambda: int(boot.probe()["rounds"]) > rounds + 5, "probe rounds with the tunnel gone")
+    boot.assert_no_leak("after the tunnel went away")
+
+
 def _newer_version_of(deb: Path, into: Path) -> Path:
     """The same package as version <v>+t1: what an upgrade installs."""
     unpacked = into / "upgrade"
