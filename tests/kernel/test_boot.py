@@ -1,5 +1,5 @@
 """The Debian package under a real systemd: `make deb`, `apt-get install ./ksbpf_*.deb` into
-a Debian 12 root, the units enabled with a policy whose tunnel never exists, and that root
+a Debian 12 root, the units enabled with a policy whose tunnel is absent, and that root
 booted with systemd as PID 1 (systemd-nspawn) in a network namespace wired to a counting
 "ISP" namespace. In file order (one booted container shared by the module; the tests build
 on each other, so they must not be reordered):
@@ -8,7 +8,8 @@ on each other, so they must not be reordered):
    READY and after it, nothing arrives at the ISP outside the tunnel;
 2. the daemon runs with its STATUS line; reload applies a changed policy and refuses a
    broken one; `ksctl exempt` and `ksctl status` work through it; metrics answer;
-3. `ksctl status` agrees with the kernel: all three layers engaged;
+3. `ksctl status` agrees with the kernel: all three layers engaged; a stand-in tunnel
+   carries the traffic while it is up; an upgrade restarts ksbpfd without a gap;
 4. a reboot comes up enforcing (lockdown, then ksbpfd) and the admin exemption answers
    during the lockdown and after;
 5. `apt-get purge ksbpf` leaves nothing in the kernel (BPF queried from the host) or on disk.
