@@ -90,6 +90,15 @@ struct ks_pkt {
     u8 daddr[16];
 };
 
+static __always_inline void ks_count_lost(void)
+{
+    u32 zero = 0;
+    u64 *lost = ks_events_lost.lookup(&zero);
+
+    if (lost)
+        *lost += 1;  // per CPU: no atomic needed
+}
+
 // Drops only: nothing here runs for a packet that passes.
 static __always_inline void ks_emit(u8 layer, u32 reason, u64 cgroup_id, struct ks_owner *owner, struct ks_pkt *p)
 {
@@ -99,8 +108,6 @@ static __always_inline void ks_emit(u8 layer, u32 reason, u64 cgroup_id, struct 
     struct ks_event *e;
     u64 now = bpf_ktime_get_ns();
     u64 pending;
-    u32 zero = 0;
-    u64 *lost;
 
     rk.cgroup_id = cgroup_id;
     rk.reason = reason;
@@ -109,28 +116,40 @@ static __always_inline void ks_emit(u8 layer, u32 reason, u64 cgroup_id, struct 
     if (!rl) {
         ks_events_rate.insert(&rk, &fresh);
         rl = ks_events_rate.lookup(&rk);
-        if (!rl)
-            goto lost;
+        if (!rl) {
+            ks_count_lost();
+            return;
+        }
     }
     // Racy across CPUs on purpose (no lock on the drop path): a window may let a few
-    // events more through; counts stay exact, as pending only moves by atomic adds.
+    // events more through; counts stay exact, as pending only moves atomically.
     if (now - rl->window_ns >= 1000000000ULL) {
         rl->window_ns = now;
         rl->sent = 0;
     }
     if (rl->sent >= KS_EVENTS_PER_SEC) {
         __sync_fetch_and_add(&rl->pending, 1);
+        // A representative for the event that reports the held-back drops (torn by a
+        // concurrent writer at worst: it names one of them).
+        rl->held_pid = owner ? owner->tgid : 0;
+        if (owner)
+            __builtin_memcpy(rl->held_comm, owner->comm, 16);
+        else
+            __builtin_memset(rl->held_comm, 0, 16);
+        rl->held_family = p->family;
+        rl->held_proto = p->proto;
+        rl->held_dport = p->dport;
+        __builtin_memcpy(rl->held_daddr, p->daddr, 16);
         return;
     }
     __sync_fetch_and_add(&rl->sent, 1);
     e = ks_events.ringbuf_reserve(sizeof(*e));
     if (!e) {
         __sync_fetch_and_add(&rl->pending, 1);
-        goto lost;
+        ks_count_lost();
+        return;
     }
-    pending = rl->pending;
-    if (pending)
-        __sync_fetch_and_add(&rl->pending, -pending);
+    pending = __sync_lock_test_and_set(&rl->pending, 0);  // atomic exchange: taken once
     e->time_ns = now;
     e->cgroup_id = cgroup_id;
     e->count = 1 + (u32)pending;
@@ -149,11 +168,50 @@ static __always_inline void ks_emit(u8 layer, u32 reason, u64 cgroup_id, struct 
         __builtin_memset(e->comm, 0, 16);
     }
     ks_events.ringbuf_submit(e, 0);
-    return;
-lost:
-    lost = ks_events_lost.lookup(&zero);
-    if (lost)
-        *lost += 1;  // per CPU: no atomic needed
+}
+
+/*
+ * Never attached: ksbpfd runs it (BPF_PROG_TEST_RUN) with a struct ks_rate_key as the
+ * packet, for keys whose window is over with drops still held back (the end of a flood,
+ * with no later drop of the key to carry them), so their count reaches user space.
+ * Returns 1 when it made an event.
+ */
+int ks_events_flush(struct __sk_buff *skb)
+{
+    struct ks_rate_key rk;
+    struct ks_rate *rl;
+    struct ks_event *e;
+    u64 now = bpf_ktime_get_ns();
+    u64 take;
+
+    if (bpf_skb_load_bytes(skb, 0, &rk, sizeof(rk)) < 0)
+        return 0;
+    rl = ks_events_rate.lookup(&rk);
+    if (!rl || now - rl->window_ns < 1000000000ULL)
+        return 0;  // an open window: its next drop, or a later flush, carries them
+    take = __sync_lock_test_and_set(&rl->pending, 0);
+    if (!take)
+        return 0;
+    e = ks_events.ringbuf_reserve(sizeof(*e));
+    if (!e) {
+        __sync_fetch_and_add(&rl->pending, take);
+        ks_count_lost();
+        return 0;
+    }
+    e->time_ns = now;
+    e->cgroup_id = rk.cgroup_id;
+    e->pid = rl->held_pid;
+    e->count = (u32)take;
+    __builtin_memcpy(e->comm, rl->held_comm, 16);
+    e->family = rl->held_family;
+    e->proto = rl->held_proto;
+    e->layer = rk.layer;
+    e->reason = rk.reason;
+    e->dport = rl->held_dport;
+    e->pad = 0;
+    __builtin_memcpy(e->daddr, rl->held_daddr, 16);
+    ks_events.ringbuf_submit(e, 0);
+    return 1;
 }
 
 static __always_inline struct ks_owner *ks_skb_owner(struct __sk_buff *skb)

@@ -197,7 +197,15 @@ struct ks_rate {
     u64 window_ns;      /* start of the current one-second window */
     u64 pending;        /* drops held back since the last event: the next one carries them */
     u32 sent;           /* events in this window */
+    /* The last drop held back: the event that reports them once the window is over when
+     * no drop of this key follows (ks_events_flush) names its process and destination. */
+    u32 held_pid;
+    char held_comm[16];
+    u8 held_family;
+    u8 held_proto;
+    __be16 held_dport;
     u32 pad;
+    u8 held_daddr[16];
 };
 
 /* Own copies of the two header layouts, so nothing depends on the header tree's version. */

@@ -622,9 +622,7 @@ class Daemon:
             layer = self.engine.bpf_layer(self.rec.policy)
         except ImportError:
             return
-        from ksbpf.linux.bpf import EVENTS_PIN
-
-        why = self.events.ensure(layer.dir / EVENTS_PIN)
+        why = self.events.ensure(layer.dir)
         if why and why not in self.events_detail:
             log.warning("drop events: %s", why, extra={"KSBPF_EVENT": "events"})
         self.events_detail = f"not reading: {why}" if why else layer.events_detail()

@@ -108,6 +108,10 @@ EVENTS_LOST_PIN = "events_lost"
 EVENTS_RATE_PIN = "events_rate"
 NFT_EVENTS_LINK = "nft_events"  # in a generation's directory: the kfree_skb program's bpf_link
 NFT_EVENTS_PROG = "ks_kfree_skb"
+EVENTS_FLUSH_PIN = "events_flush"  # in a generation's directory: run by ksbpfd, never attached
+EVENTS_FLUSH_PROG = "ks_events_flush"
+RATE_KEY_FMT = "<QII"  # struct ks_rate_key
+RATE_FMT = "<QQII16sBBHI16s"  # struct ks_rate
 
 # Drop events (ksbpf.linux.events reads them).
 EVENTS_BYTES = 256 * 1024  # ~4000 events: one second of every key's allowance on a busy host
@@ -1509,6 +1513,7 @@ def _loader_main() -> int:
     try:
         fns["egress"] = b.load_func(PROGS["egress"], BPF.CGROUP_SKB, attach_type=ATTACH_EGRESS)
         fns["sock_create"] = b.load_func(PROGS["sock_create"], BPF.CGROUP_SOCK, attach_type=ATTACH_SOCK_CREATE)
+        flush = b.load_func(EVENTS_FLUSH_PROG, BPF.CGROUP_SKB, attach_type=ATTACH_EGRESS)
     except Exception as e:  # BCC raises bare Exception; stderr has the verifier log
         print(json.dumps({"error": f"the kernel refused the program: {e}"}))
         return 1
@@ -1534,6 +1539,7 @@ def _loader_main() -> int:
                 obj_pin(lib.bpf_table_fd(b.module, name.encode()), Path(gen_dir) / name)
             for kind, fn in fns.items():
                 obj_pin(fn.fd, Path(gen_dir) / kind)
+            obj_pin(flush.fd, Path(gen_dir) / EVENTS_FLUSH_PIN)
         except OSError as e:
             print(json.dumps({"error": f"pinning under {gen_dir} failed: {e}"}))
             return 1
@@ -2273,7 +2279,7 @@ class BpfLayer:
             OWNERS_PIN: (MAP_SK_STORAGE, 4, struct.calcsize(OWNER_FMT), None),
             EVENTS_PIN: (MAP_RINGBUF, 0, 0, self.events_bytes),
             EVENTS_LOST_PIN: (MAP_PERCPU_ARRAY, 4, 8, 1),
-            EVENTS_RATE_PIN: (MAP_LRU_HASH, 16, 24, EVENTS_RATE_KEYS),
+            EVENTS_RATE_PIN: (MAP_LRU_HASH, struct.calcsize(RATE_KEY_FMT), struct.calcsize(RATE_FMT), EVENTS_RATE_KEYS),
         }
         legacy = self.dir / SK_NETNS_PIN  # replaced by the owner records, which carry the netns
         if legacy.exists():

@@ -10,6 +10,7 @@ readable when records are there.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -33,7 +34,17 @@ from ksbpf.events import (
     named,
     parse_record,
 )
-from ksbpf.linux.bpf import MAP_RINGBUF, map_info, obj_get, os_reason
+from ksbpf.linux.bpf import (
+    EVENTS_FLUSH_PIN,
+    EVENTS_PIN,
+    EVENTS_RATE_PIN,
+    MAP_RINGBUF,
+    BpfMap,
+    _sys_bpf,
+    map_info,
+    obj_get,
+    os_reason,
+)
 from ksbpf.linux.cgroup import cgroup2_mount, ids_by_path
 
 _BUSY = 1 << 31
@@ -131,6 +142,39 @@ class EventReader:
                 logging.getLogger("ksbpf.events").exception("drop events: a batch failed")
 
 
+_BPF_PROG_TEST_RUN = 10
+_ETH_NOT_IP = b"\0" * 12 + b"\x88\xb5"  # an Ethernet header the test run parses no IP header behind
+
+
+def _test_run(prog_fd: int, data: bytes) -> int:
+    buf = ctypes.create_string_buffer(data, len(data))
+    a = ctypes.create_string_buffer(80)
+    struct.pack_into("<IIIIQQII", a, 0, prog_fd, 0, len(data), 0, ctypes.addressof(buf), 0, 1, 0)
+    _sys_bpf(_BPF_PROG_TEST_RUN, a, "running ks_events_flush")
+    return int(struct.unpack_from("<I", a, 4)[0])
+
+
+def flush_held(instance_dir: Path) -> int:
+    """The end of a flood: drops the kernel's rate limit held back, in keys whose window is
+    over and which no later drop carried, are reported now (by the newest generation's
+    ks_events_flush, which takes them atomically). Returns the events it made."""
+    rate = instance_dir / EVENTS_RATE_PIN
+    gens = sorted((g for g in instance_dir.glob("g*") if (g / EVENTS_FLUSH_PIN).exists()),
+                  key=lambda g: int(g.name[1:]) if g.name[1:].isdigit() else -1)
+    if not gens or not rate.exists():
+        return 0
+    now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    with BpfMap.pinned(rate) as m:
+        due = [k for k, v in m.items() if (w := struct.unpack_from("<QQ", v))[1] and now_ns - w[0] >= 1_000_000_000]
+    if not due:
+        return 0
+    fd = obj_get(gens[-1] / EVENTS_FLUSH_PIN)
+    try:
+        return sum(_test_run(fd, _ETH_NOT_IP + k) for k in due)
+    finally:
+        os.close(fd)
+
+
 class CgroupPaths:
     """cgroup id -> path below the cgroup2 mount, for events: a cache, refilled by a walk
     of the tree (at most once per `refresh_s`) when an id is not in it."""
@@ -173,11 +217,14 @@ class DropEventPump:
         self._lock = threading.Lock()
         self._reader: EventReader | None = None
         self._map_id: int | None = None
+        self._dir: Path | None = None
+        self._flushed_at = 0.0
         self.bad_records = 0
 
-    def ensure(self, ring: Path) -> str:
-        """Read `ring` (again, when the pinned map changed: a `down` and a new load make
-        another). Returns "" or why events cannot be read."""
+    def ensure(self, instance_dir: Path) -> str:
+        """Read the instance's ring buffer (again, when the pinned map changed: a `down` and
+        a new load make another). Returns "" or why events cannot be read."""
+        ring = instance_dir / EVENTS_PIN
         try:
             fd = obj_get(ring)
         except OSError as e:
@@ -195,7 +242,7 @@ class DropEventPump:
             reader = EventReader(ring, self._deliver)
         except BpfError as e:
             return str(e)
-        self._reader, self._map_id = reader, map_id
+        self._reader, self._map_id, self._dir = reader, map_id, instance_dir
         reader.start()
         return ""
 
@@ -233,6 +280,12 @@ class DropEventPump:
                 self._recent.extend(events)
             for e in events:
                 self.coalescer.add(e, now)
+        if self._dir is not None and now - self._flushed_at >= 1.0:
+            self._flushed_at = now
+            try:
+                flush_held(self._dir)  # its events come in the next batch
+            except OSError as e:
+                self.log.debug("drop events: flushing held-back drops: %s", e)
         if self.coalescer.due(now):
             self._flush()
 

@@ -27,6 +27,7 @@ def test_layouts_match_the_c_structs() -> None:
     assert ev.EVENT_SIZE == 64 == struct.calcsize(bpf.EVENT_FMT)  # struct ks_event
     assert ev.EVENT_FMT == bpf.EVENT_FMT
     assert struct.calcsize(bpf.OWNER_FMT) == 40  # struct ks_owner
+    assert struct.calcsize(bpf.RATE_KEY_FMT) == 16 and struct.calcsize(bpf.RATE_FMT) == 64  # ks_rate_key, ks_rate
 
 
 def test_record_parses_into_an_event() -> None:
