@@ -254,6 +254,12 @@ def test_status_agrees_with_the_kernel(boot: Boot) -> None:
     assert mnt.returncode == 0, f"no bpffs at /sys/fs/bpf in PID 1's mount namespace: {mnt.stdout}{mnt.stderr}"
     pins = boot.ct.run("ls", "/sys/fs/bpf/ksbpf")
     assert pins.returncode == 0 and pins.stdout.strip(), f"no pins under /sys/fs/bpf/ksbpf outside the daemon: {pins.stderr}"
+    # doctor as a service of the container sees it (nspawn's seccomp filter, its capabilities),
+    # which nsenter from the host would not.
+    doctor = boot.ct.run("systemd-run", "--wait", "--pipe", "-q", "ksctl", "doctor", "--config", "/etc/ksbpf/policy.toml",
+                         timeout=120)
+    assert doctor.returncode == 0 and "all three layers can engage here" in doctor.stdout, (
+        f"ksctl doctor inside the container (exit {doctor.returncode}):\n{doctor.stdout}{doctor.stderr}")
     text = boot.ct.run("ksctl", "status")
     assert text.returncode == 0, f"ksctl status exited {text.returncode}: {text.stdout}{text.stderr}"
 
