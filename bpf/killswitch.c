@@ -607,8 +607,10 @@ int ks_sock_create(struct bpf_sock *sk)
     if (owner) {
         owner->netns_cookie = cookie;
         owner->cgroup_id = bpf_get_current_cgroup_id();
+#ifndef KS_NO_TASK_HELPERS  /* kernels before 6.1: the record names no process */
         owner->tgid = bpf_get_current_pid_tgid() >> 32;
         bpf_get_current_comm(owner->comm, sizeof(owner->comm));
+#endif
     }
     if (cookie != cfg->netns_cookie)
         return 1;

@@ -60,6 +60,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import importlib.resources
 import ipaddress
@@ -618,6 +619,41 @@ def probe_netns_cookie_helper() -> bool:
     return True
 
 
+_PROG_CGROUP_SOCK = 9
+
+
+@functools.lru_cache(maxsize=1)
+def probe_sock_task_helpers() -> bool:
+    """May cgroup/sock_create programs ask who "current" is (bpf_get_current_pid_tgid and
+    bpf_get_current_comm, 6.1+)? Without them sockets' owner records carry no process."""
+    insns = b"".join(
+        struct.pack("<BBhi", code, regs, off, imm)
+        for code, regs, off, imm in (
+            (0xBF, 0x16, 0, 0),  # r6 = r1
+            (0x85, 0x00, 0, 14),  # call bpf_get_current_pid_tgid
+            (0xBF, 0xA1, 0, 0),  # r1 = r10
+            (0x07, 0x01, 0, -16),  # r1 += -16
+            (0xB7, 0x02, 0, 16),  # r2 = 16
+            (0x85, 0x00, 0, 16),  # call bpf_get_current_comm(r1, r2)
+            (0xB7, 0x00, 0, 1),  # r0 = 1
+            (0x95, 0x00, 0, 0),  # exit
+        )
+    )
+    prog = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    a = _attr()
+    struct.pack_into("<IIQQ", a, 0, _PROG_CGROUP_SOCK, len(insns) // 8, ctypes.addressof(prog), ctypes.addressof(lic))
+    struct.pack_into("<I", a, 68, ATTACH_SOCK_CREATE)
+    try:
+        fd = _sys_bpf(_BPF_PROG_LOAD, a, "probe")
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EACCES):
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
 def netns_cookie(name: str | None) -> int:
     """The cookie of a named netns (None: this thread's), as BPF's bpf_get_netns_cookie sees it."""
     with netns(name):
@@ -892,9 +928,11 @@ def check_events_bytes(n: int) -> int:
 
 
 def cflags(netns_mode: str, pin_dir: Path | None, capacity: Capacity | None = None,
-           events_bytes: int = EVENTS_BYTES, nft_events: btf.KfreeSkb | None = None) -> list[str]:
+           events_bytes: int = EVENTS_BYTES, nft_events: btf.KfreeSkb | None = None,
+           task_helpers: bool = True) -> list[str]:
     """Constants for the C source. Policy never goes here: it goes into maps.
-    `nft_events`: how to build the kfree_skb program for this kernel (None: not built)."""
+    `nft_events`: how to build the kfree_skb program for this kernel (None: not built);
+    `task_helpers`: probe_sock_task_helpers()."""
     flags = [f"-DKS_R_{r.value.upper()}={REASON_NUMBERS[r]}" for r in DROP_REASONS]
     flags += [f"-DKS_MAX_DEPTH={MAX_CGROUP_DEPTH}", f"-DKS_MAX_DROP_KEYS={MAX_DROP_KEYS}"]
     flags += (capacity or Capacity()).cflags()
@@ -902,6 +940,8 @@ def cflags(netns_mode: str, pin_dir: Path | None, capacity: Capacity | None = No
               f"-DKS_EVENTS_RATE_KEYS={EVENTS_RATE_KEYS}"]
     if nft_events is not None:
         flags += nft_events.cflags()
+    if not task_helpers:
+        flags.append("-DKS_NO_TASK_HELPERS")
     if netns_mode == "sk_storage":
         flags.append("-DKS_NETNS_SK_STORAGE")
     if pin_dir is not None:
@@ -2175,7 +2215,7 @@ class BpfLayer:
             if capacity is None or not capacity.holds(plan):
                 capacity = Capacity.for_plan(plan)
             nft, nft_why = nft_events_build()
-            flags = cflags(mode, self.dir, capacity, self.events_bytes, nft)
+            flags = cflags(mode, self.dir, capacity, self.events_bytes, nft, probe_sock_task_helpers())
             header = Config(cookie, 0, target_id, plan.flags, plan.endpoint_mark, self.instance,
                             build=build_digest(_source_dir(), flags, source, mode))
             if live is not None and live[1].build == header.build:
@@ -3087,7 +3127,9 @@ def bpffs_check() -> tuple[str, bool, str]:
 def trial_compile(source: headers.KernelSource, netns_mode: str = "auto") -> LoadStats:
     """Compile and verifier-load the programs without pinning or attaching anything."""
     mode = netns_mode if netns_mode != "auto" else ("helper" if probe_netns_cookie_helper() else "sk_storage")
-    return _run_loader(source, mode, cflags(mode, None), None)
+    nft, why = nft_events_build()
+    return _run_loader(source, mode, cflags(mode, None, None, EVENTS_BYTES, nft, probe_sock_task_helpers()), None,
+                       nft, why)
 
 
 if __name__ == "__main__":
