@@ -480,3 +480,16 @@ def test_purge_leaves_nothing_in_the_kernel_or_on_disk(boot: Boot) -> None:
     left_files = [p for p in found if p not in ("/etc/ksbpf", "/etc/ksbpf/policy.toml", "/etc/ksbpf-boot-test-root")
                   and not p.startswith(("/usr/local/lib/ksbpf-boot-test", "/proc/", "/root/ksbpf_"))]
     assert not left_files, f"files of ksbpf left after purge: {left_files}"
+
+
+def test_control_the_leak_counter_sees_the_probe_without_ksbpf(boot: Boot) -> None:
+    """With ksbpf purged, the same probe's packets arrive and are counted as leaks: the
+    zero counts above are ksbpf's doing, not a counter that cannot count."""
+    before = boot.wire.counters()["leak"]
+    boot.ct.run("systemctl", "start", "leak-probe.service")
+    try:
+        wait_for(lambda: boot.wire.counters()["leak"] > before + 10, "the unprotected probe's packets at the ISP", timeout=30)
+        flows = " ".join(boot.wire.leaked())
+        assert Wire.CT4 in flows and Wire.CT6 in flows, f"the leak set does not show both families: {flows}"
+    finally:
+        boot.ct.run("systemctl", "stop", "leak-probe.service")
