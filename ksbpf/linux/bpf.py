@@ -5,7 +5,10 @@ Two programs per generation, attached with BPF_F_ALLOW_MULTI to the policy's [bp
 `ks_egress` (cgroup_skb/egress) drops what would leave outside the tunnel and counts it,
 `ks_sock_create` (cgroup/sock_create) gives sockets of exempt cgroups their exempt mark
 and those of endpoint cgroups the endpoint mark (ksbpf.marks), so routing and nftables
-can tell them apart.
+can tell them apart, and records who made each socket. Two more report drops (drop
+events, read by ksbpf.linux.events): `ks_kfree_skb` (tp_btf/kfree_skb, attached through a
+pinned bpf_link) reports nftables' drops, and `ks_events_flush` (never attached; ksbpfd
+runs it) reports what the events' rate limit held back at the end of a flood.
 
 Design, in short (the why of each is next to the code that does it):
 
