@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import profile, report
+from bench import dropflood, profile, report
 from bench.configs import CONFIGS, SCALED, ConfigError, Engager
 from bench.control import ControlPlane
 from bench.topology import Topology
@@ -168,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-rounds", type=int, default=2,
                    help="rounds of perf profiles of the UDP sender per configuration (default 2; 0: none)")
     p.add_argument("--profile-seconds", type=float, default=3.0)
+    p.add_argument("--drop-rounds", type=int, default=3,
+                   help="rounds of the drop flood: ksbpfd's CPU while a sender's packets are dropped "
+                        "(default 3; 0: none)")
+    p.add_argument("--drop-seconds", type=float, default=10.0, help="seconds per drop-flood interval (default 10)")
+    p.add_argument("--drop-pps", type=float, default=100_000.0,
+                   help="packets per second the drop-flood sender aims at (default 100000)")
     p.add_argument("--skip-dataplane", action="store_true")
     p.add_argument("--skip-control", action="store_true")
     p.add_argument("--no-daemon", action="store_true", help="skip the control plane through ksbpfd")
@@ -188,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.control_rounds, args.profile_rounds = 1, 1.0, 1, 1
-        args.profile_seconds = 1.0
+        args.profile_seconds, args.drop_rounds, args.drop_seconds = 1.0, 1, 2.0
         if args.n == list(DEFAULT_NS):
             args.n = [1, 1000]
         args.no_readme = True
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataplane": [],
         "profile": [],
         "control": [],
+        "drops": [],
         "notes": [],
     }
     out_path = report.results_path(args.results, started, platform.release(), quick=args.quick, tag=args.tag)
@@ -256,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                             report.write_results(results, out_path)
                     finally:
                         wl.stop_servers()
+                if args.drop_rounds > 0:
+                    _clean(eng, {"config": "ksbpf", "n": 1}, log)
+                    try:
+                        results["drops"] = dropflood.DropFlood(eng, udpbench, work, args.sender_cpu).run(
+                            args.drop_rounds, args.drop_seconds, args.drop_pps, log)
+                    finally:
+                        eng.reset("ksbpf")
+                    report.write_results(results, out_path)
                 if not args.skip_control:
                     cp = ControlPlane(eng, work)
                     results["process"] = cp.process_floor()

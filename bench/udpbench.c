@@ -1,8 +1,11 @@
 /* udpbench: UDP packet-rate and request/response latency for ksbpf's benchmarks.
  *
  *   udpbench sink  PORT SECONDS              count datagrams; JSON on stdout
- *   udpbench blast HOST PORT SIZE SECONDS BATCH
- *                                            send SIZE-byte datagrams (sendmmsg, BATCH per call)
+ *   udpbench blast HOST PORT SIZE SECONDS BATCH [PPS [DEV]]
+ *                                            send SIZE-byte datagrams (sendmmsg, BATCH per call),
+ *                                            at most PPS a second (0: as fast as it can), out of
+ *                                            DEV (SO_BINDTODEVICE); "attempts" counts failed sends
+ *                                            too (a kill switch's drop fails the send: EPERM)
  *   udpbench echo  PORT                      echo every datagram back until killed
  *   udpbench rr    HOST PORT SIZE SECONDS    one request in flight; RTT percentiles
  *
@@ -131,13 +134,19 @@ static int cmd_sink(int port, double seconds)
 	return 0;
 }
 
-static int cmd_blast(const char *host, int port, int size, double seconds, int batch)
+static int cmd_blast(const char *host, int port, int size, double seconds, int batch, double pps,
+		     const char *dev)
 {
-	if (size < 1 || size > MAX_SIZE || batch < 1 || batch > MAX_BATCH) {
-		fprintf(stderr, "udpbench: size 1-%d, batch 1-%d\n", MAX_SIZE, MAX_BATCH);
+	if (size < 1 || size > MAX_SIZE || batch < 1 || batch > MAX_BATCH || pps < 0) {
+		fprintf(stderr, "udpbench: size 1-%d, batch 1-%d, pps >= 0\n", MAX_SIZE, MAX_BATCH);
 		return 2;
 	}
-	int fd = connected(host, port);
+	int fd = udp_socket();
+	if (dev && *dev && setsockopt(fd, SOL_SOCKET, SO_BINDTODEVICE, dev, (socklen_t)strlen(dev)) < 0)
+		die("SO_BINDTODEVICE");
+	struct sockaddr_in dst = addr_of(host, port);
+	if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) < 0)
+		die("connect");
 	char *buf = calloc(1, (size_t)size);
 	struct mmsghdr msgs[MAX_BATCH];
 	struct iovec iov = { .iov_base = buf, .iov_len = (size_t)size };
@@ -146,16 +155,34 @@ static int cmd_blast(const char *host, int port, int size, double seconds, int b
 		msgs[i].msg_hdr.msg_iov = &iov;
 		msgs[i].msg_hdr.msg_iovlen = 1;
 	}
-	uint64_t sent = 0, errors = 0, start = now_ns(), end = start + (uint64_t)(seconds * 1e9), t = start;
+	uint64_t sent = 0, errors = 0, attempts = 0, start = now_ns(), end = start + (uint64_t)(seconds * 1e9),
+		 t = start;
+	int last_errno = 0;
 	while (t < end) {
 		for (int k = 0; k < 64; k++) {
 			int n = batch == 1 ? (int)(send(fd, buf, (size_t)size, 0) == size) : sendmmsg(fd, msgs, (unsigned)batch, 0);
-			if (n > 0)
+			if (n > 0) {
 				sent += (uint64_t)n;
-			else
+				attempts += (uint64_t)n;
+			} else {
 				errors++;
+				attempts++;
+				last_errno = errno;
+			}
 		}
 		t = now_ns();
+		if (pps > 0) {
+			/* Paced: sleep until the schedule has caught up with what was attempted. */
+			uint64_t due = start + (uint64_t)((double)attempts / pps * 1e9);
+			if (due > end)
+				due = end;
+			if (due > t) {
+				struct timespec ts = { .tv_sec = (time_t)((due - t) / 1000000000ull),
+						       .tv_nsec = (long)((due - t) % 1000000000ull) };
+				nanosleep(&ts, NULL);
+				t = now_ns();
+			}
+		}
 	}
 	double span = (double)(t - start) / 1e9;
 	/* The veth peer's receive path runs in this task's softirq on this CPU, so this CPU
@@ -164,10 +191,10 @@ static int cmd_blast(const char *host, int port, int size, double seconds, int b
 	getrusage(RUSAGE_SELF, &ru);
 	double cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
 		     (double)ru.ru_stime.tv_usec / 1e6;
-	printf("{\"packets\": %llu, \"errors\": %llu, \"seconds\": %.6f, \"pps\": %.1f, \"cpu_s\": %.6f, "
-	       "\"pps_per_cpu\": %.1f}\n",
-	       (unsigned long long)sent, (unsigned long long)errors, span, (double)sent / span, cpu,
-	       cpu > 0 ? (double)sent / cpu : 0.0);
+	printf("{\"packets\": %llu, \"errors\": %llu, \"attempts\": %llu, \"last_errno\": %d, \"seconds\": %.6f, "
+	       "\"pps\": %.1f, \"attempts_pps\": %.1f, \"cpu_s\": %.6f, \"pps_per_cpu\": %.1f}\n",
+	       (unsigned long long)sent, (unsigned long long)errors, (unsigned long long)attempts, last_errno, span,
+	       (double)sent / span, (double)attempts / span, cpu, cpu > 0 ? (double)sent / cpu : 0.0);
 	return 0;
 }
 
@@ -247,13 +274,14 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc == 4 && !strcmp(argv[1], "sink"))
 		return cmd_sink(atoi(argv[2]), atof(argv[3]));
-	if (argc == 7 && !strcmp(argv[1], "blast"))
-		return cmd_blast(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]));
+	if (argc >= 7 && argc <= 9 && !strcmp(argv[1], "blast"))
+		return cmd_blast(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]), atoi(argv[6]),
+				 argc >= 8 ? atof(argv[7]) : 0.0, argc == 9 ? argv[8] : NULL);
 	if (argc == 3 && !strcmp(argv[1], "echo"))
 		cmd_echo(atoi(argv[2]));
 	if (argc == 6 && !strcmp(argv[1], "rr"))
 		return cmd_rr(argv[2], atoi(argv[3]), atoi(argv[4]), atof(argv[5]));
-	fprintf(stderr, "usage: udpbench sink PORT SECONDS | blast HOST PORT SIZE SECONDS BATCH | "
+	fprintf(stderr, "usage: udpbench sink PORT SECONDS | blast HOST PORT SIZE SECONDS BATCH [PPS [DEV]] | "
 			"echo PORT | rr HOST PORT SIZE SECONDS\n");
 	return 2;
 }
