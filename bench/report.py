@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import profile, stats
+from bench import dropflood, profile, stats
 from bench.configs import LABELS, SCALED
 
 BEGIN = "<!-- bench:begin -->"
@@ -216,6 +216,7 @@ def render_markdown(results: Mapping[str, Any], json_path: Path | None = None,
         for c, n in scale_errs:
             lines.append(f"\n{LABELS.get(c, c)} at n={n:,} refused: `{errs[(c, n)][:160]}`")
     lines += _profile_markdown(results)
+    lines += drops_markdown(results)
     lines += _control_markdown(results, ns)
     lines += ["", "**Targets** (issue 6)", "", "| target | measured | met |", "|---|---:|:---:|"]
     for t in targets(results):
@@ -248,6 +249,33 @@ def _profile_markdown(results: Mapping[str, Any]) -> list[str]:
         cells = " | ".join(_fmt(r["ns"].get(p), 0) for p in shown)
         lines.append(f"| {LABELS.get(r['config'], r['config'])} | {r['n']:,} | {_fmt(r['ns_per_packet'], 0)} | "
                      f"{cells} | {_fmt(r['attributed_ns'], 0)} |")
+    return lines
+
+
+def drops_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The drop flood (issue 11): ksbpfd's CPU next to the drop rate, and the events lost."""
+    samples = results.get("drops", [])
+    row = dropflood.summarize(samples)
+    errs = sorted({s["error"][:160] for s in samples if "error" in s})
+    if row is None and not errs:
+        return []
+    p = results.get("params", {})
+    lines = ["", "**Dropped-packet flood**: ksbpfd engaged (all layers, drop events on), a sender in the bench "
+             f"cgroup sends {p.get('udp_size', 64)}-byte UDP to a DNS server outside the tunnel out of the "
+             "uplink, paced; nftables drops every datagram (reason `dns`) and reports it as a drop event. "
+             "Dropped: the drop counters' delta over the interval; ksbpfd's CPU: utime + stime of all its "
+             "threads over the same interval (/proc/<pid>/stat), in % of one CPU; at rest: an interval of the "
+             f"same length with no sender. Medians of {row['samples'] if row else 0} intervals of "
+             f"{_fmt(row['seconds'] if row else None, 0)} s.", "",
+             "| sender aims at | dropped | ksbpfd CPU while dropping | ksbpfd CPU at rest | events lost |",
+             "|---:|---:|---:|---:|---:|"]
+    if row is not None:
+        lost = "–" if row["events_lost"] is None else f"{row['events_lost']:,.0f}"
+        lines.append(f"| {_fmt(row['target_pps'], 0)} pps | {_fmt(row['drop_pps'], 0)} pps | "
+                     f"{_fmt(row['daemon_cpu_pct'], 2)} % (max {_fmt(row['daemon_cpu_pct_max'], 2)} %) | "
+                     f"{_fmt(row['idle_cpu_pct'], 2)} % | {lost} |")
+    for e in errs:
+        lines.append(f"\nDrop flood: `{e}`")
     return lines
 
 

@@ -270,3 +270,81 @@ def test_minimal_program_is_one_lookup_then_pass() -> None:
     assert len(code) == 8 * 8
     assert code[3 * 8] == 0x18 and int.from_bytes(code[3 * 8 + 4: 3 * 8 + 8], "little") == 7
     assert code[-8] == 0x95
+
+
+# ------------------------------------------------------------------ drop flood
+
+METRICS_BEFORE = """\
+# HELP ksbpf_dropped_packets_total Packets dropped.
+# TYPE ksbpf_dropped_packets_total counter
+ksbpf_dropped_packets_total{layer="nftables",reason="dns",family="ipv4",cgroup=""} 10.0
+ksbpf_dropped_packets_total{layer="bpf",reason="dns",family="ipv4",cgroup="a"} 2.0
+ksbpf_dropped_packets_total{layer="bpf",reason="dns",family="ipv4",cgroup="b"} 3.0
+# HELP ksbpf_drop_events_lost_total Events lost.
+# TYPE ksbpf_drop_events_lost_total counter
+ksbpf_drop_events_lost_total 1.0
+"""
+
+
+def test_parse_drop_metrics_sums_over_other_labels() -> None:
+    from bench.dropflood import parse_drop_metrics
+
+    m = parse_drop_metrics(METRICS_BEFORE)
+    assert m["dropped"] == {"nftables/dns": 10.0, "bpf/dns": 5.0}
+    assert m["dropped_total"] == 15.0 and m["lost"] == 1.0
+    assert parse_drop_metrics("# nothing\n") == {"dropped": {}, "dropped_total": 0, "lost": None}
+
+
+def test_cpu_ticks_reads_utime_and_stime_past_an_odd_command_name() -> None:
+    from bench.dropflood import cpu_ticks
+
+    fields = ["S"] + [str(i) for i in range(4, 14)] + ["700", "55"] + ["0"] * 30
+    assert cpu_ticks("812 (ks bpf) (d)) " + " ".join(fields)) == 755
+
+
+def test_interval_turns_two_scrapes_into_rate_cpu_and_lost() -> None:
+    from bench.dropflood import interval, parse_drop_metrics
+
+    before = parse_drop_metrics(METRICS_BEFORE)
+    after = parse_drop_metrics(METRICS_BEFORE.replace("} 10.0", "} 1000010.0").replace("lost_total 1.0",
+                                                                                        "lost_total 1.0"))
+    s = interval(before, after, ticks_before=100, ticks_after=106, seconds=10.0, clk_tck=100)
+    assert s["dropped"] == {"nftables/dns": 1_000_000.0}
+    assert s["drop_pps"] == pytest.approx(100_000.0)
+    assert s["daemon_cpu_pct"] == pytest.approx(0.6) and s["daemon_cpu_s"] == pytest.approx(0.06)
+    assert s["events_lost"] == 0.0
+    assert interval(before, {"dropped": {}, "lost": None}, 0, 0, 1.0, 100)["events_lost"] is None
+    with pytest.raises(ValueError):
+        interval(before, after, 0, 0, 0.0, 100)
+
+
+def _drop_samples() -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for rnd, (cpu, idle, pps, lost) in enumerate([(0.6, 0.4, 99_000.0, 0.0), (0.9, 0.5, 98_000.0, 2.0),
+                                                  (0.7, 0.3, 97_000.0, 0.0)]):
+        out.append({"round": rnd, "phase": "idle", "seconds": 10.0, "drop_pps": 0.0, "daemon_cpu_pct": idle,
+                    "events_lost": 0.0})
+        out.append({"round": rnd, "phase": "flood", "seconds": 10.0, "drop_pps": pps, "daemon_cpu_pct": cpu,
+                    "events_lost": lost, "target_pps": 100_000.0, "sender_attempts_pps": pps + 500})
+    out.append({"round": 3, "phase": "flood", "error": "udpbench blast exited 1: boom"})
+    return out
+
+
+def test_drop_flood_summary_takes_medians_and_sums_the_lost() -> None:
+    from bench.dropflood import summarize
+
+    row = summarize(_drop_samples())
+    assert row is not None
+    assert row["samples"] == 3
+    assert row["drop_pps"] == 98_000.0 and row["sender_pps"] == 98_500.0
+    assert row["daemon_cpu_pct"] == 0.7 and row["daemon_cpu_pct_max"] == 0.9
+    assert row["idle_cpu_pct"] == 0.4
+    assert row["events_lost"] == 2.0
+    assert summarize([s for s in _drop_samples() if s["phase"] == "idle"]) is None
+
+
+def test_render_markdown_shows_the_drop_flood_next_to_its_rate() -> None:
+    md = report.render_markdown({**_results(), "drops": _drop_samples()})
+    assert "| 100,000 pps | 98,000 pps | 0.70 % (max 0.90 %) | 0.40 % | 2 |" in md
+    assert "Drop flood: `udpbench blast exited 1: boom`" in md
+    assert "Dropped-packet flood" not in report.render_markdown(_results())
