@@ -135,6 +135,36 @@ def cgroup2_check() -> Check:
         return Check("cgroup2", False, f"{e}; the BPF layer attaches to a cgroup2 cgroup")
 
 
+def socket_mark_check(caps: int | None) -> Check:
+    """ksctl marks the sockets exempt services made before ksbpf engaged (ksbpf.sockmark)
+    with pidfd_getfd(2), which needs CAP_SYS_PTRACE and a seccomp filter that allows it.
+    Not required: without it such a service stays blocked until it restarts (fail closed)."""
+    import errno
+
+    from ksbpf.sockmark import _pidfd_getfd
+
+    name = "pidfd_getfd"
+    fix = ("exempt services started before ksbpf engaged stay blocked until they restart. "
+           "systemd-nspawn: --system-call-filter='bpf pidfd_getfd'; docker: a seccomp profile that allows "
+           "pidfd_getfd, and --cap-add SYS_PTRACE")
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+    except OSError as e:
+        return Check(name, False, f"pidfd_open refused ({e.strerror}): {fix}", required=False)
+    r, w = os.pipe()
+    try:
+        os.close(_pidfd_getfd(pidfd, w))
+    except OSError as e:
+        why = "refused by a seccomp filter" if e.errno in (errno.EPERM, errno.ENOSYS) else e.strerror
+        return Check(name, False, f"{why}: {fix}", required=False)
+    finally:
+        for fd in (pidfd, r, w):
+            os.close(fd)
+    if caps is not None and not caps & (1 << 19):  # CAP_SYS_PTRACE: another process's descriptors
+        return Check(name, False, f"allowed, but CAP_SYS_PTRACE is missing: {fix}", required=False)
+    return Check(name, True, "ksctl can mark the sockets exempt services made before ksbpf engaged", required=False)
+
+
 def bpffs_check() -> Check:
     try:
         from ksbpf.linux.bpf import bpffs_check as check
@@ -162,6 +192,7 @@ def collect(kernel_source: str | None = None, prepare: str | None = None, netns:
         cgroup2_check(),
         bpffs_check(),
         bpf_syscall_check(),
+        socket_mark_check(effective_caps()),
         *_bpf(kernel_source, prepare),
     ]
     optional: list[Callable[[], Check]] = [

@@ -256,7 +256,10 @@ def nspawn_run(root: Path, cgroup: BootCgroup, argv: list[str], *, binds: tuple[
                network: bool, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run a command in the root without booting it (as a chroot would). network=False
     gives it a network namespace of its own with nothing in it: offline."""
-    cmd = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root), "--resolv-conf=replace-host"
+    # A machine name of its own: nspawn keeps /run/systemd/nspawn/propagate/<name>, which two
+    # runs named after their directory ("root") would share and fight over.
+    cmd = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root),
+           f"--machine=ksbpf-run-{os.urandom(4).hex()}", "--resolv-conf=replace-host"
            if network else "--resolv-conf=off", "--timezone=off", "--link-journal=no"]
     if not network:
         cmd.append("--private-network")
