@@ -17,9 +17,10 @@ import os
 import secrets
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ksbpf.linux.cgroup import remove_cgroup_tree
 
 CLIENT_IF = "kbtun0"
 SERVER_IF = "kbsrv0"
@@ -37,35 +38,6 @@ def sh(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.C
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
     return r
-
-
-def _kill_cgroup(d: Path) -> None:
-    try:
-        pids = (d / "cgroup.procs").read_text().split()
-    except FileNotFoundError:
-        return
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def remove_cgroup_tree(root: Path) -> None:
-    """Depth-first rmdir; processes still inside (only ours live there) are killed."""
-    if not root.exists():
-        return
-    dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-    for d in [*dirs, root]:
-        for _ in range(100):
-            _kill_cgroup(d)
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.02)
 
 
 @dataclass

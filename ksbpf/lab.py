@@ -1096,35 +1096,9 @@ def _cgroup2_mount() -> Path:
 
 
 def _remove_cgroup_tree(root: Path, protected: set[int]) -> list[str]:
-    if not root.exists():
-        return []
-    dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-    problems = []
-    for d in [*dirs, root]:
-        # A killed process leaves its cgroup only once it has exited, which on a loaded
-        # machine can take seconds: wait up to 10 s before calling the cgroup stuck.
-        for _ in range(500):
-            try:
-                pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
-            except FileNotFoundError:
-                break
-            if pids and not protected.intersection(pids) and (d / "cgroup.kill").exists():
-                with contextlib.suppress(OSError):  # every task at once, forks included (5.14+)
-                    (d / "cgroup.kill").write_text("1")
-            for pid in pids:
-                if pid not in protected:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.02)
-        else:
-            problems.append(f"cgroup {d}")
-    return problems
+    from ksbpf.linux.cgroup import remove_cgroup_tree
+
+    return remove_cgroup_tree(root, protected)
 
 
 # --------------------------------------------------------------------------- CLI entry points

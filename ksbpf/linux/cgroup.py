@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
+from collections.abc import Collection
 from pathlib import Path
 
 from ksbpf.errors import CgroupError
@@ -77,3 +81,37 @@ def ids_by_path(mount: Path | None = None, under: str = "") -> dict[str, int]:
         except FileNotFoundError:
             continue
     return out
+
+
+def remove_cgroup_tree(root: Path, protected: Collection[int] = ()) -> list[str]:
+    """Remove a cgroup tree this program made, deepest first, killing what still runs in
+    it (but `protected` pids, e.g. ourselves). Returns the cgroups that would not go."""
+    if not root.exists():
+        return []
+    dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    problems = []
+    for d in [*dirs, root]:
+        # A killed process leaves its cgroup only once it has exited, which on a loaded
+        # machine can take seconds: wait up to 10 s before calling the cgroup stuck.
+        for _ in range(500):
+            try:
+                pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+            except FileNotFoundError:
+                break
+            if pids and not set(protected).intersection(pids) and (d / "cgroup.kill").exists():
+                with contextlib.suppress(OSError):  # every task at once, forks included (5.14+)
+                    (d / "cgroup.kill").write_text("1")
+            for pid in pids:
+                if pid not in protected:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
+        else:
+            problems.append(f"cgroup {d}")
+    return problems

@@ -7,13 +7,12 @@ import os
 import secrets
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ksbpf.linux.cgroup import cgroup2_mount
+from ksbpf.linux.cgroup import cgroup2_mount, remove_cgroup_tree
 
 pytestmark = pytest.mark.kernel
 
@@ -90,26 +89,7 @@ class CgroupFactory:
         return str(d.relative_to(self.mount))
 
     def cleanup(self) -> None:
-        dirs = sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for d in [*dirs, self.root]:
-            procs = d / "cgroup.procs"
-            for _ in range(50):
-                try:
-                    pids = procs.read_text().split()
-                except FileNotFoundError:
-                    break
-                for pid in pids:
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
+        remove_cgroup_tree(self.root)
 
 
 @pytest.fixture

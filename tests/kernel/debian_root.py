@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksbpf.linux.cgroup import cgroup2_mount
+from ksbpf.linux.cgroup import cgroup2_mount, remove_cgroup_tree
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_ASSETS = Path(__file__).resolve().parent / "boot"
@@ -201,23 +201,7 @@ class BootCgroup:
         for top in (self.path, self.legacy):
             if top is None or not top.exists():
                 continue
-            dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-            for d in [*dirs, top]:
-                for _ in range(100):
-                    try:
-                        pids = (d / "cgroup.procs").read_text().split()
-                    except FileNotFoundError:
-                        break
-                    for pid in pids:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
-                    try:
-                        d.rmdir()
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        time.sleep(0.05)
+            remove_cgroup_tree(top)
 
 
 class OverlayRoot:
