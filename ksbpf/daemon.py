@@ -590,8 +590,11 @@ class Daemon:
             self._push_status()
 
     def _report_repair(self, layer: str, check: Any) -> None:
-        with self.notifier.keepalive(COMPILE_BOUND_S):  # repairing BPF may compile again
-            what = check()
+        if layer == "bpf":
+            with self.notifier.keepalive(COMPILE_BOUND_S):  # repairing BPF may compile again
+                what = check()
+        else:
+            what = check()  # milliseconds: no helper thread
         if what:
             log.warning("drift repaired in %s: %s", layer, what, extra={"KSBPF_LAYER": layer, "KSBPF_EVENT": "drift"})
             self._push_status()
