@@ -17,11 +17,12 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from ksbpf.doctor import socket_mark_check
 from ksbpf.linux import bpf as kbpf
 from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, PIN_ROOT, BpfLayer, prog_query
 from ksbpf.linux.engine import instance_name
@@ -390,26 +391,48 @@ def test_daemon_keeps_running_and_reports_what_the_environment_refuses(world: Wo
                 proc.wait()
 
 
-def _refuse_bpf_syscall() -> None:
-    """preexec_fn: a seccomp filter that answers bpf(2) with EPERM, as systemd-nspawn's
-    default filter (without --system-call-filter=bpf) and docker's default profile do."""
+def _refuse_syscall(nr: int) -> Callable[[], None]:
+    """A preexec_fn: a seccomp filter that answers system call `nr` with EPERM, as a
+    container's filter does (systemd-nspawn's default, docker's default profile)."""
     class SockFilter(ctypes.Structure):
         _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
 
-    nr_bpf = 321  # x86_64
-    prog = (SockFilter * 4)(
-        SockFilter(0x20, 0, 0, 0),  # A = seccomp_data.nr
-        SockFilter(0x15, 0, 1, nr_bpf),  # A == bpf ? next : skip one
-        SockFilter(0x06, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
-        SockFilter(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
-    )
-    fprog = SockFprog(4, prog)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
-        raise OSError(ctypes.get_errno(), "seccomp")
+    def install() -> None:
+        prog = (SockFilter * 4)(
+            SockFilter(0x20, 0, 0, 0),  # A = seccomp_data.nr
+            SockFilter(0x15, 0, 1, nr),  # A == nr ? next : skip one
+            SockFilter(0x06, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
+            SockFilter(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+        )
+        fprog = SockFprog(4, prog)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+            raise OSError(ctypes.get_errno(), "seccomp")
+
+    return install
+
+
+_refuse_bpf_syscall = _refuse_syscall(321)  # bpf(2) on x86_64
+
+
+def test_doctor_names_a_filter_that_refuses_pidfd_getfd() -> None:
+    """ksctl marks the sockets exempt services made before ksbpf engaged with pidfd_getfd(2)
+    (boot finding F4): a seccomp filter refusing it is named with the setting that fixes
+    it, and the check is not required (such services stay blocked: fail closed)."""
+    code = ("from ksbpf.doctor import socket_mark_check; c = socket_mark_check(None); "
+            "print(c.ok, c.required, c.detail, sep='|')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       preexec_fn=_refuse_syscall(438),  # pidfd_getfd: the same number on every architecture
+                       cwd=str(Path(__file__).parents[2]))
+    assert r.returncode == 0, r.stderr
+    ok, required, detail = r.stdout.strip().split("|", 2)
+    assert (ok, required) == ("False", "False"), r.stdout
+    assert "seccomp" in detail and "--system-call-filter='bpf pidfd_getfd'" in detail, detail
+    assert socket_mark_check(None).ok, "allowed without the filter"
+    assert "CAP_SYS_PTRACE" in socket_mark_check(0).detail, "and the capability is named"
 
 
 @requires_bpf
