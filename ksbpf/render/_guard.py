@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 from ksbpf.policy import PROTOS, Endpoint, Exemption, IPAddress, IPNetwork, Policy, PortSpec
 
@@ -108,3 +109,14 @@ def printable(name: str, text: str) -> str:
     if not all(c == "\n" or " " <= c <= "~" for c in text):
         raise ValueError(f"refusing to emit {name}: a non-printable or non-ASCII character slipped through")
     return text
+
+
+def subject(value: object, what: str, kind: str, validate: Callable[[str], str]) -> str:
+    """A platform subject (macOS user, Windows service or program) through the policy's own
+    validator, refused naming the key `what` and the `kind` of value expected."""
+    if not isinstance(value, str):
+        raise ValueError(f"refusing to render {what} {value!r}: {kind}")
+    try:
+        return validate(value)
+    except ValueError as e:
+        raise ValueError(f"refusing to render {what}: {e}") from None

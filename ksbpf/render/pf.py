@@ -83,12 +83,7 @@ _FILTER_WORDS = frozenset({"pass", "block", "anchor", "antispoof", "match", "inc
 
 
 def _user(name: object, what: str) -> str:
-    if not isinstance(name, str):
-        raise ValueError(f"refusing to render {what} {name!r}: a macOS user name or uid")
-    try:
-        return validate_macos_user(name)
-    except ValueError as e:
-        raise ValueError(f"refusing to render {what}: {e}") from None
+    return _guard.subject(name, what, "a macOS user name or uid", validate_macos_user)
 
 
 def main_ruleset(pf_conf: str | None = None) -> str:

@@ -76,21 +76,11 @@ TUNNEL = object()  # stands for $TunnelAliases in a rule
 
 
 def _program(path: object, what: str) -> str:
-    if not isinstance(path, str):
-        raise ValueError(f"refusing to render {what} {path!r}: a program path like C:\\Program Files\\X\\x.exe")
-    try:
-        return validate_windows_program(path)
-    except ValueError as e:
-        raise ValueError(f"refusing to render {what}: {e}") from None
+    return _guard.subject(path, what, "a program path like C:\\Program Files\\X\\x.exe", validate_windows_program)
 
 
 def _service(name: object, what: str) -> str:
-    if not isinstance(name, str):
-        raise ValueError(f"refusing to render {what} {name!r}: a Windows service name")
-    try:
-        return validate_windows_service(name)
-    except ValueError as e:
-        raise ValueError(f"refusing to render {what}: {e}") from None
+    return _guard.subject(name, what, "a Windows service name", validate_windows_service)
 
 
 def identity(service: str | None, program: str | None) -> dict[str, str]:
