@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids, is_exempt_mark
+from ksbpf.procmounts import cgroup2_mount_point
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -88,17 +89,6 @@ def _cgroup_dirs(mount: Path, marks: dict[str, int]) -> dict[Path, int]:
             if mark is not None:
                 out[d] = mark
     return out
-
-
-def _cgroup2_mount() -> Path | None:
-    # Not ksbpf.linux.cgroup's: ksctl imports this on its light client path (a daemon's
-    # reply), which must not pull in the policy parser or any kernel library.
-    with open("/proc/mounts", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "cgroup2":
-                return Path(fields[1].replace("\\040", " "))
-    return None
 
 
 _libc: ctypes.CDLL | None = None
@@ -170,7 +160,7 @@ def mark_existing_sockets(marks: dict[str, int], mount: Path | None = None) -> M
     report = MarkReport()
     if not marks:
         return report
-    root = mount if mount is not None else _cgroup2_mount()
+    root = mount if mount is not None else cgroup2_mount_point()
     if root is None:
         report.refused.append("no cgroup2 mount")
         return report

@@ -11,18 +11,17 @@ from pathlib import Path
 
 from ksbpf.errors import CgroupError
 from ksbpf.policy import normalize_cgroup
+from ksbpf.procmounts import cgroup2_mount_point
 
 
 def cgroup2_mount(mounts: str = "/proc/mounts") -> Path:
     """The cgroup2 mount point (/sys/fs/cgroup on unified systems, .../unified on hybrid)."""
     try:
-        with open(mounts, encoding="utf-8") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == "cgroup2":
-                    return Path(fields[1].replace("\\040", " "))
+        found = cgroup2_mount_point(mounts)
     except OSError as e:
         raise CgroupError(f"cannot read {mounts}: {e.strerror}", source="cgroup2") from None
+    if found is not None:
+        return found
     raise CgroupError(
         "no cgroup2 mount in /proc/mounts (inside `ip netns exec`? use ksctl --netns instead)",
         source="cgroup2",
