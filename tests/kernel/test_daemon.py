@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+import tests.nobody
 from ksbpf.linux.engine import LinuxEngine, state_dir_for
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh
 from tests.kernel.uplink import Uplink, add_tunnel, build_uplink, ksctl
@@ -850,8 +851,9 @@ def test_control_socket_serves_ksctl_and_refuses_bad_requests(world: World, daem
     assert d.status()["exemptions"] == []
 
     # Not root: the socket itself refuses (0600), and ksctl says so.
-    r = subprocess.run([sys.executable, "-m", "ksbpf.cli", "--netns", world.client, "status"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, user=65534, group=65534, cwd="/")
+    r = subprocess.run([tests.nobody.PYTHON, "-m", "ksbpf.cli", "--netns", world.client, "status"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": tests.nobody.package_copy()}, user=65534, group=65534,
+                       cwd="/")
     assert r.returncode != 0 and "permission denied" in r.stderr.lower(), r.stderr
 
     reply = raw(b'{"op": "reload"}\n')

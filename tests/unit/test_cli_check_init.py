@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.nobody
 from ksbpf import audit, cli, daemon
 from ksbpf.deps import DEBIAN_PACKAGES, MissingDependency, from_import_error, locate, require
 from ksbpf.policy import Endpoint, loads_policy
@@ -317,9 +318,12 @@ def _as_nobody() -> None:
 
 def run(argv: list[str], shared: Path, block: tuple[str, ...] = (), nobody: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM")}
-    env.update(PYTHONPATH=f"{shared}{os.pathsep}{REPO}", KSBPF_TEST_BLOCK=",".join(block))
-    return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=60, cwd=shared,
-                          preexec_fn=_as_nobody if nobody and os.geteuid() == 0 else None)
+    as_nobody = nobody and os.geteuid() == 0
+    # nobody may not enter the checkout (a clone in /root): tests.nobody gives it a readable copy.
+    package = tests.nobody.package_copy() if as_nobody else str(REPO)
+    env.update(PYTHONPATH=f"{shared}{os.pathsep}{package}", KSBPF_TEST_BLOCK=",".join(block))
+    return subprocess.run([tests.nobody.PYTHON if as_nobody else sys.executable, *argv], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=shared, preexec_fn=_as_nobody if as_nobody else None)
 
 
 def test_the_blocker_blocks(shared_dir: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import tests.nobody
 from ksbpf.control import (
     MAX_LINE,
     BadRequest,
@@ -204,7 +205,7 @@ def test_a_non_root_peer_is_refused_by_its_credentials(tmp_path: Path) -> None:
             "except BrokenPipeError:\n    pass  # refused at once; the reply is already queued\n"
             "print(s.recv(65536).decode())\n"
         )
-        r = subprocess.run([sys.executable, "-I", "-c", code, str(server.path)], capture_output=True, text=True,
+        r = subprocess.run([tests.nobody.PYTHON, "-I", "-c", code, str(server.path)], capture_output=True, text=True,
                            user=65534, group=65534, timeout=30, cwd="/")
         assert r.returncode == 0, r.stderr
         reply = json.loads(r.stdout)
