@@ -30,7 +30,6 @@ treats the tables as drifted if one did, or if notifications were lost meanwhile
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
@@ -48,6 +47,7 @@ from typing import Any
 
 from ksbpf.errors import BackendError, KsbpfError
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id
+from ksbpf.linux.libc import LibcError, checked, libc
 from ksbpf.linux.netns import netns
 from ksbpf.linux.nftgen import (  # noqa: F401  (re-exported: the watcher's parsers and tests use them)
     NETLINK_NETFILTER,
@@ -327,10 +327,10 @@ class CgroupWatcher(_Watcher):
 
     def __init__(self, emit: Emit) -> None:
         super().__init__("cgroup-watch", emit)
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._fd < 0:
-            raise BackendError("reconcile", f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        try:
+            self._fd = checked(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+        except LibcError as e:
+            raise BackendError("reconcile", e.strerror) from None
         self._watches: dict[int, Path] = {}  # watch descriptor -> directory
         self._wd_of: dict[Path, int] = {}
         self._point: dict[Path, Path] = {}  # cgroup directory -> the directory watched for it
@@ -404,9 +404,10 @@ class CgroupWatcher(_Watcher):
                 self._add_watch(p)
 
     def _add_watch(self, p: Path) -> None:
-        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(p), _WATCH_MASK)
-        if wd < 0:
-            log.warning("cannot watch %s: %s", p, os.strerror(ctypes.get_errno()))
+        try:
+            wd = checked(libc.inotify_add_watch(self._fd, os.fsencode(p), _WATCH_MASK), "inotify_add_watch")
+        except LibcError as e:
+            log.warning("cannot watch %s: %s", p, e.reason)
             return
         self._watches[wd] = p
         self._wd_of[p] = wd
@@ -414,7 +415,7 @@ class CgroupWatcher(_Watcher):
     def _unwatch(self, p: Path) -> None:
         wd = self._wd_of.pop(p)
         self._watches.pop(wd, None)
-        self._libc.inotify_rm_watch(self._fd, wd)
+        libc.inotify_rm_watch(self._fd, wd)
 
     def watched(self) -> list[Path]:
         with self._lock:

@@ -19,7 +19,6 @@ returned; enforcement never depends on it (an unmarked socket is blocked, never 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import socket
@@ -91,18 +90,12 @@ def _cgroup_dirs(mount: Path, marks: dict[str, int]) -> dict[Path, int]:
     return out
 
 
-_libc: ctypes.CDLL | None = None
-
-
 def _pidfd_getfd(pidfd: int, target: int) -> int:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = int(_libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0))
-    if fd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return fd
+    # Imported here, not above: ksctl's client path imports this module and needs
+    # ksbpf.linux only when there are sockets to mark.
+    from ksbpf.linux.libc import checked, libc
+
+    return checked(libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0), "pidfd_getfd")
 
 
 def _mark_process(pid: int, mark: int, seen: set[int], report: MarkReport) -> None:
@@ -132,7 +125,7 @@ def _mark_process(pid: int, mark: int, seen: set[int], report: MarkReport) -> No
             except OSError as e:
                 if e.errno in (errno.EBADF, errno.ESRCH):
                     continue  # closed or exited meanwhile
-                report.refused.append(f"pid {pid}: pidfd_getfd: {e.strerror}")
+                report.refused.append(f"pid {pid}: {e.strerror}")
                 return
             sock = socket.socket(fileno=fd)  # our duplicate; closing it leaves theirs
             try:

@@ -11,13 +11,14 @@ runs `python3 -m ksbpf.linux.bpffs` unsandboxed (ExecStartPre=+) before the daem
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import sys
 from pathlib import Path
 
 from ksbpf.errors import BpfError
+from ksbpf.linux.libc import LibcError, checked
+from ksbpf.linux.libc import libc as _libc
 
 BPFFS = Path("/sys/fs/bpf")
 # The initial mount namespace's fixed inode (include/uapi/linux/nsfs.h, Linux 6.18); on
@@ -25,8 +26,6 @@ BPFFS = Path("/sys/fs/bpf")
 MNT_NS_INIT_INO = 0xEFFFFFF8
 HOW_TO_MOUNT = f"mount -t bpf bpf {BPFFS}"
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _unescape(field: str) -> str:
@@ -102,10 +101,12 @@ def ensure_bpffs(path: Path = BPFFS) -> str:
         raise BpfError(f"cannot create {path}: {e.strerror} (a read-only /sys: in a container, mount bpffs at "
                        f"{path} from the host, or give the container writable API file systems)") from None
     # As systemd mounts it: no device, setuid or exec files there, pins for root alone.
-    if _libc.mount(b"bpf", os.fsencode(str(path)), b"bpf", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0700") != 0:
-        err = ctypes.get_errno()
-        hint = " (mounting needs CAP_SYS_ADMIN in the host's user namespace)" if err == errno.EPERM else ""
-        raise BpfError(f"cannot mount bpffs at {path}: {os.strerror(err)}{hint}")
+    try:
+        checked(_libc.mount(b"bpf", os.fsencode(str(path)), b"bpf", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0700"),
+                "mount")
+    except LibcError as e:
+        hint = " (mounting needs CAP_SYS_ADMIN in the host's user namespace)" if e.errno == errno.EPERM else ""
+        raise BpfError(f"cannot mount bpffs at {path}: {e.reason}{hint}") from None
     return f"mounted bpffs at {path} ({why})"
 
 

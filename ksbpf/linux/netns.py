@@ -3,23 +3,22 @@ namespace (so the cgroup2 mount stays visible, unlike `ip netns exec`)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ksbpf.errors import BackendError
+from ksbpf.linux.libc import LibcError, checked, libc
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise BackendError("netns", f"setns failed: {os.strerror(err)}")
+    try:
+        checked(libc.setns(fd, CLONE_NEWNET), "setns")
+    except LibcError as e:
+        raise BackendError("netns", f"setns failed: {e.reason}") from None
 
 
 def netns_path(name: str) -> str:
