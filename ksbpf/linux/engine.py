@@ -13,10 +13,10 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ksbpf.errors import BackendError, CapacityError, KsbpfError, PolicyError
-from ksbpf.linux.layer import LayerStatus
+from ksbpf.linux.layer import Layer, LayerName, LayerStatus
 from ksbpf.linux.nftables import NftLayer
 from ksbpf.linux.routing import RoutingLayer
 from ksbpf.policy import (
@@ -28,8 +28,11 @@ from ksbpf.policy import (
     read_policy_file,
 )
 
+if TYPE_CHECKING:  # the BPF layer is imported when first used: without BCC, `up` still engages the others
+    from ksbpf.linux.bpf import BpfLayer, BpfPlan
+
 DEFAULT_STATE_DIR = Path("/var/lib/ksbpf")
-LAYER_ORDER = ("nftables", "routing", "bpf")
+LAYER_ORDER = tuple(LayerName)
 
 
 def state_dir_for(netns: str | None, base: Path = DEFAULT_STATE_DIR) -> Path:
@@ -127,7 +130,7 @@ class LinuxEngine:
         self.routing = RoutingLayer(netns)
         self.bpf_enabled = bpf
         self.exemptions = ExemptionStore(self.state_dir)
-        self._bpf: Any = None
+        self._bpf: BpfLayer | None = None
         # A long-lived caller (ksbpfd) deletes the BPF maps' old entries after answering
         # (finish_bpf_cleanup): the grace period before it is then not on the request's path.
         self.defer_bpf_cleanup = False
@@ -136,7 +139,7 @@ class LinuxEngine:
 
     # ---------------------------------------------------------------- layers
 
-    def bpf_layer(self, policy: Policy | None = None) -> Any:
+    def bpf_layer(self, policy: Policy | None = None) -> BpfLayer:
         if self._bpf is None:
             from ksbpf.linux.bpf import BpfLayer
 
@@ -147,7 +150,7 @@ class LinuxEngine:
         return self._bpf
 
     @staticmethod
-    def _as_status(value: Any) -> LayerStatus:
+    def _as_status(value: LayerStatus | tuple[bool, str]) -> LayerStatus:
         if isinstance(value, LayerStatus):
             return value
         engaged, detail = value
@@ -206,18 +209,18 @@ class LinuxEngine:
         # leaves that layer out, reported: routing and BPF still engage.
         try:
             self.nft.apply(effective)
-            result.layers["nftables"] = self.nft.status()
+            result.layers[LayerName.NFTABLES] = self.nft.status()
         except (ImportError, OSError) as e:
-            result.layers["nftables"] = LayerStatus(False, _env_reason(e))
+            result.layers[LayerName.NFTABLES] = LayerStatus(False, _env_reason(e))
         # Routing and BPF failures are reported, not raised: nftables already holds.
         try:
             self.routing.apply(effective)
-            result.layers["routing"] = self.routing.status()
+            result.layers[LayerName.ROUTING] = self.routing.status()
         except BackendError as e:
-            result.layers["routing"] = LayerStatus(False, e.reason)
+            result.layers[LayerName.ROUTING] = LayerStatus(False, e.reason)
         except (ImportError, OSError) as e:
-            result.layers["routing"] = LayerStatus(False, _env_reason(e))
-        result.layers["bpf"] = self._apply_bpf(effective, bpf_plan)
+            result.layers[LayerName.ROUTING] = LayerStatus(False, _env_reason(e))
+        result.layers[LayerName.BPF] = self._apply_bpf(effective, bpf_plan)
         if policy_text is not None:
             self._record(policy_text, policy)
         result.seconds = time.monotonic() - start
@@ -228,7 +231,7 @@ class LinuxEngine:
             write_lockdown_logged(policy, self.state_dir)
         return result
 
-    def _bpf_plan(self, policy: Policy, source: str) -> Any:
+    def _bpf_plan(self, policy: Policy, source: str) -> BpfPlan | None:
         """The BPF layer's plan, checked against what its maps hold before any layer
         changes: a policy too big for them is bad input, refused whole, not applied by
         nftables and routing and then refused by BPF."""
@@ -245,7 +248,7 @@ class LinuxEngine:
             raise PolicyError(e.reason, source=source) from None
         return plan
 
-    def _apply_bpf(self, policy: Policy, plan: Any = None) -> LayerStatus:
+    def _apply_bpf(self, policy: Policy, plan: BpfPlan | None = None) -> LayerStatus:
         if not self.bpf_enabled:
             return LayerStatus(False, "disabled (--no-bpf)")
         try:
@@ -285,7 +288,8 @@ class LinuxEngine:
             pass
         except BackendError as e:
             errors.append(str(e))
-        for each in (self.routing, self.nft):
+        others: tuple[Layer, ...] = (self.routing, self.nft)
+        for each in others:
             try:
                 each.reset()
             except BackendError as e:
@@ -299,19 +303,19 @@ class LinuxEngine:
     def status(self) -> dict[str, LayerStatus]:
         """Each layer's own check of everything `up` puts in place; an environment error
         is that layer's reason, never an exception."""
-        out = {"nftables": _guarded(self.nft.status), "routing": _guarded(self.routing.status)}
+        out: dict[str, LayerStatus] = {LayerName.NFTABLES: _guarded(self.nft.status), LayerName.ROUTING: _guarded(self.routing.status)}
         try:
             layer = self.bpf_layer()
             if layer.cgroup_hint is None and not layer.dir.is_dir():
                 # no pins to say where: the applied policy's cgroup is where to ask first
                 layer.cgroup_hint = self._applied_bpf_cgroup()
-            out["bpf"] = self._as_status(layer.status())
+            out[LayerName.BPF] = self._as_status(layer.status())
         except ImportError as e:
-            out["bpf"] = LayerStatus(False, f"BPF layer unavailable: {e}")
+            out[LayerName.BPF] = LayerStatus(False, f"BPF layer unavailable: {e}")
         except BackendError as e:
-            out["bpf"] = LayerStatus(False, e.reason)
+            out[LayerName.BPF] = LayerStatus(False, e.reason)
         except OSError as e:
-            out["bpf"] = LayerStatus(False, _env_reason(e))
+            out[LayerName.BPF] = LayerStatus(False, _env_reason(e))
         return out
 
     def finish_bpf_cleanup(self) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ksbpf.errors import BackendError
-from ksbpf.linux.layer import LayerStatus
+from ksbpf.linux.layer import Layer, LayerName, LayerStatus
 from ksbpf.linux.netns import netns
 from ksbpf.linux.nftcounters import read_counters
 from ksbpf.linux.nftgen import nft_generation
@@ -74,8 +75,16 @@ class Committed:
     generation: int
 
 
+class NftApply(StrEnum):
+    """How the last apply() reached the kernel."""
+
+    WHOLE = "whole"  # both tables replaced in one transaction
+    CHANGES = "changes"  # set element changes only
+    UNCHANGED = "unchanged"  # the kernel held the policy already: nothing sent
+
+
 class NftLayer:
-    name = "nftables"
+    name = LayerName.NFTABLES
 
     def __init__(self, netns_name: str | None = None) -> None:
         self.netns = netns_name
@@ -83,7 +92,7 @@ class NftLayer:
         # provably holds what ksbpf committed last: the namespace's nftables generation has
         # not moved since (every commit, by anyone, raises it).
         self.committed: Committed | None = None
-        self.last_apply = ""  # "whole", "changes" or "unchanged"
+        self.last_apply: NftApply | None = None
 
     def is_supported(self) -> tuple[bool, str]:
         try:
@@ -127,13 +136,13 @@ class NftLayer:
             return False
         if len(batch["nftables"]) == 1:  # metainfo only: the kernel holds `policy` already
             self.committed = Committed(policy, skeleton, c.generation)
-            self.last_apply = "unchanged"
+            self.last_apply = NftApply.UNCHANGED
             return True
         try:
             self._commit(nft, batch, policy, skeleton)
         except BackendError:
             return False  # nothing changed (one transaction); the whole ruleset goes in instead
-        self.last_apply = "changes"
+        self.last_apply = NftApply.CHANGES
         # No record: someone else committed between the generation reads, so what the
         # kernel holds is unknown and the whole ruleset goes in.
         return self.committed is not None
@@ -156,7 +165,7 @@ class NftLayer:
         uplinks = uplink_interfaces(policy) if uplinks is None else uplinks
         skeleton = render_nft(policy, uplinks, elements=False) if skeleton is None else skeleton
         self._commit(nft, render_nft(policy, uplinks, self._counters()), policy, skeleton)
-        self.last_apply = "whole"
+        self.last_apply = NftApply.WHOLE
 
     def change_exemptions(self, before: Policy, after: Policy) -> None:
         """Only what changed from `before` (what the kernel should hold now) to `after`:
@@ -229,4 +238,6 @@ class NftLayer:
         return [(r, f, *values.get(n, (0, 0))) for n, r, f in counter_names()]
 
 
-__all__ = ["NftLayer", "egress_chain_name", "uplink_interfaces"]
+_conforms: type[Layer] = NftLayer  # mypy fails here when NftLayer drifts from the Layer Protocol
+
+__all__ = ["NftApply", "NftLayer", "egress_chain_name", "uplink_interfaces"]

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ksbpf.errors import BackendError
-from ksbpf.linux.layer import LayerStatus
+from ksbpf.linux.layer import Layer, LayerName, LayerStatus
 from ksbpf.linux.netns import netns
 from ksbpf.marks import ROUTE_TABLE
 from ksbpf.policy import Policy
@@ -120,7 +120,7 @@ def tunnel_links(ipr: Any, policy: Policy) -> dict[int, str]:
 
 
 class RoutingLayer:
-    name = "routing"
+    name = LayerName.ROUTING
 
     def __init__(self, netns_name: str | None = None) -> None:
         self.netns = netns_name
@@ -236,3 +236,6 @@ def _netlink_errors() -> Iterator[None]:
         raise BackendError("routing", f"netlink: {e}") from None
     except OSError as e:
         raise BackendError("routing", f"{e.strerror or e}") from None
+
+
+_conforms: type[Layer] = RoutingLayer  # mypy fails here when RoutingLayer drifts from the Layer Protocol
