@@ -557,7 +557,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
-    from ksbpf import lab  # type: ignore[attr-defined,unused-ignore]
+    from ksbpf.lab import cli as lab
 
     if args.lab_cmd == "demo":
         return int(lab.demo(sys.stdout))

@@ -1,9 +1,9 @@
 """The lab's helper process: services (echo, whoami, DNS) and probes (tcp, udp, dns, ping,
 a traffic generator), run inside a lab namespace.
 
-Standard library only and run by path (`python -I -S lab_agent.py ...`), so a probe costs
-one interpreter start and nothing from ksbpf or site-packages. `ksbpf.lab` imports the
-DNS codec from here.
+Standard library only and run by path (`python -I -S .../ksbpf/lab/agent.py ...`), so a
+probe costs one interpreter start and nothing from ksbpf or site-packages. The unit tests
+import its DNS codec.
 
 Every probe prints one JSON line {"ok": bool, "detail": str} and exits 0 when ok, 1 when not.
 """

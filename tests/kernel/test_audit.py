@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from ksbpf.lab import ENDPOINT_PORT, SERVER_V4, SERVER_V6, Lab
+from ksbpf.lab.addresses import ENDPOINT_PORT, SERVER_V4, SERVER_V6
+from ksbpf.lab.lab import Lab
 from ksbpf.linux.cgroup import cgroup2_mount
 from tests.kernel.test_daemon_lab import lab_for_test
 from tests.kernel.uplink import ksctl

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from ksbpf.lab import TARGET_V4, TARGET_V6, Lab, LabError
+from ksbpf.lab.addresses import TARGET_V4, TARGET_V6
+from ksbpf.lab.lab import Lab
+from ksbpf.lab.processes import LabError
 from ksbpf.linux.engine import LinuxEngine, state_dir_for
 from tests.kernel.test_daemon import DaemonFactory, sample, wait_for
 from tests.kernel.uplink import ksctl

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ksbpf.lab import CLIENT_V4, OUTSIDE_DNS_V4, SERVER_V4, SERVER_V6, TARGET_V4, Lab
+from ksbpf.lab.addresses import CLIENT_V4, OUTSIDE_DNS_V4, SERVER_V4, SERVER_V6, TARGET_V4
+from ksbpf.lab.lab import Lab
 from ksbpf.linux.engine import state_dir_for
 from tests.kernel.conftest import spawn_in
 from tests.kernel.uplink import ksctl

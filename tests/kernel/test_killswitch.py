@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ksbpf.lab import (
+from ksbpf.lab.addresses import (
     DNS_TUNNEL_A,
     ENDPOINT_PORT,
     OUTSIDE_DNS_V4,
@@ -24,8 +24,8 @@ from ksbpf.lab import (
     TARGET_V6,
     TUN_CLIENT_V4,
     WG_FWMARK,
-    Lab,
 )
+from ksbpf.lab.lab import Lab
 from ksbpf.linux.engine import LinuxEngine
 from ksbpf.policy import loads_policy
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ksbpf.lab import (
+from ksbpf.lab.addresses import (
     CLIENT_V4,
     CLIENT_V6,
     DNS_OUTSIDE_A,
@@ -34,11 +34,11 @@ from ksbpf.lab import (
     TUN_SERVER_V6,
     WG_FWMARK,
     WG_RUN_DIR,
-    Lab,
-    LabError,
-    demo,
-    lab_down,
 )
+from ksbpf.lab.cli import lab_down
+from ksbpf.lab.demo import demo
+from ksbpf.lab.lab import Lab
+from ksbpf.lab.processes import LabError
 from tests.kernel.conftest import unique
 
 pytestmark = pytest.mark.kernel
@@ -227,7 +227,7 @@ def test_failed_create_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_up_and_down_from_separate_processes() -> None:
     name = unique("klp")
-    code = f"from ksbpf.lab import lab_up; print(lab_up({name!r}, routed=True))"
+    code = f"from ksbpf.lab.cli import lab_up; print(lab_up({name!r}, routed=True))"
     try:
         cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             cwd=Path(__file__).parents[2], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})

@@ -8,16 +8,9 @@ import tomllib
 
 import pytest
 
-from ksbpf import lab_agent
-from ksbpf.lab import (
-    COUNTER_TABLE,
-    ENDPOINT_PORT,
-    SERVER_V4,
-    counter_ruleset,
-    merge_policy,
-    parse_counters,
-    render_toml,
-)
+from ksbpf.lab import agent as lab_agent
+from ksbpf.lab.addresses import COUNTER_TABLE, ENDPOINT_PORT, SERVER_V4
+from ksbpf.lab.rulesets import counter_ruleset, merge_policy, parse_counters, render_toml
 
 
 @pytest.mark.parametrize(("qtype", "a", "aaaa", "want"), [
