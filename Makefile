@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.ksbpf-setup
 DEB_PKGS  := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
              lintian fakeroot
 # prometheus: its promtool checks and unit-tests monitoring/ (tests/unit/test_monitoring.py).
-APT_PKGS  := nftables python3-nftables python3-bpfcc libbpfcc bpftool linux-headers-amd64 \
+APT_PKGS  := nftables python3-nftables python3-bpfcc libbpfcc libbpf1 bpftool linux-headers-amd64 \
              wireguard-go wireguard-tools python3-pyroute2 python3-systemd \
              python3-prometheus-client python3-venv iproute2 iperf3 systemd \
              $(DEB_PKGS) mmdebstrap systemd-container prometheus

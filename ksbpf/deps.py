@@ -1,9 +1,10 @@
-"""The Python modules ksbpf takes from Debian packages, and a clear failure when one is
-missing: the package to install, not a traceback (nor, for ksbpfd under Type=notify, a
-start timeout in a restart loop)."""
+"""The Python modules and shared libraries ksbpf takes from Debian packages, and a clear
+failure when one is missing: the package to install, not a traceback (nor, for ksbpfd
+under Type=notify, a start timeout in a restart loop)."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 
 from ksbpf.errors import KsbpfError
@@ -16,17 +17,24 @@ DEBIAN_PACKAGES = {
     "systemd": "python3-systemd",
     "prometheus_client": "python3-prometheus-client",
 }
+# shared library (soname) -> the Debian package that provides it
+DEBIAN_LIBRARIES = {
+    "libbpf.so.1": "libbpf1",
+}
 
 
 class MissingDependency(KsbpfError):
-    """A Python module ksbpf needs cannot be imported: exit 4 (cannot run here)."""
+    """A Python module ksbpf needs cannot be imported, or a shared library (named by its
+    soname) cannot be loaded: exit 5 (systemd's NOTINSTALLED)."""
 
     def __init__(self, module: str, detail: str = "", hint: str = "") -> None:
         self.module = module
-        self.package = DEBIAN_PACKAGES.get(module.split(".")[0], "")
+        library = module in DEBIAN_LIBRARIES
+        self.package = DEBIAN_LIBRARIES[module] if library else DEBIAN_PACKAGES.get(module.split(".")[0], "")
         install = f"install the Debian package {self.package}" if self.package else "install it"
         why = f" ({detail})" if detail else ""
-        super().__init__(f"the Python module {module} cannot be imported{why}: {install}" + (f" {hint}" if hint else ""))
+        what = f"the library {module} cannot be loaded" if library else f"the Python module {module} cannot be imported"
+        super().__init__(f"{what}{why}: {install}" + (f" {hint}" if hint else ""))
 
 
 def from_import_error(e: ImportError) -> MissingDependency | None:
@@ -58,3 +66,12 @@ def locate(module: str, hint: str = "") -> None:
         raise MissingDependency(module, str(e), hint) from None
     if not found:
         raise MissingDependency(module, f"No module named {module!r}", hint)
+
+
+def load_library(soname: str, hint: str = "") -> ctypes.CDLL:
+    """dlopen a shared library of DEBIAN_LIBRARIES (errno kept for each call), or a
+    MissingDependency naming its package."""
+    try:
+        return ctypes.CDLL(soname, use_errno=True)
+    except OSError as e:
+        raise MissingDependency(soname, str(e), hint) from None

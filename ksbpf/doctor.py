@@ -28,6 +28,16 @@ def _import(module: str, package: str) -> Check:
     return Check(module, True, "importable")
 
 
+def _library(soname: str) -> Check:
+    from ksbpf.deps import MissingDependency, load_library
+
+    try:
+        load_library(soname)
+    except MissingDependency as e:
+        return Check(soname, False, str(e))
+    return Check(soname, True, "loadable")
+
+
 def _nft_version() -> Check:
     nft = shutil.which("nft")
     if not nft:
@@ -115,8 +125,12 @@ def bpf_syscall_check() -> Check:
         from ksbpf.linux.bpf import probe_netns_cookie_helper
     except ImportError as e:
         return Check("bpf syscall", False, f"BPF layer unavailable: {e}")
+    from ksbpf.deps import MissingDependency
+
     try:
         helper = probe_netns_cookie_helper()
+    except MissingDependency as e:  # libbpf.so.1: its own check names the package
+        return Check("bpf syscall", False, f"no libbpf: {e}")
     except OSError as e:
         if e.errno == errno.EPERM:
             return Check("bpf syscall", False, f"bpf system call refused (EPERM): {NSPAWN}; {DOCKER}")
@@ -188,6 +202,7 @@ def collect(kernel_source: str | None = None, prepare: str | None = None, netns:
         _nft_version(),
         _import("nftables", "python3-nftables"),
         _import("pyroute2", "python3-pyroute2"),
+        _library("libbpf.so.1"),
         sysctl_check(netns),
         cgroup2_check(),
         bpffs_check(),
