@@ -75,6 +75,27 @@ class MapBatchOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
+class TestRunOpts(ctypes.Structure):
+    __test__ = False  # not a pytest class, whatever its name says
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", _u32),
+        ("data_size_out", _u32),  # in: room at data_out; out: what the program left there
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", _u32),
+        ("ctx_size_out", _u32),
+        ("retval", _u32),  # out: what the program returned
+        ("repeat", ctypes.c_int),
+        ("duration", _u32),  # out: ns per run
+        ("flags", _u32),
+        ("cpu", _u32),
+        ("batch_size", _u32),
+    ]
+
+
 # The kernel's info structs (linux/bpf.h), up to the last field read here: the kernel fills
 # min(info_len, its own size), so a prefix is enough and stays valid on newer kernels.
 
@@ -137,6 +158,8 @@ _PROTOTYPES: dict[str, list[object]] = {
                       ctypes.POINTER(ProgLoadOpts)],
     "bpf_raw_tracepoint_open": [ctypes.c_char_p, ctypes.c_int],
     "bpf_map_create": [ctypes.c_int, ctypes.c_char_p, _u32, _u32, _u32, _p],
+    "bpf_prog_test_run_opts": [ctypes.c_int, ctypes.POINTER(TestRunOpts)],
+    "bpf_link_create": [ctypes.c_int, ctypes.c_int, ctypes.c_int, _p],
 }
 
 
@@ -377,3 +400,18 @@ def raw_tracepoint_open(prog_fd: int) -> int:
     """Attach a tp_btf program (its tracepoint is in the program): a bpf_link fd (pin it to
     outlive this process)."""
     return _call(_lib().bpf_raw_tracepoint_open(None, prog_fd), "attaching the tracepoint")
+
+
+def prog_test_run(prog_fd: int, data: bytes, what: str) -> int:
+    """Run a program once on `data` (BPF_PROG_TEST_RUN): what it returned."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.addressof(buf), data_size_in=len(data),
+                       repeat=1)
+    _call(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), what)
+    return int(opts.retval)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
+    """A bpf_link attaching prog_fd to target_fd (a cgroup: held until the link's last fd
+    closes, unlike prog_attach's attachments)."""
+    return _call(_lib().bpf_link_create(prog_fd, target_fd, attach_type, None), what)

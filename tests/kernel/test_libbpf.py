@@ -100,6 +100,24 @@ def test_attach_replace_query_detach_on_a_test_cgroup(cgroup: int, fds: list[int
     assert gone.value.errno == errno.ENOENT and gone.value.strerror == f"detach: {os.strerror(errno.ENOENT)}"
 
 
+def test_a_link_holds_its_attachment_until_closed(cgroup: int, fds: list[int]) -> None:
+    prog = load_egress("ks_lbtest_link", fds)
+    link = libbpf.link_create(prog, cgroup, ATTACH_EGRESS, "link create")
+    try:
+        assert libbpf.prog_query(cgroup, ATTACH_EGRESS) == [libbpf.prog_info(prog).id]
+    finally:
+        os.close(link)
+    assert libbpf.prog_query(cgroup, ATTACH_EGRESS) == []
+
+
+def test_a_test_run_returns_what_the_program_returned(fds: list[int]) -> None:
+    eth = b"\0" * 12 + b"\x88\xb5"  # an Ethernet header with no IP behind it
+    for value in (0, 1):
+        prog = libbpf.prog_load(PROG_CGROUP_SKB, returns(value), "load", expected_attach_type=ATTACH_EGRESS)
+        fds.append(prog)
+        assert libbpf.prog_test_run(prog, eth, "test run") == value
+
+
 def test_ids_and_fds_by_id(fds: list[int]) -> None:
     fd = load_egress("ks_lbtest_id", fds)
     info = libbpf.prog_info(fd)

@@ -40,6 +40,16 @@ def test_attach_and_batch_opts_are_libbpf_1_1s() -> None:
     assert ctypes.sizeof(libbpf.MapBatchOpts) == 24
 
 
+@lp64
+def test_test_run_opts_is_libbpf_1_1s() -> None:
+    assert layout(libbpf.TestRunOpts) == {
+        "sz": 0, "data_in": 8, "data_out": 16, "data_size_in": 24, "data_size_out": 28, "ctx_in": 32,
+        "ctx_out": 40, "ctx_size_in": 48, "ctx_size_out": 52, "retval": 56, "repeat": 60, "duration": 64,
+        "flags": 68, "cpu": 72, "batch_size": 76,
+    }
+    assert ctypes.sizeof(libbpf.TestRunOpts) == 80
+
+
 def test_info_structs_are_the_kernels_prefixes() -> None:
     # struct bpf_prog_info up to gpl_compatible, struct bpf_map_info up to name (linux/bpf.h)
     assert layout(libbpf.BpfProgInfo) == {
