@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import select
-import socket
 import struct
 import threading
 import time
@@ -48,21 +47,9 @@ from typing import Any
 from ksbpf.errors import BackendError, KsbpfError
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id
 from ksbpf.linux.libc import LibcError, checked, libc
+from ksbpf.linux.netlink import NFNLGRP_NFTABLES, NetlinkSocket
 from ksbpf.linux.netns import netns
-from ksbpf.linux.nftgen import (  # noqa: F401  (re-exported: the watcher's parsers and tests use them)
-    NETLINK_NETFILTER,
-    NFNL_SUBSYS_NFTABLES,
-    NFT_MSG_GETGEN,
-    NFT_MSG_NEWGEN,
-    NFTA_GEN_ID,
-    NFTA_GEN_PROC_PID,
-    NLM_F_REQUEST,
-    NLMSG_ERROR,
-    _nl_attrs,
-    gen_after,
-    nft_generation,
-    parse_nft_generations,
-)
+from ksbpf.linux.nftgen import NFT_MSG_NEWGEN, gen_after, nft_generation, nft_notifications
 from ksbpf.policy import Policy
 from ksbpf.verdict import interface_matches
 
@@ -182,40 +169,6 @@ class NetlinkWatcher(_Watcher):
             ipr.close()
 
 
-NFNLGRP_NFTABLES = 7
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-
-
-def parse_nft_notifications(data: bytes) -> list[tuple[int, str | None, int | None]]:
-    """nfnetlink messages -> (message type, table name or None, writer pid or None).
-    Attribute 1 names the table in every table, chain, rule, set, element and object
-    message; NEWGEN ends each transaction and carries the writer's pid."""
-    return [(mtype, table, pid) for mtype, table, pid, _gen in _parse_nft_messages(data)]
-
-
-def _parse_nft_messages(data: bytes) -> list[tuple[int, str | None, int | None, int | None]]:
-    """As parse_nft_notifications, with the generation id of NEWGEN messages."""
-    out: list[tuple[int, str | None, int | None, int | None]] = []
-    off = 0
-    while off + 20 <= len(data):
-        length, typ = struct.unpack_from("=IH", data, off)
-        if length < 20 or off + length > len(data):
-            break
-        if typ >> 8 == NFNL_SUBSYS_NFTABLES:
-            attrs = _nl_attrs(data, off + 20, off + length)  # after nlmsghdr (16) + nfgenmsg (4)
-            mtype = typ & 0xFF
-            if mtype == NFT_MSG_NEWGEN:
-                raw, graw = attrs.get(NFTA_GEN_PROC_PID), attrs.get(NFTA_GEN_ID)
-                out.append((mtype, None, struct.unpack("!I", raw)[0] if raw and len(raw) == 4 else None,
-                            struct.unpack("!I", graw)[0] if graw and len(graw) == 4 else None))
-            else:
-                name = attrs.get(1)
-                out.append((mtype, name.split(b"\0", 1)[0].decode(errors="replace") if name else None, None, None))
-        off += (length + 3) & ~3
-    return out
-
-
 class NftWatcher(_Watcher):
     """nftables change notifications (what `nft monitor` reads), filtered to the ksbpf
     tables and to transactions of other processes.
@@ -255,7 +208,7 @@ class NftWatcher(_Watcher):
                 self.seen_gen = gen
             self._progress.notify_all()
 
-    def _lost(self, gen_sock: socket.socket) -> None:
+    def _lost(self, gen_sock: NetlinkSocket) -> None:
         """Notifications were dropped: every transaction they belonged to committed before
         now, so the current generation bounds them."""
         gen = nft_generation(gen_sock)
@@ -268,13 +221,12 @@ class NftWatcher(_Watcher):
 
     def run(self) -> None:
         try:
-            with netns(self.netns):
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-                sock.bind((0, 0))
-                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-                gen_sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-                gen_sock.bind((0, 0))
+            sock = NetlinkSocket(netns_name=self.netns, groups=(NFNLGRP_NFTABLES,), rcvbuf=1 << 20)
+            try:
+                gen_sock = NetlinkSocket(netns_name=self.netns, timeout=2.0)
+            except (OSError, KsbpfError):
+                sock.close()
+                raise
         except (OSError, KsbpfError) as e:
             self.error = e
             self.ready.set()
@@ -285,7 +237,7 @@ class NftWatcher(_Watcher):
         try:
             while self._wait_readable(sock.fileno()):
                 try:
-                    data = sock.recv(1 << 16)
+                    msgs = sock.notifications()
                 except OSError as e:
                     if e.errno == errno.ENOBUFS:
                         touched = False
@@ -293,7 +245,7 @@ class NftWatcher(_Watcher):
                         self.emit(Event("overflow", "nfnetlink"))
                         continue
                     raise
-                for mtype, table, pid, gen in _parse_nft_messages(data):
+                for mtype, table, pid, gen in nft_notifications(msgs):
                     if mtype == NFT_MSG_NEWGEN:
                         if touched and pid != me:
                             if gen is not None:

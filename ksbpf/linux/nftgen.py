@@ -1,22 +1,31 @@
-"""nftables generation ids, read straight from the kernel (NFT_MSG_GETGEN): every
-committed transaction in a network namespace raises its generation, so an unchanged id
-proves nothing was committed in between. Light to import (ksctl's paths use it); the
-parsers are pure."""
+"""nftables generation ids and change notifications, read straight from the kernel
+(nfnetlink): every committed transaction in a network namespace raises its generation,
+so an unchanged id proves nothing was committed in between, and each transaction's
+notifications end with NFT_MSG_NEWGEN naming the generation and the writer's pid. Light
+to import (ksctl's paths use it); the parsers are pure."""
 
 from __future__ import annotations
 
-import os
 import socket
-import struct
+from typing import NamedTuple
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
+from ksbpf.linux.netlink import (
+    NFNL_SUBSYS_NFTABLES,
+    MalformedMessage,
+    Message,
+    NetlinkSocket,
+    be32,
+    nfgenmsg,
+    text,
+    whole_messages,
+)
+
 NFT_MSG_NEWGEN = 15
 NFT_MSG_GETGEN = 16
 NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
-NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
+# Attribute 1 names the table in every table, chain, rule, set, element and object message.
+NFTA_TABLE_NAME = 1
 _GEN_MASK = 0xFFFFFFFF
 
 
@@ -30,67 +39,67 @@ def gen_after(a: int | None, b: int | None) -> bool:
     return 0 < ((a - b) & _GEN_MASK) < 0x80000000
 
 
-def parse_nft_generations(data: bytes) -> list[tuple[int, int | None]]:
-    """NEWGEN messages (a transaction's end, or the answer to GETGEN) -> (generation id,
-    writer pid or None)."""
-    out: list[tuple[int, int | None]] = []
-    off = 0
-    while off + 20 <= len(data):
-        length, typ = struct.unpack_from("=IH", data, off)
-        if length < 20 or off + length > len(data):
-            break
-        if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN:
-            attrs = _nl_attrs(data, off + 20, off + length)
-            gen, pid = attrs.get(NFTA_GEN_ID), attrs.get(NFTA_GEN_PROC_PID)
-            if gen is not None and len(gen) == 4:
-                out.append((struct.unpack("!I", gen)[0], struct.unpack("!I", pid)[0] if pid and len(pid) == 4 else None))
-        off += (length + 3) & ~3
+class NftNotification(NamedTuple):
+    type: int  # NFT_MSG_*
+    table: str | None  # the table a change is in; None for NEWGEN
+    pid: int | None  # NEWGEN: the writer's pid
+    gen: int | None  # NEWGEN: the generation the transaction committed
+
+
+def nft_notification(m: Message) -> NftNotification | None:
+    """An nftables message, decoded; None for any other message."""
+    mtype = m.nft_type()
+    if mtype is None:
+        return None
+    attrs = m.nfnl_attrs()
+    if mtype == NFT_MSG_NEWGEN:
+        return NftNotification(mtype, None, be32(attrs.get(NFTA_GEN_PROC_PID)), be32(attrs.get(NFTA_GEN_ID)))
+    return NftNotification(mtype, text(attrs.get(NFTA_TABLE_NAME)), None, None)
+
+
+def nft_notifications(msgs: list[Message]) -> list[NftNotification]:
+    """The nftables messages among `msgs`, decoded; one with a malformed attribute is
+    left out (the rest of its datagram still counts)."""
+    out: list[NftNotification] = []
+    for m in msgs:
+        try:
+            n = nft_notification(m)
+        except MalformedMessage:
+            continue
+        if n is not None:
+            out.append(n)
     return out
 
 
-def _nl_attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    attrs: dict[int, bytes] = {}
-    a = start
-    while a + 4 <= end:
-        alen, atype = struct.unpack_from("=HH", data, a)
-        if alen < 4:
-            break
-        attrs[atype & 0x3FFF] = data[a + 4:a + alen]
-        a += (alen + 3) & ~3
-    return attrs
+def parse_nft_notifications(data: bytes) -> list[tuple[int, str | None, int | None]]:
+    """nfnetlink messages -> (message type, table name or None, writer pid or None)."""
+    return [(n.type, n.table, n.pid) for n in nft_notifications(whole_messages(data))]
 
 
-def nft_generation(sock: socket.socket | None = None) -> int | None:
+def parse_nft_generations(data: bytes) -> list[tuple[int, int | None]]:
+    """NEWGEN messages (a transaction's end, or the answer to GETGEN) -> (generation id,
+    writer pid or None)."""
+    return [(n.gen, n.pid) for n in nft_notifications(whole_messages(data))
+            if n.type == NFT_MSG_NEWGEN and n.gen is not None]
+
+
+def nft_generation(sock: NetlinkSocket | None = None) -> int | None:
     """The current nftables generation id of the network namespace the socket (or, by
     default, a new one made now) belongs to: every committed transaction raises it. None
-    when the kernel does not answer."""
-    own = sock is None
-    if sock is None:
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-            sock.bind((0, 0))
-        except OSError:
-            return None
+    when the kernel does not answer (within the socket's timeout: give it one)."""
     try:
-        sock.settimeout(2.0)
-        seq = int.from_bytes(os.urandom(4), "little") or 1
-        req = struct.pack("=IHHII", 20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST, seq, 0)
-        sock.send(req + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
-        while True:
-            data = sock.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                length, typ, _flags, mseq = struct.unpack_from("=IHHI", data, off)
-                if length < 16 or off + length > len(data):
-                    break
-                if mseq == seq:
-                    if typ == NLMSG_ERROR:
-                        return None
-                    gens = parse_nft_generations(data[off:off + length])
-                    return gens[0][0] if gens else None
-                off += (length + 3) & ~3
+        if sock is None:
+            with NetlinkSocket(timeout=2.0) as own:
+                return _ask_generation(own)
+        return _ask_generation(sock)
     except OSError:
         return None
-    finally:
-        if own:
-            sock.close()
+
+
+def _ask_generation(sock: NetlinkSocket) -> int | None:
+    seq = sock.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, nfgenmsg(socket.AF_UNSPEC))
+    for m in sock.answer(seq):
+        n = nft_notification(m)
+        if n is not None and n.type == NFT_MSG_NEWGEN:
+            return n.gen
+    return None
