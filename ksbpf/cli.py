@@ -21,10 +21,17 @@ from ksbpf.errors import BackendError, KsbpfError, PolicyError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from typing import Any
+    from collections.abc import Mapping, Sequence
+    from ipaddress import IPv4Address, IPv6Address
+    from typing import Any, TextIO
 
-    from ksbpf.policy import Exemption
+    from ksbpf.control import ControlClient
+    from ksbpf.linux.engine import LinuxEngine
+    from ksbpf.linux.layer import LayerStatus
+    from ksbpf.platforms._tools import Layer as PlatformLayer
+    from ksbpf.platforms.macos import MacOS
+    from ksbpf.platforms.windows import Windows
+    from ksbpf.policy import Exemption, Policy
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PARTIAL = 0, 1, 2, 3
 EXIT_CANNOT_RUN = 4  # not root (audit: could not run)
@@ -59,7 +66,7 @@ def _state_dir(args: argparse.Namespace) -> str:
     return base if args.netns is None else os.path.join(base, "netns", args.netns)
 
 
-def _engine(args: argparse.Namespace, need_bpf: bool = False) -> Any:
+def _engine(args: argparse.Namespace, need_bpf: bool = False) -> LinuxEngine:
     from pathlib import Path
 
     from ksbpf.deps import locate, require
@@ -76,13 +83,13 @@ def _engine(args: argparse.Namespace, need_bpf: bool = False) -> Any:
     return LinuxEngine(netns=args.netns, state_dir=state, bpf=not getattr(args, "no_bpf", False))
 
 
-def _print_layers(layers: dict[str, Any], out: Any = sys.stdout) -> None:
+def _print_layers(layers: Mapping[str, LayerStatus | PlatformLayer], out: TextIO = sys.stdout) -> None:
     for name, st in layers.items():
         mark = "engaged" if st.engaged else "NOT ENGAGED"
         print(f"  {name:<9} {mark:<12} {st.detail}", file=out)
 
 
-def _control(args: argparse.Namespace) -> Any:
+def _control(args: argparse.Namespace) -> ControlClient | None:
     """A client for a running daemon's control socket, or None when no daemon serves
     this namespace (ksctl then works on the kernel directly)."""
     try:
@@ -397,7 +404,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             from ksbpf.render.pf import render_pf
 
             # On the Mac itself, the main ruleset is built from its /etc/pf.conf.
-            pf_conf = _platform_adapter("macos", args).system_pf_conf() if _platform() == "macos" else None
+            pf_conf = _macos_adapter(args).system_pf_conf() if _platform() == "macos" else None
             rendered = render_pf(policy, pf_conf=pf_conf)
         else:
             from ksbpf.render.windows import render_windows
@@ -421,7 +428,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _describe(policy: Any) -> list[str]:
+def _describe(policy: Policy) -> list[str]:
     """A few lines saying what a valid policy does."""
     t = policy.tunnel
     how = []
@@ -447,7 +454,8 @@ def _describe(policy: Any) -> list[str]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a policy file as `ksctl up` and ksbpfd read it, without the kernel."""
-    from ksbpf.policy import load_policy, read_policy_file
+    from ksbpf.policy import load_policy
+    from ksbpf.policy_file import read_policy_file
 
     policy = load_policy(args.config)  # the content first: its errors name the key
     try:
@@ -474,7 +482,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _resolve(host: str, port: int) -> list[Any]:
+def _resolve(host: str, port: int) -> list[IPv4Address | IPv6Address]:
     """The addresses wg would try for an Endpoint host name (getaddrinfo, UDP)."""
     import ipaddress
     import socket
@@ -509,7 +517,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _addr_port(text: str) -> tuple[Any, int]:
+def _addr_port(text: str) -> tuple[IPv4Address | IPv6Address, int]:
     import ipaddress
 
     if text.startswith("["):
@@ -587,23 +595,32 @@ def _platform() -> str:
         raise PolicyError(str(e), source="ksctl", key="KSBPF_PLATFORM") from None
 
 
-def _platform_adapter(plat: str, args: argparse.Namespace) -> Any:
+def _platform_adapter(plat: str, args: argparse.Namespace) -> MacOS | Windows:
     """The macOS or Windows adapter; --state-dir is its state (macOS) or install (Windows) folder."""
     from pathlib import Path
 
+    if plat == "macos":
+        return _macos_adapter(args)
     if getattr(args, "netns", None):
         raise PolicyError("network namespaces exist on Linux only", source="ksctl", key="--netns")
-    if plat == "macos":
-        from ksbpf.platforms.macos import MacOS
-
-        return MacOS(state_dir=Path(args.state_dir)) if args.state_dir else MacOS()
     from ksbpf.platforms.windows import Windows
 
     return Windows(install_dir=Path(args.state_dir)) if args.state_dir else Windows()
 
 
+def _macos_adapter(args: argparse.Namespace) -> MacOS:
+    from pathlib import Path
+
+    if getattr(args, "netns", None):
+        raise PolicyError("network namespaces exist on Linux only", source="ksctl", key="--netns")
+    from ksbpf.platforms.macos import MacOS
+
+    return MacOS(state_dir=Path(args.state_dir)) if args.state_dir else MacOS()
+
+
 def _platform_up(plat: str, args: argparse.Namespace) -> int:
-    from ksbpf.policy import load_policy, read_policy_file
+    from ksbpf.policy import load_policy
+    from ksbpf.policy_file import read_policy_file
 
     if args.no_bpf:
         raise PolicyError(f"there is no BPF layer on {plat}", source="ksctl up", key="--no-bpf")
@@ -617,8 +634,11 @@ def _platform_up(plat: str, args: argparse.Namespace) -> int:
         with open(args.config, encoding="utf-8") as f:
             text = f.read()
     result = adapter.up(policy, text)
-    print(f"ksbpf up ({args.config}) on {plat}" + (f": {result.rules} PF rules in anchor ksbpf" if plat == "macos" else ""))
-    for line in getattr(result, "output", []):
+    from ksbpf.platforms.macos import UpResult as PfResult
+
+    summary, lines = (f": {result.rules} PF rules in anchor ksbpf", []) if isinstance(result, PfResult) else ("", result.output)
+    print(f"ksbpf up ({args.config}) on {plat}{summary}")
+    for line in lines:
         print(f"  {line}")
     for w in result.warnings:
         print(f"ksctl: {w}", file=sys.stderr)

@@ -35,25 +35,27 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from ksbpf import __version__
 from ksbpf.errors import BackendError, KsbpfError, PolicyError
-from ksbpf.policy import (  # noqa: F401  (check_*: imported from here by older callers and tests)
-    DEFAULT_POLICY_PATH,
-    MAX_POLICY_BYTES,
-    Policy,
-    PolicyParser,
-    check_policy_dir_mode,
-    check_policy_file_mode,
-    loads_policy,
-    read_policy_file,
-)
+from ksbpf.linux.layer import LayerName
+from ksbpf.policy import DEFAULT_POLICY_PATH, Policy, PolicyParser, loads_policy
+from ksbpf.policy_file import read_policy_file
+
+if TYPE_CHECKING:  # each imported when the daemon first needs it (the heavy ones: prometheus, BPF)
+    from ksbpf.control import ControlServer
+    from ksbpf.linux.events import DropEventPump
+    from ksbpf.metrics import DropSample, MetricsServer, Snapshot
+    from ksbpf.policy import Exemption
+    from ksbpf.reconcile import CgroupWatcher, Event, NetlinkWatcher, NftWatcher
 
 log = logging.getLogger("ksbpfd")
+P = ParamSpec("P")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 # A Python dependency is missing (the log names its Debian package): restarting cannot help,
@@ -186,6 +188,13 @@ class ControlCall:
         return self._claim.acquire(blocking=False)
 
 
+@dataclass(frozen=True)
+class Signalled:
+    """A signal, handed from its handler to the main loop."""
+
+    signum: int
+
+
 @dataclass
 class Timer:
     interval: float
@@ -212,7 +221,7 @@ class Daemon:
         self.engine = LinuxEngine(netns=self.netns, state_dir=state_dir_for(self.netns, base), bpf=not args.no_bpf)
         self.engine.defer_bpf_cleanup = True  # run after each reply (_answer)
         self.rec = Reconciler(self.engine, bpf=not args.no_bpf, settle_s=args.settle)
-        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.q: queue.SimpleQueue[Event | ControlCall | Signalled] = queue.SimpleQueue()
         self.notifier = Notifier()
         self.apply_seconds = Histogram()
         self.cgroup_names = CgroupNames()
@@ -223,17 +232,17 @@ class Daemon:
         self.layer_detail: dict[str, str] = {}
         self.enforcing = False
         self.stopping = False
-        self.metrics: Any = None
-        self.control: Any = None
-        self.watchers: list[Any] = []
-        self.cgroup_watcher: Any = None
-        self.events: Any = None  # ksbpf.linux.events.DropEventPump
+        self.metrics: MetricsServer | None = None
+        self.control: ControlServer | None = None
+        self.watchers: list[NetlinkWatcher | NftWatcher | CgroupWatcher] = []
+        self.cgroup_watcher: CgroupWatcher | None = None
+        self.events: DropEventPump | None = None
         self.events_detail = "not reading"
         self._bpf_retry_at: float | None = None
         self._bpf_backoff = BPF_RETRY_S[0]
         self._nft_check_at: float | None = None  # a deferred nft check (new fingerprint) is due
         self._status_at: float | None = None  # a STATUS update is due
-        self._dicts_of: tuple[Any, list[dict[str, Any]]] | None = None  # (exemptions, as dicts) for status
+        self._dicts_of: tuple[tuple[Exemption, ...], list[dict[str, Any]]] | None = None  # (exemptions, as dicts) for status
         self._last_note = ""
         self._transient_retry_at: float | None = None  # a full check after a failed step
 
@@ -243,16 +252,16 @@ class Daemon:
         self._install_signals()
         policy, text = self._initial_policy()
         try:
-            self._bind_metrics(policy)
+            metrics = self._bind_metrics(policy)
         except OSError as e:
             return self._fail(f"metrics: cannot listen on {policy.metrics.listen}: {e.strerror or e}", EXIT_FAILED)
         from ksbpf.control import ControlServer, socket_path
         from ksbpf.linux.events import DropEventPump
 
         self.events = DropEventPump(logging.getLogger("ksbpf.events"), interval=self.args.event_interval)
-        self.control = ControlServer(socket_path(self.netns), self._control_handler, hub=self.events.hub)
+        self.control = control = ControlServer(socket_path(self.netns), self._control_handler, hub=self.events.hub)
         try:
-            self.control.bind()
+            control.bind()
         except (OSError, KsbpfError) as e:
             return self._fail(f"control socket: {e}", EXIT_FAILED)
         try:
@@ -266,9 +275,9 @@ class Daemon:
         except Exception as e:  # a bug: still close the control socket and stop the watchers
             log.exception("cannot engage: internal error")
             return self._fail(f"cannot engage: internal error: {e}", EXIT_FAILED)
-        self.metrics.start()
-        self.control.start()
-        log.info("ready: metrics on http://%s/metrics, control socket %s", self.metrics.listen, self.control.path)
+        metrics.start()
+        control.start()
+        log.info("ready: metrics on http://%s/metrics, control socket %s", metrics.listen, control.path)
         self.notifier.notify(READY=1, STATUS=self._status_text(), MAINPID=os.getpid())
         try:
             self._loop()
@@ -284,8 +293,8 @@ class Daemon:
 
     def _install_signals(self) -> None:
         # SimpleQueue.put is reentrant: safe from a signal handler.
-        def handler(signum: int, _frame: Any) -> None:
-            self.q.put(("signal", signum))
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.q.put(Signalled(signum))
 
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
@@ -304,7 +313,7 @@ class Daemon:
             self.config_ok = False
             return policy, snapshot
 
-    def _bind_metrics(self, policy: Policy) -> None:
+    def _bind_metrics(self, policy: Policy) -> MetricsServer:
         from ksbpf.metrics import KsbpfCollector, MetricsServer
 
         collector = KsbpfCollector(self.snapshot, [self._nft_drops, self._bpf_drops], self.apply_seconds)
@@ -314,6 +323,7 @@ class Daemon:
         if old is not None:
             server.start()
             old.close()
+        return server
 
     def _start_watchers(self) -> None:
         from ksbpf.reconcile import CgroupWatcher, NetlinkWatcher, NftWatcher
@@ -377,16 +387,17 @@ class Daemon:
         if self.rec.fingerprint_stale:
             self._nft_check_at = time.monotonic() + FINGERPRINT_AFTER_S
         for name, st in result.layers.items():
-            level = logging.INFO if st.engaged or (name == "bpf" and self.args.no_bpf) else logging.ERROR
+            level = logging.INFO if st.engaged or (name == LayerName.BPF and self.args.no_bpf) else logging.ERROR
             log.log(level, "%s: %s %s: %s", why, name, "engaged" if st.engaged else "NOT ENGAGED", st.detail,
                     extra={"KSBPF_LAYER": name, "KSBPF_EVENT": why})
-        bpf_last = getattr(self.engine._bpf, "last_apply", None)
+        bpf_layer = self.engine.loaded_bpf_layer
+        bpf_last = bpf_layer.last_apply if bpf_layer is not None else None
         bpf_how = (", ".join(bpf_last.writes) or bpf_last.replacement) if bpf_last is not None else "-"
         log.info("%s: policy %s applied in %.0f ms (nftables: %s; bpf: %s)", why, policy.source, result.seconds * 1000,
                  self.engine.nft.last_apply or "whole", bpf_how)
         self._bpf_retry_at = None
         self._follow_events()
-        bpf = result.layers.get("bpf")
+        bpf = result.layers.get(LayerName.BPF)
         if not self.args.no_bpf and (bpf is None or not bpf.engaged):
             self._bpf_backoff = BPF_RETRY_S[0]
             self._bpf_retry_at = time.monotonic() + self._bpf_backoff
@@ -399,7 +410,7 @@ class Daemon:
     def _remove_lockdown(self) -> None:
         """units/ksbpf-lockdown.service blocked everything at boot with its own table; our
         table enforces now (both drop by default, so there is no gap), and it goes."""
-        if not self.rec.layers.get("nftables"):
+        if not self.rec.layers.get(LayerName.NFTABLES):
             return
         from ksbpf.linux.netns import netns
 
@@ -499,24 +510,24 @@ class Daemon:
                     self._guard(self._full_check)
                     timers["bpf"].due = now + a.bpf_poll
                 elif timers["bpf"].ready(now):
-                    self._guard(self._report_repair, "bpf", self.rec.check_bpf)
+                    self._guard(self._report_repair, LayerName.BPF, self.rec.check_bpf)
                 if self._bpf_retry_at is not None and now >= self._bpf_retry_at:
                     self._retry_bpf()
             if self._nft_check_at is not None and now >= self._nft_check_at:
                 self._nft_check_at = None
                 if self.rec.fingerprint_stale:  # a reload or repair may have taken one meanwhile
-                    self._guard(self._report_repair, "nftables", self.rec.check_nft)  # nothing when idle
+                    self._guard(self._report_repair, LayerName.NFTABLES, self.rec.check_nft)  # nothing when idle
             if timers["status"].ready(now) or (self._status_at is not None and now >= self._status_at):
                 self._status_at = None
                 self._push_status()
 
-    def _handle(self, items: list[Any]) -> None:
+    def _handle(self, items: list[Event | ControlCall | Signalled]) -> None:
         from ksbpf.reconcile import Event
 
         events = [i for i in items if isinstance(i, Event)]
         for item in items:
-            if isinstance(item, tuple) and item[0] == "signal":
-                if item[1] == signal.SIGHUP:
+            if isinstance(item, Signalled):
+                if item.signum == signal.SIGHUP:
                     log.info("SIGHUP: reloading %s", self.config)
                     try:
                         self._reload("SIGHUP")
@@ -525,7 +536,7 @@ class Daemon:
                     except Exception:  # a bug or a transient kernel error: the daemon stays
                         log.exception("SIGHUP: reload failed unexpectedly; the policy in force stays")
                 else:
-                    log.info("signal %d: stopping", item[1])
+                    log.info("signal %d: stopping", item.signum)
                     self.stopping = True
             elif isinstance(item, ControlCall):
                 self._answer(item)
@@ -540,16 +551,16 @@ class Daemon:
         since = min((e.at for e in events if e.kind in ("link", "overflow")), default=None)
         self._guard(self._links, since)
         if "nft" in kinds or overflow:
-            self._guard(self._report_repair, "nftables", self.rec.check_nft)
+            self._guard(self._report_repair, LayerName.NFTABLES, self.rec.check_nft)
         if "routing" in kinds or overflow:
-            self._guard(self._report_repair, "routing", self.rec.check_routing)
+            self._guard(self._report_repair, LayerName.ROUTING, self.rec.check_routing)
         if "cgroup" in kinds or overflow:
             # Only the cgroups at or below what inotify saw made or removed, unless it lost count.
             seen = [e.paths for e in events if e.kind == "cgroup"]
             under = None if overflow or any(p is None for p in seen) else tuple(p for ps in seen for p in ps or ())
             self._guard(self._cgroups, under)
 
-    def _guard(self, fn: Any, *args: Any) -> None:
+    def _guard(self, fn: Callable[P, object], *args: P.args, **kwargs: P.kwargs) -> None:
         """Run one reconciliation step: `ksctl down` makes the daemon idle, a failure is
         logged and retried at the next event or check."""
         from ksbpf.reconcile import ExternalDown
@@ -557,7 +568,7 @@ class Daemon:
         if not self.enforcing:
             return
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except ExternalDown as e:
             self.enforcing = False
             self._bpf_retry_at = None
@@ -589,8 +600,8 @@ class Daemon:
         if done:
             self._push_status()
 
-    def _report_repair(self, layer: str, check: Any) -> None:
-        if layer == "bpf":
+    def _report_repair(self, layer: LayerName, check: Callable[[], str | None]) -> None:
+        if layer == LayerName.BPF:
             with self.notifier.keepalive(COMPILE_BOUND_S):  # repairing BPF may compile again
                 what = check()
         else:
@@ -611,15 +622,15 @@ class Daemon:
 
     def _full_check(self) -> None:
         self._links(time.monotonic())
-        self._report_repair("nftables", self.rec.check_nft)
-        self._report_repair("routing", self.rec.check_routing)
-        self._report_repair("bpf", self.rec.check_bpf)
+        self._report_repair(LayerName.NFTABLES, self.rec.check_nft)
+        self._report_repair(LayerName.ROUTING, self.rec.check_routing)
+        self._report_repair(LayerName.BPF, self.rec.check_bpf)
         self._cgroups()
         self._follow_events()
 
     def _follow_events(self) -> None:
         """Read the BPF layer's drop-event ring buffer; again when a load made another."""
-        if self.events is None or self.args.no_bpf or not self.rec.layers.get("bpf") or self.rec.policy is None:
+        if self.events is None or self.args.no_bpf or not self.rec.layers.get(LayerName.BPF) or self.rec.policy is None:
             return
         try:
             layer = self.engine.bpf_layer(self.rec.policy)
@@ -640,9 +651,9 @@ class Daemon:
             engaged, detail = layer.status()
         except (ImportError, KsbpfError) as e:
             engaged, detail = False, str(e)
-        self.layer_detail["bpf"] = str(detail)
+        self.layer_detail[LayerName.BPF] = str(detail)
         if engaged:
-            self.rec.layers["bpf"] = self.rec.bpf_engaged = True
+            self.rec.layers[LayerName.BPF] = self.rec.bpf_engaged = True
             self._bpf_retry_at = None
             self._follow_events()
             log.info("bpf: engaged on retry: %s", detail)
@@ -738,12 +749,12 @@ class Daemon:
 
     # ---------------------------------------------------------------- reporting
 
-    def _nft_drops(self) -> list[Any]:
+    def _nft_drops(self) -> list[DropSample]:
         from ksbpf.metrics import nft_drop_samples
 
         return nft_drop_samples(self.engine.nft)
 
-    def _bpf_drops(self) -> list[Any]:
+    def _bpf_drops(self) -> list[DropSample]:
         from ksbpf.metrics import bpf_drop_samples
 
         if self.args.no_bpf:
@@ -754,7 +765,7 @@ class Daemon:
             return []
         return bpf_drop_samples(layer, self.cgroup_names)
 
-    def snapshot(self) -> Any:
+    def snapshot(self) -> Snapshot:
         """For the metrics collector (HTTP threads): copies, never live references."""
         from ksbpf.metrics import Snapshot
 
@@ -845,8 +856,8 @@ class Daemon:
         if not self.enforcing:
             return self._last_note or "not enforcing"
         layers = self.rec.layers
-        engaged = [n for n in ("nftables", "routing", "bpf") if layers.get(n)]
-        missing = [n for n in ("nftables", "routing", "bpf") if not layers.get(n) and not (n == "bpf" and self.args.no_bpf)]
+        engaged = [n for n in LayerName if layers.get(n)]
+        missing = [n for n in LayerName if not layers.get(n) and not (n == LayerName.BPF and self.args.no_bpf)]
         parts = ["enforcing: " + "+".join(engaged) + (f" (NOT ENGAGED: {', '.join(missing)})" if missing else "")]
         tunnels = self.rec.tunnel_state()
         up = sorted(n for n, u in tunnels.items() if u)

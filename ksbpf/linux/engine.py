@@ -19,14 +19,8 @@ from ksbpf.errors import BackendError, CapacityError, KsbpfError, PolicyError
 from ksbpf.linux.layer import Layer, LayerName, LayerStatus
 from ksbpf.linux.nftables import NftLayer
 from ksbpf.linux.routing import RoutingLayer
-from ksbpf.policy import (
-    Exemption,
-    Policy,
-    loads_policy,
-    merge_exemptions,
-    parse_exemption,
-    read_policy_file,
-)
+from ksbpf.policy import Exemption, Policy, loads_policy, merge_exemptions, parse_exemption
+from ksbpf.policy_file import read_policy_file
 
 if TYPE_CHECKING:  # the BPF layer is imported when first used: without BCC, `up` still engages the others
     from ksbpf.linux.bpf import BpfLayer, BpfPlan
@@ -147,6 +141,11 @@ class LinuxEngine:
             self._bpf = BpfLayer(self.instance, kernel_source=ksrc, netns=self.netns)
         if policy is not None:
             self._bpf.cgroup_hint = policy.bpf.cgroup
+        return self._bpf
+
+    @property
+    def loaded_bpf_layer(self) -> BpfLayer | None:
+        """The BPF layer if this engine has made it (bpf_layer() imports it: BCC's side)."""
         return self._bpf
 
     @staticmethod

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ksbpf import control
-from ksbpf.daemon import ControlCall, Daemon
+from ksbpf.daemon import ControlCall, Daemon, Signalled
 from ksbpf.errors import BackendError
 
 
@@ -107,7 +107,7 @@ def test_sighup_survives_an_unexpected_reload_error(caplog: pytest.LogCaptureFix
         raise RecursionError("maximum recursion depth exceeded")
 
     d._reload = reload
-    Daemon._handle(d, [("signal", signal.SIGHUP)])
+    Daemon._handle(d, [Signalled(signal.SIGHUP)])
     assert "SIGHUP: reload failed unexpectedly" in caplog.text and not d.stopping
 
 

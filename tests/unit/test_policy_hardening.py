@@ -63,7 +63,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> Path:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need files owned by root")
 def test_every_ancestor_directory_must_be_roots_alone(tmp_path: Path) -> None:
-    from ksbpf.policy import read_policy_file
+    from ksbpf.policy_file import read_policy_file
 
     deep = tmp_path / "open" / "etc"
     deep.mkdir(parents=True)
@@ -81,7 +81,7 @@ def test_every_ancestor_directory_must_be_roots_alone(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need files owned by root")
 def test_a_kernel_source_anyone_can_write_is_refused(tmp_path: Path) -> None:
-    from ksbpf.policy import read_policy_file
+    from ksbpf.policy_file import read_policy_file
 
     tree = tmp_path / "headers"
     (tree / "include" / "linux").mkdir(parents=True)
