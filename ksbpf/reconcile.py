@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import select
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -46,7 +45,19 @@ from typing import Any
 
 from ksbpf.errors import BackendError, KsbpfError
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id
-from ksbpf.linux.libc import LibcError, checked, libc
+from ksbpf.linux.inotify import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+)
+from ksbpf.linux.libc import LibcError
 from ksbpf.linux.netlink import NFNLGRP_NFTABLES, NetlinkSocket
 from ksbpf.linux.netns import netns
 from ksbpf.linux.nftgen import NFT_MSG_NEWGEN, gen_after, nft_generation, nft_notifications
@@ -268,8 +279,6 @@ class NftWatcher(_Watcher):
                 self._progress.notify_all()
 
 
-IN_CREATE, IN_DELETE, IN_MOVED_FROM, IN_MOVED_TO = 0x100, 0x200, 0x40, 0x80
-IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_Q_OVERFLOW, IN_ONLYDIR = 0x400, 0x800, 0x8000, 0x4000, 0x1000000
 _WATCH_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 
 
@@ -280,7 +289,7 @@ class CgroupWatcher(_Watcher):
     def __init__(self, emit: Emit) -> None:
         super().__init__("cgroup-watch", emit)
         try:
-            self._fd = checked(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+            self._inotify = Inotify()
         except LibcError as e:
             raise BackendError("reconcile", e.strerror) from None
         self._watches: dict[int, Path] = {}  # watch descriptor -> directory
@@ -357,7 +366,7 @@ class CgroupWatcher(_Watcher):
 
     def _add_watch(self, p: Path) -> None:
         try:
-            wd = checked(libc.inotify_add_watch(self._fd, os.fsencode(p), _WATCH_MASK), "inotify_add_watch")
+            wd = self._inotify.add_watch(p, _WATCH_MASK)
         except LibcError as e:
             log.warning("cannot watch %s: %s", p, e.reason)
             return
@@ -367,7 +376,7 @@ class CgroupWatcher(_Watcher):
     def _unwatch(self, p: Path) -> None:
         wd = self._wd_of.pop(p)
         self._watches.pop(wd, None)
-        libc.inotify_rm_watch(self._fd, wd)
+        self._inotify.rm_watch(wd)
 
     def watched(self) -> list[Path]:
         with self._lock:
@@ -375,18 +384,10 @@ class CgroupWatcher(_Watcher):
 
     def run(self) -> None:
         try:
-            while self._wait_readable(self._fd):
-                try:
-                    data = os.read(self._fd, 1 << 16)
-                except BlockingIOError:
-                    continue
-                off = 0
+            while self._wait_readable(self._inotify.fileno()):
                 names = []
                 paths: list[Path] | None = []
-                while off + 16 <= len(data):
-                    wd, mask, _cookie, ln = struct.unpack_from("iIII", data, off)
-                    name = data[off + 16:off + 16 + ln].split(b"\0", 1)[0].decode(errors="replace")
-                    off += 16 + ln
+                for wd, mask, _cookie, name in self._inotify.read():
                     with self._lock:
                         where = self._watches.get(wd)
                     if mask & IN_Q_OVERFLOW:
@@ -412,8 +413,7 @@ class CgroupWatcher(_Watcher):
                 if names:
                     self.emit(Event("cgroup", ", ".join(names), paths=None if paths is None else tuple(paths)))
         finally:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
+            self._inotify.close()
 
 
 # =========================================================================== checks
