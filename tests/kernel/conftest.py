@@ -109,13 +109,14 @@ def _enter_cgroup(directory: Path):
 
 
 def run_in(
-    argv: list[str], *, netns: str | None = None, cgroup: Path | None = None, timeout: float = 30, check: bool = False
+    argv: list[str], *, netns: str | None = None, cgroup: Path | None = None, timeout: float = 30, check: bool = False,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run argv inside `cgroup` (joined before entering the namespace, since
     `ip netns exec` remounts /sys and hides the cgroup2 mount) and `netns`."""
     cmd = (["ip", "netns", "exec", netns] if netns else []) + argv
     return subprocess.run(
-        cmd, text=True, capture_output=True, timeout=timeout, check=check,
+        cmd, text=True, capture_output=True, timeout=timeout, check=check, input=input,
         preexec_fn=_enter_cgroup(cgroup) if cgroup else None,
     )
 

@@ -28,7 +28,8 @@ from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, PIN_ROOT, BpfLaye
 from ksbpf.linux.engine import instance_name
 from ksbpf.linux.routing import SRC_VALID_MARK
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, sh
-from tests.kernel.uplink import Uplink, build_uplink, ksctl, send_udp
+from tests.kernel.sender import send_udp
+from tests.kernel.uplink import Uplink, build_uplink, ksctl
 
 pytestmark = pytest.mark.kernel
 

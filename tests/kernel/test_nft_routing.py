@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.conftest import NetnsFactory, sh
-from tests.kernel.uplink import Uplink, build_uplink, ksctl, send_udp
+from tests.kernel.sender import send_udp
+from tests.kernel.uplink import Uplink, build_uplink, ksctl
 
 RAW_SEND = r"""
 import socket, struct, sys

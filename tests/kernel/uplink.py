@@ -98,25 +98,3 @@ def ksctl(*args: str, netns: str | None = None, state_dir: str | None = None, ch
         cmd += ["--state-dir", state_dir]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, check=check, timeout=120)
 
-
-SEND_UDP = """
-import socket, sys, time
-dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM)
-sent = 0
-for i in range(n):
-    try:
-        s.sendto(b"x" * 32, (dst, port)); sent += 1
-    except OSError:
-        pass
-print(sent)
-"""
-
-
-def send_udp(netns: str, dst: str, port: int, n: int) -> int:
-    """Send n UDP datagrams from `netns`; returns how many the kernel accepted."""
-    import sys
-
-    out = sh(sys.executable, "-c", SEND_UDP, dst, str(port), str(n), netns=netns).stdout
-    return int(out.strip() or 0)
