@@ -69,13 +69,14 @@ def _state_dir(args: argparse.Namespace) -> str:
 def _engine(args: argparse.Namespace, need_bpf: bool = False) -> LinuxEngine:
     from pathlib import Path
 
-    from ksbpf.deps import locate, require
+    from ksbpf.deps import load_library, locate, require
 
     # Before anything changes: a missing module is one clear error (exit 5), not a layer
     # half engaged or a traceback. Only `up` needs bcc: down and status get along without.
     require("nftables", "pyroute2")
     if need_bpf and not getattr(args, "no_bpf", False):
         locate("bcc", hint="(or engage nftables and routing only: --no-bpf)")
+        load_library("libbpf.so.1", hint="(or engage nftables and routing only: --no-bpf)")
     from ksbpf.linux.engine import LinuxEngine, state_dir_for
 
     base = Path(args.state_dir) if args.state_dir else None

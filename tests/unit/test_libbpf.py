@@ -4,9 +4,17 @@ info structs byte for byte, and a missing libbpf.so.1 names its Debian package."
 from __future__ import annotations
 
 import ctypes
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+import tests.nobody
 from ksbpf import deps
 from ksbpf.deps import MissingDependency
 from ksbpf.linux import libbpf
@@ -97,3 +105,60 @@ def test_a_missing_libbpf_names_its_debian_package(monkeypatch: pytest.MonkeyPat
 def test_the_real_soname_maps_to_libbpf1() -> None:
     e = MissingDependency("libbpf.so.1", "cannot open shared object file")
     assert e.package == "libbpf1" and str(e).startswith("the library libbpf.so.1 cannot be loaded")
+
+
+# As if libbpf1 were not installed: dlopen of libbpf.so.1 fails, everything else loads.
+HIDE_LIBBPF = """\
+import ctypes
+_load = ctypes.CDLL.__init__
+
+
+def _init(self, name, *args, **kw):
+    if name == "libbpf.so.1":
+        raise OSError("libbpf.so.1: cannot open shared object file: No such file or directory")
+    _load(self, name, *args, **kw)
+
+
+ctypes.CDLL.__init__ = _init
+"""
+
+POLICY = """\
+[tunnel]
+interfaces = ["wg0"]
+endpoints = ["198.51.100.7:51820/udp"]
+endpoint_mark = 0xca6c
+[dns]
+servers = ["10.64.0.1"]
+"""
+
+
+def _as_nobody() -> None:
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+
+
+def test_ksctl_up_without_libbpf_refuses_before_changing_anything() -> None:
+    d = Path(tempfile.mkdtemp(prefix="ksbpf-libbpf-"))
+    try:
+        d.chmod(0o755)
+        for name, text in (("sitecustomize.py", HIDE_LIBBPF), ("policy.toml", POLICY)):
+            (d / name).write_text(text)
+            (d / name).chmod(0o644)
+        # As nobody where we are root, in a namespace that does not exist: nothing could
+        # change even if the guard failed.
+        as_nobody = os.geteuid() == 0
+        package = tests.nobody.package_copy() if as_nobody else str(tests.nobody.REPO)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM")}
+        env["PYTHONPATH"] = f"{d}{os.pathsep}{package}"
+        r = subprocess.run([tests.nobody.PYTHON if as_nobody else sys.executable, "-m", "ksbpf.cli",
+                            "--netns", "ksbpf-test-absent", "--state-dir", str(d / "state"), "up",
+                            "--config", str(d / "policy.toml")],
+                           env=env, capture_output=True, text=True, timeout=60, cwd=d,
+                           preexec_fn=_as_nobody if as_nobody else None)
+        assert r.returncode == 5, r.stdout + r.stderr
+        assert "libbpf.so.1 cannot be loaded" in r.stderr and "install the Debian package libbpf1" in r.stderr
+        assert "--no-bpf" in r.stderr and "Traceback" not in r.stderr and not (d / "state").exists()
+    finally:
+        shutil.rmtree(d)
