@@ -7,7 +7,7 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,10 @@ def unique(prefix: str) -> str:
 
 def sh(*argv: str, check: bool = True, netns: str | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
     cmd = (["ip", "netns", "exec", netns] if netns else []) + list(argv)
-    return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    cp: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        cmd, check=check, text=True, capture_output=True, **kw
+    )
+    return cp
 
 
 def kill_netns_pids(name: str) -> None:
@@ -101,7 +104,7 @@ def make_cgroup() -> Iterator[CgroupFactory]:
         f.cleanup()
 
 
-def _enter_cgroup(directory: Path):
+def _enter_cgroup(directory: Path) -> Callable[[], None]:
     def pre() -> None:
         (directory / "cgroup.procs").write_text(str(os.getpid()))
 
@@ -123,6 +126,7 @@ def run_in(
 
 def spawn_in(argv: list[str], *, netns: str | None = None, cgroup: Path | None = None, **kw: object) -> subprocess.Popen[str]:
     cmd = (["ip", "netns", "exec", netns] if netns else []) + argv
-    return subprocess.Popen(  # type: ignore[call-overload]
+    p: subprocess.Popen[str] = subprocess.Popen(  # type: ignore[call-overload]
         cmd, text=True, preexec_fn=_enter_cgroup(cgroup) if cgroup else None, **kw
     )
+    return p

@@ -12,11 +12,12 @@ layer tags it.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.kernel.conftest import run_in
+from tests.kernel.conftest import run_in, spawn_in
 
 SCRIPT = r"""
 import ctypes, errno, json, socket, sys
@@ -133,3 +134,65 @@ def send(netns: str, dst: str, port: int, n: int = 1, *, cgroup: Path | None = N
 def send_udp(netns: str, dst: str, port: int, n: int) -> int:
     """n UDP datagrams from `netns`; how many the kernel accepted."""
     return send(netns, dst, port, n, payload="x" * 32).sent
+
+
+FLOOD = r"""
+import json, socket, sys, time
+req = json.loads(sys.argv[1])
+socks = []
+for dst, port, dev in req["targets"]:
+    s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+    if dev:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+    socks.append((s, (dst, port)))
+end = time.time() + req["seconds"]
+while time.time() < end:
+    for s, to in socks:
+        try:
+            s.sendto(b"x", to)
+        except OSError:
+            pass
+    time.sleep(0.0005)
+"""
+
+
+def start_flood(netns: str, targets: list[tuple[str, int, str | None]], *, cgroup: Path | None = None,
+                seconds: float = 60) -> subprocess.Popen[str]:
+    """A background sender: a datagram to each (dst, port, device or None) every 0.5 ms,
+    errors ignored, for `seconds`. The caller ends it (kill, wait) in a finally."""
+    argv = [sys.executable, "-c", FLOOD, json.dumps({"targets": targets, "seconds": seconds})]
+    return spawn_in(argv, netns=netns, cgroup=cgroup)
+
+
+FRAMES = r"""
+import socket, struct, sys
+dev, n = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+src = "02:00:00:00:00:02"
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    t = sum(struct.unpack(f"!{len(b)//2}H", b)); t = (t >> 16) + (t & 0xffff); t += t >> 16
+    return ~t & 0xffff
+payload = b"leak" * 4
+udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton("192.0.2.2"), socket.inet_aton("192.0.2.1"))
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+eth = b"\xff" * 6 + bytes.fromhex(src.replace(":", "")) + struct.pack("!H", 0x0800)
+tried = 0
+for _ in range(n):
+    tried += 1
+    try:
+        s.send(eth + ip + udp)
+    except OSError:
+        pass  # a drop at netdev egress is reported back to the sender
+print(tried)
+"""
+
+
+def send_frames(netns: str, dev: str, n: int) -> int:
+    """n broadcast Ethernet frames carrying UDP 192.0.2.2 -> 192.0.2.1:9 written to `dev`
+    through an AF_PACKET socket (past routing and the IP hooks); how many were tried."""
+    r = run_in([sys.executable, "-c", FRAMES, dev, str(n)], netns=netns)
+    assert r.returncode == 0, f"frame sender failed in {netns}: {r.stderr.strip()[-500:]}"
+    return int(r.stdout)

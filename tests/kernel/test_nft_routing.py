@@ -4,39 +4,13 @@ WireGuard lab tests are in test_killswitch.py). Leaks are counted on the far sid
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.kernel.conftest import NetnsFactory, sh
-from tests.kernel.sender import send_udp
+from tests.kernel.sender import send_frames, send_udp, start_flood
 from tests.kernel.uplink import Uplink, build_uplink, ksctl
-
-RAW_SEND = r"""
-import socket, struct, sys
-dev, n = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind((dev, 0))
-src = "02:00:00:00:00:02"
-def csum(b):
-    if len(b) % 2: b += b"\0"
-    t = sum(struct.unpack(f"!{len(b)//2}H", b)); t = (t >> 16) + (t & 0xffff); t += t >> 16
-    return ~t & 0xffff
-payload = b"leak" * 4
-udp = struct.pack("!HHHH", 40000, 9, 8 + len(payload), 0) + payload
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton("192.0.2.2"), socket.inet_aton("192.0.2.1"))
-ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-eth = b"\xff" * 6 + bytes.fromhex(src.replace(":", "")) + struct.pack("!H", 0x0800)
-tried = 0
-for _ in range(n):
-    tried += 1
-    try:
-        s.send(eth + ip + udp)
-    except OSError:
-        pass  # a drop at netdev egress is reported back to the sender
-print(tried)
-"""
 
 
 @pytest.fixture
@@ -65,7 +39,7 @@ def test_uplink_counts_leaks_without_the_kill_switch(uplink: Uplink) -> None:
 
 
 def test_af_packet_frames_to_the_uplink_are_stopped(uplink: Uplink, tmp_path: Path) -> None:
-    raw = lambda n: int(sh(sys.executable, "-c", RAW_SEND, uplink.up_if, str(n), netns=uplink.client).stdout)  # noqa: E731
+    raw = lambda n: send_frames(uplink.client, uplink.up_if, n)  # noqa: E731
     before = uplink.far_count()
     assert raw(10) == 10
     assert uplink.far_count() - before == 10, "raw frames must reach the far side without ksbpf"
@@ -126,13 +100,7 @@ def test_nftables_alone_holds_when_routing_is_removed(uplink: Uplink, tmp_path: 
 
 
 def test_up_is_idempotent_and_leak_free_under_traffic(uplink: Uplink, tmp_path: Path) -> None:
-    import subprocess
-
-    flood = subprocess.Popen(
-        ["ip", "netns", "exec", uplink.client, sys.executable, "-c",
-         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nend=time.time()+60\n"
-         "while time.time()<end:\n  for d in ('203.0.113.9','192.0.2.1'):\n    try: s.sendto(b'x',(d,9))\n    except OSError: pass\n  time.sleep(0.0005)\n"],
-    )
+    flood = start_flood(uplink.client, [("203.0.113.9", 9, None), ("192.0.2.1", 9, None)])
     try:
         _up(uplink, tmp_path, uplink.policy())
         f0 = uplink.far_count()
@@ -305,7 +273,7 @@ def test_counters_read_from_the_kernel_match_nft(uplink: Uplink, tmp_path: Path)
     _up(uplink, tmp_path, uplink.policy())
     send_udp(uplink.client, "203.0.113.9", 53, 6)  # dns via the tunnel to another resolver
     send_udp(uplink.client, "192.0.2.1", 51820, 3)  # unmarked to the endpoint: into the tunnel
-    sh(sys.executable, "-c", RAW_SEND, uplink.up_if, "4", netns=uplink.client)
+    send_frames(uplink.client, uplink.up_if, 4)
     want: dict[str, tuple[int, int]] = {}
     for family in ("inet", "netdev"):
         for o in json.loads(sh("nft", "-j", "list", "counters", "table", family, "ksbpf", netns=uplink.client).stdout)["nftables"]:
