@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # each imported when the daemon first needs it (the heavy one
     from ksbpf.linux.events import DropEventPump
     from ksbpf.metrics import DropSample, MetricsServer, Snapshot
     from ksbpf.policy import Exemption
-    from ksbpf.reconcile import CgroupWatcher, Event, NetlinkWatcher, NftWatcher
+    from ksbpf.reconcile.watchers import CgroupWatcher, Event, NetlinkWatcher, NftWatcher
 
 log = logging.getLogger("ksbpfd")
 P = ParamSpec("P")
@@ -211,7 +211,7 @@ class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
         from ksbpf.linux.engine import DEFAULT_STATE_DIR, LinuxEngine, state_dir_for
         from ksbpf.metrics import CgroupNames, Histogram
-        from ksbpf.reconcile import Reconciler
+        from ksbpf.reconcile.reconciler import Reconciler
 
         self.args = args
         self.config = Path(args.config)
@@ -326,7 +326,7 @@ class Daemon:
         return server
 
     def _start_watchers(self) -> None:
-        from ksbpf.reconcile import CgroupWatcher, NetlinkWatcher, NftWatcher
+        from ksbpf.reconcile.watchers import CgroupWatcher, NetlinkWatcher, NftWatcher
 
         emit = self.q.put
         nft_watcher = NftWatcher(self.netns, emit)
@@ -522,7 +522,7 @@ class Daemon:
                 self._push_status()
 
     def _handle(self, items: list[Event | ControlCall | Signalled]) -> None:
-        from ksbpf.reconcile import Event
+        from ksbpf.reconcile.watchers import Event
 
         events = [i for i in items if isinstance(i, Event)]
         for item in items:
@@ -563,7 +563,7 @@ class Daemon:
     def _guard(self, fn: Callable[P, object], *args: P.args, **kwargs: P.kwargs) -> None:
         """Run one reconciliation step: `ksctl down` makes the daemon idle, a failure is
         logged and retried at the next event or check."""
-        from ksbpf.reconcile import ExternalDown
+        from ksbpf.reconcile.reconciler import ExternalDown
 
         if not self.enforcing:
             return

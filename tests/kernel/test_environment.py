@@ -178,7 +178,7 @@ def test_read_only_proc_sys_net_leaves_routing_not_engaged_and_status_agrees(wor
 def test_routing_drift_includes_src_valid_mark(world: World) -> None:
     """The daemon's drift check reads the sysctl as status does, and puts it back."""
     from ksbpf.linux.engine import LinuxEngine, state_dir_for
-    from ksbpf.reconcile import Reconciler
+    from ksbpf.reconcile.reconciler import Reconciler
 
     eng = LinuxEngine(netns=world.u.client, state_dir=state_dir_for(world.u.client, world.state), bpf=False)
     result = eng.up_file(world.policy)
@@ -296,7 +296,7 @@ import json, sys
 from pathlib import Path
 from ksbpf.errors import BackendError
 from ksbpf.linux.engine import LinuxEngine, state_dir_for
-from ksbpf.reconcile import Reconciler
+from ksbpf.reconcile.reconciler import Reconciler
 eng = LinuxEngine(netns=sys.argv[1], state_dir=state_dir_for(sys.argv[1], Path(sys.argv[2])), bpf=False)
 rec = Reconciler(eng, bpf=False, settle_s=0.0)
 status = eng.status()

@@ -12,18 +12,10 @@ from pathlib import Path
 import pytest
 
 from ksbpf.errors import PolicyError
+from ksbpf.linux.nftgen import NFT_MSG_NEWGEN, gen_after, parse_nft_generations, parse_nft_notifications
 from ksbpf.policy_file import check_policy_dir_mode, check_policy_file_mode, read_policy_file
-from ksbpf.reconcile import (
-    NFT_MSG_NEWGEN,
-    CgroupWatcher,
-    Event,
-    NftShape,
-    fingerprint,
-    gen_after,
-    parse_nft_generations,
-    parse_nft_notifications,
-    shape_of,
-)
+from ksbpf.reconcile.shape import NftShape, fingerprint, shape_of
+from ksbpf.reconcile.watchers import CgroupWatcher, Event
 from ksbpf.render.nft import render_nft
 
 POLICY = """
