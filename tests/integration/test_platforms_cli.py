@@ -1,6 +1,6 @@
 """ksctl up|down|status|render on macOS and Windows, run as a whole through ksbpf.cli.main
 in a Python where the Linux libraries (nftables, pyroute2, bcc, systemd, prometheus_client)
-and ksbpf.linux.* cannot be imported, against the tool stand-ins (tests/unit/standins)."""
+and ksbpf.linux.* cannot be imported, against the tool stand-ins (tests/integration/standins)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from ksbpf.render.pf import STOCK_PF_CONF
-from tests.unit import standins
+from tests.integration import standins
+from tests.integration.test_platforms_macos import initial as mac_initial
+from tests.integration.test_platforms_windows import CASES
+from tests.integration.test_platforms_windows import initial as win_initial
 from tests.unit.adapter_world import GOLDEN
-from tests.unit.test_platforms_macos import initial as mac_initial
-from tests.unit.test_platforms_windows import CASES
-from tests.unit.test_platforms_windows import initial as win_initial
 
 BLOCKED = ("nftables", "pyroute2", "bcc", "systemd", "prometheus_client")
 RUNNER = f"""

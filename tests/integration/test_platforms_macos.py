@@ -1,5 +1,5 @@
 """ksctl's macOS adapter (ksbpf.platforms.macos) and the rendered load.sh/rollback.sh, run
-against stand-ins for pfctl, sysctl and launchctl that hold PF's state (tests/unit/standins).
+against stand-ins for pfctl, sysctl and launchctl that hold PF's state (tests/integration/standins).
 
 What is shown: the anchor is never in force half-loaded (at every step PF either does not
 evaluate ksbpf's anchor or evaluates all of it, and then every generated packet is decided
@@ -21,9 +21,10 @@ from ksbpf.errors import BackendError
 from ksbpf.platforms.macos import MacOS
 from ksbpf.render.base import Rendered
 from ksbpf.render.pf import STOCK_PF_CONF, render_pf
-from tests.unit import pfparse, standins
+from tests.integration import standins
+from tests.integration.test_adapters_agree import compare
+from tests.unit import pfparse
 from tests.unit.adapter_world import GOLDEN, Case, cases
-from tests.unit.test_adapters_agree import compare
 
 CASES = {c.name: c for c in cases()}
 PF_CONF = "# Default PF configuration file.\n#\n" + STOCK_PF_CONF

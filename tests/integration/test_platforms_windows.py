@@ -1,6 +1,6 @@
 """ksctl's Windows adapter (ksbpf.platforms.windows) running the rendered apply.ps1 and
 rollback.ps1 through a powershell.exe stand-in that holds the firewall's state
-(tests/unit/standins/powershell.py).
+(tests/integration/standins/powershell.py).
 
 What is shown: at every step of apply.ps1 no ksbpf allow rule exists unless every profile
 blocks by default, and nothing passes that verdict() drops unless a rule of Windows' own
@@ -23,9 +23,10 @@ from ksbpf.errors import BackendError
 from ksbpf.platforms.windows import Windows
 from ksbpf.render.windows import render_windows
 from ksbpf.verdict import verdict
-from tests.unit import standins, winparse
+from tests.integration import standins
+from tests.integration.test_adapters_agree import win_exclusion
+from tests.unit import winparse
 from tests.unit.adapter_world import GOLDEN, Case, cases, packets, to_win, tunnel_names
-from tests.unit.test_adapters_agree import win_exclusion
 
 CASES = {c.name: c for c in cases()}
 PROFILES = ("Domain", "Private", "Public")

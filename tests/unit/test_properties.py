@@ -2,11 +2,11 @@
 
 - the parser refuses bad input only with PolicyError, and the incremental parser agrees
   with loads_policy on every generated text;
-- a generated policy's PF and Windows renderings agree with verdict() (what `ksctl
-  explain` prints) packet by packet, as the fixed cases in test_adapters_agree do;
 - a control request of any JSON shape is answered or refused as bad_request, never a
   crash of the session.
-The kernel's side (nftables against verdict() on generated policies) is in
+A generated policy's PF and Windows renderings against verdict(), packet by packet, are in
+tests/integration/test_properties_platforms.py (it takes seconds per example); the kernel's
+side (nftables against verdict() on generated policies) is in
 tests/kernel/test_properties_kernel.py.
 """
 
@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ksbpf.control import BadRequest, validate_request
 from ksbpf.errors import PolicyError
 from ksbpf.policy import Policy, PolicyParser, loads_policy
-from tests.unit.adapter_world import Case
-from tests.unit.test_adapters_agree import compare, render
 
 PROFILE = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -149,30 +146,6 @@ def test_any_text_is_a_policy_or_a_policy_error(text: str) -> None:
         loads_policy(text)
     except PolicyError as e:
         assert str(e)  # names what is wrong
-
-
-# ------------------------------------------------------------------ the renderers agree with explain
-
-
-@pytest.mark.parametrize("platform", ["macos", "windows"])
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=policy_texts())
-def test_generated_policies_render_rules_that_agree_with_explain(platform: str, text: str) -> None:
-    import hashlib
-
-    from tests.unit import test_adapters_agree as agree
-
-    policy = _parse(text)
-    case = Case("generated-" + hashlib.sha256(text.encode()).hexdigest()[:16], policy)
-    agree.CASES[case.name] = case  # the comparison looks cases up by name
-    try:
-        rendered = render(case, platform)
-    except ValueError:
-        assume(False)  # a value the platform's syntax cannot carry: refused by name, tested elsewhere
-    out = compare(case, platform, rendered)
-    assert not [k for k in out.excluded if k.startswith("UNLISTED")], (out.excluded, text)
-    assert not out.mismatches, f"{len(out.mismatches)} disagreements for\n{text}\n" + "\n".join(out.mismatches[:5])
-    assert out.compared > 0
 
 
 # ------------------------------------------------------------------ control requests
