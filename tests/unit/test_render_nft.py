@@ -2,12 +2,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from ksbpf.policy import Exemption, PortSpec, load_policy, loads_policy
 from ksbpf.render.nft import counter_names, render_nft, render_nft_reset
+from ksbpf.render.routing import render_routing
 from ksbpf.verdict import DROP_REASONS
+from tests.unit.adapter_world import cases, check_golden, tunnel_names
 
 P = load_policy(Path(__file__).parent / "policies" / "full.toml")
+CASES = {c.name: c for c in cases()}
+
+
+def _one_command_per_line(batch: dict[str, list[dict[str, Any]]]) -> str:
+    """The batch as JSON that nft -j -f reads, one command a line: a changed rule is a
+    changed line in the diff of a golden file."""
+    cmds = ",\n".join(json.dumps(c) for c in batch["nftables"])
+    return '{"nftables": [\n' + cmds + "\n]}\n"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name: str) -> None:
+    """The example policies of the PF and Windows golden files, rendered for Linux: the
+    nftables batch with two uplinks (their egress chains) and the routing plan with a tunnel
+    up. KSBPF_UPDATE_GOLDEN=1 rewrites tests/unit/golden/linux/ (review the diff)."""
+    policy = CASES[name].policy
+    ruleset = render_nft(policy, uplinks={2: "eth0", 3: "wlan0"})
+    assert json.loads(_one_command_per_line(ruleset)) == ruleset
+    routing = render_routing(policy, tunnel_links={7: tunnel_names(policy)[0]})
+    files = {"ruleset.json": _one_command_per_line(ruleset), "routing.txt": "".join(f"{ln}\n" for ln in routing.describe())}
+    check_golden("linux", name, files, None)
 
 
 def _adds(batch: dict, kind: str, family: str = "inet") -> list[dict]:
