@@ -136,32 +136,65 @@ def send_udp(netns: str, dst: str, port: int, n: int) -> int:
     return send(netns, dst, port, n, payload="x" * 32).sent
 
 
-FLOOD = r"""
-import json, socket, sys, time
+STREAM = r"""
+import json, signal, socket, sys, time
 req = json.loads(sys.argv[1])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 socks = []
-for dst, port, dev in req["targets"]:
-    s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
-    if dev:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
-    socks.append((s, (dst, port)))
-end = time.time() + req["seconds"]
-while time.time() < end:
-    for s, to in socks:
+for p in req["targets"]:
+    fam = socket.AF_INET6 if ":" in p["dst"] else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if p["dev"]:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, p["dev"].encode())
+    if p["mark"]:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, p["mark"])
+    if p["sport"]:
+        s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", p["sport"]))
+    socks.append((s, (p["dst"], p["port"]), p["payload"].encode()))
+counts = [{"ok": 0, "eperm": 0, "other": 0} for _ in socks]
+print("ready", flush=True)
+end = time.monotonic() + req["seconds"]
+while not stop and time.monotonic() < end:
+    for (s, to, payload), c in zip(socks, counts):
         try:
-            s.sendto(b"x", to)
+            s.sendto(payload, to)
+            c["ok"] += 1
+        except PermissionError:
+            c["eperm"] += 1
         except OSError:
-            pass
-    time.sleep(0.0005)
+            c["other"] += 1
+    time.sleep(req["pause"])
+print(json.dumps(counts), flush=True)
 """
+
+
+def start_stream(netns: str, targets: list[Probe], *, cgroup: Path | None = None, seconds: float = 60,
+                 pause: float = 0.0005, stdout: int | None = None) -> subprocess.Popen[str]:
+    """A background UDP sender: one datagram to each target (dst, port, dev, mark, sport,
+    payload of a Probe) every `pause`, until SIGTERM or `seconds`; it prints "ready" once
+    its sockets exist and, at the end, per target {"ok", "eperm", "other"} (stream_counts).
+    The caller ends it in a finally."""
+    req = {"targets": [asdict(t) for t in targets], "seconds": seconds, "pause": pause}
+    return spawn_in([sys.executable, "-c", STREAM, json.dumps(req)], netns=netns, cgroup=cgroup, stdout=stdout)
+
+
+def stream_counts(p: subprocess.Popen[str], *, stop: bool = True) -> list[dict[str, int]]:
+    """The counts of a stream started with stdout=subprocess.PIPE, once it ends: stopped
+    now (SIGTERM), or with stop=False when its `seconds` are up."""
+    if stop:
+        p.terminate()
+    out, _ = p.communicate(timeout=30)
+    counts: list[dict[str, int]] = json.loads(out.strip().splitlines()[-1])
+    return counts
 
 
 def start_flood(netns: str, targets: list[tuple[str, int, str | None]], *, cgroup: Path | None = None,
                 seconds: float = 60) -> subprocess.Popen[str]:
-    """A background sender: a datagram to each (dst, port, device or None) every 0.5 ms,
-    errors ignored, for `seconds`. The caller ends it (kill, wait) in a finally."""
-    argv = [sys.executable, "-c", FLOOD, json.dumps({"targets": targets, "seconds": seconds})]
-    return spawn_in(argv, netns=netns, cgroup=cgroup)
+    """A stream of 1-byte datagrams to each (dst, port, device or None), every 0.5 ms, its
+    output not read: for traffic that must keep flowing while something else happens."""
+    return start_stream(netns, [Probe(dst, port, dev=dev, payload="x") for dst, port, dev in targets],
+                        cgroup=cgroup, seconds=seconds)
 
 
 FRAMES = r"""

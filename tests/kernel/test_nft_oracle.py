@@ -10,36 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
-import sys
 
 from ksbpf.linux.nftables import NftLayer
 from ksbpf.marks import exempt_mark, exemption_ids
 from ksbpf.policy import loads_policy
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import NetnsFactory, sh
+from tests.kernel.sender import Probe, send_all
 from tests.kernel.uplink import build_uplink
-
-SENDER = r"""
-import errno, json, socket, sys
-out = []
-for dst, port, dev, mark, sport in json.loads(sys.stdin.read()):
-    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
-    if mark:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-    if sport:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", sport))
-    try:
-        s.sendto(b"oracle", (dst, port))
-        out.append(True)
-    except OSError as e:
-        out.append(False if e.errno == errno.EPERM else f"errno {e.errno}")
-    s.close()
-print(json.dumps(out))
-"""
 
 
 def test_output_chain_agrees_with_verdict(make_netns: NetnsFactory) -> None:
@@ -60,7 +38,9 @@ def test_output_chain_agrees_with_verdict(make_netns: NetnsFactory) -> None:
     devs = [u.tun_if, u.up_if]
     cases = [(d, p, dev, m, 0) for d, p, dev, m in itertools.product(dsts, ports, devs, marks)]
     cases += [(d, 40000, dev, m, 2222) for d, dev, m in itertools.product(["203.0.113.9", "198.51.100.5"], devs, marks)]
-    got = json.loads(sh(sys.executable, "-c", SENDER, netns=u.client, input=json.dumps(cases)).stdout)
+    # One datagram per case, each on its own socket, through the shared sender.
+    sent = send_all(u.client, [Probe(d, p, dev=dev, mark=m, sport=sp, payload="oracle") for d, p, dev, m, sp in cases])
+    got = [bool(r.sent) if r.sent or r.errors == {"EPERM": 1} else f"errors {r.errors}" for r in sent.results]
     mismatches = []
     for (dst, port, dev, mark, sport), allowed in zip(cases, got, strict=True):
         assert isinstance(allowed, bool), f"{dst}:{port} via {dev}: unexpected {allowed}"
