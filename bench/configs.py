@@ -56,7 +56,7 @@ class Engager:
         return LinuxEngine(netns=self.topo.client_ns, state_dir=self.state_dir, bpf=True)
 
     def _bpf(self) -> Any:
-        from ksbpf.linux.bpf import BpfLayer
+        from ksbpf.linux.bpf.layer import BpfLayer
         from ksbpf.linux.engine import instance_name
 
         return BpfLayer(instance_name(self.topo.client_ns), kernel_source=self.kernel_source,
@@ -83,7 +83,7 @@ class Engager:
     def leftovers(self) -> list[str]:
         """Anything enforcing in the client netns or on the bench cgroup: must be empty
         before a configuration is engaged."""
-        from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+        from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
 
         out = []
         r = subprocess.run(["ip", "netns", "exec", self.topo.client_ns, "nft", "list", "tables"],

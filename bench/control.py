@@ -171,7 +171,7 @@ class ControlPlane:
             subprocess.run([*ksctl_argv(), "--version"], capture_output=True)
             walls.append(time.monotonic() - t0)
         py = [sys.executable, "-X", "importtime", "-c",
-              "import ksbpf.cli, ksbpf.linux.engine, ksbpf.linux.nftables, ksbpf.linux.routing, ksbpf.linux.bpf"]
+              "import ksbpf.cli, ksbpf.linux.engine, ksbpf.linux.nftables, ksbpf.linux.routing, ksbpf.linux.bpf.layer"]
         r = subprocess.run(py, capture_output=True, text=True)
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-c", "pass"], capture_output=True)

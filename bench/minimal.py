@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksbpf.linux.bpf import ATTACH_EGRESS, PROG_CGROUP_SKB, prog_attach, prog_detach
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, PROG_CGROUP_SKB, prog_attach, prog_detach
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 _MAP_CREATE, _PROG_LOAD = 0, 5

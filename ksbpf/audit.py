@@ -251,7 +251,7 @@ class Counters:
         self.bpf: Any = None
         if bpf_instance:
             try:
-                from ksbpf.linux.bpf import BpfLayer
+                from ksbpf.linux.bpf.layer import BpfLayer
 
                 self.bpf = BpfLayer(bpf_instance)
             except (ImportError, KsbpfError):

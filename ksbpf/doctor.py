@@ -49,10 +49,10 @@ def _nft_version() -> Check:
 def _bpf(kernel_source: str | None, prepare: str | None) -> list[Check]:
     """Header tree, BPF environment and a real compile + verifier load (no attach)."""
     try:
-        from ksbpf.linux import headers
+        from ksbpf.linux.bpf import environment
     except ImportError as e:
         return [Check("bpf", False, f"BPF layer unavailable: {e}")]
-    report = headers.doctor(kernel_source, prepare=prepare)
+    report = environment.doctor(kernel_source, prepare=prepare)
     # privileges and what a container must provide are checked by collect() itself.
     return [Check(f"bpf: {c.name}", c.ok, c.detail) for c in report.checks if c.name not in _OWN_CHECKS]
 
@@ -122,7 +122,7 @@ def bpf_syscall_check() -> Check:
     import errno
 
     try:
-        from ksbpf.linux.bpf import probe_netns_cookie_helper
+        from ksbpf.linux.bpf.kernel import probe_netns_cookie_helper
     except ImportError as e:
         return Check("bpf syscall", False, f"BPF layer unavailable: {e}")
     from ksbpf.deps import MissingDependency
@@ -181,7 +181,7 @@ def socket_mark_check(caps: int | None) -> Check:
 
 def bpffs_check() -> Check:
     try:
-        from ksbpf.linux.bpf import bpffs_check as check
+        from ksbpf.linux.bpf.environment import bpffs_check as check
     except ImportError as e:
         return Check("bpffs", False, f"BPF layer unavailable: {e}")
     name, ok, detail = check()

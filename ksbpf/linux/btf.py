@@ -1,7 +1,7 @@
 """What the drop-event program needs to know about the running kernel, read from its BTF
 (/sys/kernel/btf/vmlinux): BCC compiles against a header tree that may belong to another
 kernel version and has no CO-RE, so struct offsets and enum values are looked up here and
-reach the program as -D flags (ksbpf.linux.bpf.cflags).
+reach the program as -D flags (ksbpf.linux.bpf.loader.cflags).
 
 Only the parts of the BTF format this needs are decoded: names, enums, structs and unions
 (anonymous members followed), typedefs, pointers and function prototypes.

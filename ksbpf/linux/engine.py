@@ -23,7 +23,8 @@ from ksbpf.policy import Exemption, Policy, loads_policy, merge_exemptions, pars
 from ksbpf.policy_file import read_policy_file
 
 if TYPE_CHECKING:  # the BPF layer is imported when first used: without BCC, `up` still engages the others
-    from ksbpf.linux.bpf import BpfLayer, BpfPlan
+    from ksbpf.linux.bpf.layer import BpfLayer
+    from ksbpf.render.bpf import BpfPlan
 
 DEFAULT_STATE_DIR = Path("/var/lib/ksbpf")
 LAYER_ORDER = tuple(LayerName)
@@ -135,7 +136,7 @@ class LinuxEngine:
 
     def bpf_layer(self, policy: Policy | None = None) -> BpfLayer:
         if self._bpf is None:
-            from ksbpf.linux.bpf import BpfLayer
+            from ksbpf.linux.bpf.layer import BpfLayer
 
             ksrc = policy.bpf.kernel_source if policy else None
             self._bpf = BpfLayer(self.instance, kernel_source=ksrc, netns=self.netns)
@@ -237,7 +238,7 @@ class LinuxEngine:
         if not self.bpf_enabled:
             return None
         try:
-            from ksbpf.linux.bpf import check_capacity, render
+            from ksbpf.render.bpf import check_capacity, render
         except ImportError:
             return None  # reported by _apply_bpf
         plan = render(policy)

@@ -34,17 +34,8 @@ from ksbpf.events import (
     named,
     parse_record,
 )
-from ksbpf.linux.bpf import (
-    EVENTS_FLUSH_PIN,
-    EVENTS_PIN,
-    EVENTS_RATE_PIN,
-    MAP_RINGBUF,
-    BpfMap,
-    _sys_bpf,
-    map_info,
-    obj_get,
-    os_reason,
-)
+from ksbpf.linux.bpf.kernel import MAP_RINGBUF, BpfMap, _sys_bpf, map_info, obj_get, os_reason
+from ksbpf.linux.bpf.layout import EVENTS_FLUSH_PIN, EVENTS_PIN, EVENTS_RATE_PIN
 from ksbpf.linux.cgroup import cgroup2_mount, ids_by_path
 
 _BUSY = 1 << 31

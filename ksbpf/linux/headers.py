@@ -12,7 +12,8 @@ Debian ships headers in two halves, `linux-headers-VER-common` (the sources) and
 `linux-headers-VER-amd64` (generated files and .config); BCC_KERNEL_SOURCE names one
 directory, so `prepare_headers` merges the halves into one tree of symlinks. The programs
 only use stable UAPI, so headers of another kernel version compile correct programs for
-cgroup_skb and cgroup/sock; `doctor` still says when the versions differ.
+cgroup_skb and cgroup/sock; `doctor` (ksbpf.linux.bpf.environment) still says when the
+versions differ.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from ksbpf.errors import BpfError
 
 DEFAULT_HEADERS_DIR = Path("/var/lib/ksbpf/kernel-headers")
 DEBIAN_HEADERS_ROOT = Path("/usr/src")
@@ -287,6 +286,8 @@ def prepare_headers(
 
 
 # --------------------------------------------------------------------------- doctor
+# The report ksbpf.linux.bpf.environment.doctor() fills (it needs the BPF layer; this
+# module does not).
 
 
 @dataclass(frozen=True)
@@ -318,66 +319,3 @@ class DoctorReport:
             lines.append(f"=> BCC cannot compile the ksbpf programs here: {failed.name}: {failed.detail}")
             lines.append("   nftables and routing still enforce; the BPF layer stays off until this is fixed.")
         return "\n".join(lines)
-
-
-def doctor(
-    setting: str | None = None,
-    *,
-    prepare: Path | str | None = None,
-    compile_check: bool = True,
-) -> DoctorReport:
-    """Can BCC compile the ksbpf programs here, and if not, why not.
-
-    `prepare` first builds a merged Debian header tree there (and uses it unless the
-    policy or BCC_KERNEL_SOURCE names another). `compile_check` runs a real compile and
-    verifier load of the programs in a child process, without attaching anything.
-    """
-    # Imported here: bpf.py imports this module.
-    from ksbpf.linux import bpf
-
-    report = DoctorReport()
-    release = kernel_release()
-    report.add("kernel", True, f"{release} ({os.uname().machine})")
-    report.add("privileges", os.geteuid() == 0, "root" if os.geteuid() == 0 else "loading BPF needs root")
-
-    prepared_at = Path(prepare) if prepare else DEFAULT_HEADERS_DIR
-    if prepare:
-        try:
-            src = prepare_headers(prepared_at, release=release)
-            report.add("prepare headers", True, f"merged tree at {src.describe()}")
-        except (OSError, FileNotFoundError) as e:
-            report.add("prepare headers", False, str(e))
-
-    lookup = resolve_kernel_source(setting, release=release, prepared=prepared_at)
-    report.source = lookup.source
-    if lookup.source is None:
-        report.add("kernel headers", False, lookup.explain() +
-                   " — install linux-headers for this kernel, run `ksctl doctor --prepare-headers "
-                   f"{DEFAULT_HEADERS_DIR}`, or set [bpf] kernel_source / {ENV_VAR}")
-    else:
-        note = ""
-        if lookup.source.release and lookup.source.release != release:
-            note = (f"; headers are {lookup.source.release}, kernel is {release}: fine for these "
-                    "programs (stable UAPI only)")
-        report.add("kernel headers", True, lookup.source.describe() + note)
-
-    for name, ok, detail in bpf.environment_checks():
-        report.add(name, ok, detail)
-
-    if compile_check and report.ok and lookup.source is not None:
-        try:
-            stats = bpf.trial_compile(lookup.source)
-            report.add("compile + verifier", True,
-                       f"compiled in {stats.compile_s:.2f}s, loaded in {stats.load_s:.3f}s "
-                       f"({stats.netns_mode} netns mode), loader peak RSS {stats.peak_rss_kb // 1024} MiB")
-        except BpfError as e:
-            report.add("compile + verifier", False, e.reason)
-    return report
-
-
-def doctor_checks(setting: str | None = None, *, compile_check: bool = True) -> list[tuple[str, bool, str]]:
-    """The BPF-specific part of `ksctl doctor` as (check, ok, detail): which header tree
-    and why, how the program tells netns apart, and a real compile + verifier load."""
-    report = doctor(setting, compile_check=compile_check)
-    skip = {"kernel", "privileges", "cgroup2", "bcc", "bpffs"}  # the CLI's doctor checks these itself
-    return [(c.name, c.ok, c.detail) for c in report.checks if c.name not in skip]

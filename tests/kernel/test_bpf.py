@@ -32,11 +32,17 @@ from pathlib import Path
 import pytest
 
 from ksbpf.errors import BpfError
-from ksbpf.linux import bpf as kbpf
-from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, BpfLayer, prog_query
+from ksbpf.linux.bpf import generations as bpf_generations
+from ksbpf.linux.bpf import kernel as bpf_kernel
+from ksbpf.linux.bpf import layout as bpf_layout
+from ksbpf.linux.bpf import loader as bpf_loader
+from ksbpf.linux.bpf import plan as bpf_plan
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+from ksbpf.linux.bpf.layer import BpfLayer
 from ksbpf.linux.cgroup import cgroup_id
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
 from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, merge_exemptions, parse_port_spec
+from ksbpf.render import bpf as bpf_render
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh, spawn_in, unique
 
@@ -58,7 +64,7 @@ requires_bpf = pytest.mark.skipif(not _SUPPORTED[0], reason=f"BPF layer unsuppor
 
 def _netns_modes() -> list[str]:
     modes = ["sk_storage"]
-    if os.geteuid() == 0 and kbpf.probe_netns_cookie_helper():
+    if os.geteuid() == 0 and bpf_kernel.probe_netns_cookie_helper():
         modes.insert(0, "helper")
     return modes
 
@@ -584,7 +590,7 @@ def test_replacing_under_traffic_leaks_nothing_and_leaves_one_generation(lab: La
 LOADER = textwrap.dedent(
     """
     import sys, time
-    from ksbpf.linux.bpf import BpfLayer
+    from ksbpf.linux.bpf.layer import BpfLayer
     from ksbpf.policy import load_policy
     layer = BpfLayer(sys.argv[1], netns=sys.argv[2])
     st = layer.apply(load_policy(sys.argv[3]))
@@ -668,9 +674,9 @@ def test_kernel_fact_bcc_attach_func_outlives_the_process(make_cgroup: CgroupFac
     assert len(egress) == 1
     # Detach by id so the cgroup can go.
     fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-    pfd = kbpf._fd_by_id(kbpf._BPF_PROG_GET_FD_BY_ID, egress[0], "test")
+    pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, egress[0], "test")
     try:
-        kbpf.prog_detach(pfd, fd, ATTACH_EGRESS)
+        bpf_kernel.prog_detach(pfd, fd, ATTACH_EGRESS)
     finally:
         os.close(pfd)
         os.close(fd)
@@ -694,7 +700,7 @@ def test_tunnel_recreated_with_new_ifindex(lab: Lab, layers: list[BpfLayer]) -> 
 def test_tunnel_with_a_large_ifindex(lab: Lab, layers: list[BpfLayer]) -> None:
     """Ifindexes from TUNNEL_INDEX on live in the hash beside the array: same verdicts."""
     big, other = unique("wg"), unique("xg")
-    for name, index, net in ((big, kbpf.TUNNEL_INDEX + 17, "10.66.0"), (other, kbpf.TUNNEL_INDEX + 18, "10.67.0")):
+    for name, index, net in ((big, bpf_layout.TUNNEL_INDEX + 17, "10.66.0"), (other, bpf_layout.TUNNEL_INDEX + 18, "10.67.0")):
         sh("ip", "-n", lab.client, "link", "add", name, "index", str(index), "type", "veth", "peer", "name", f"p{index}",
            "netns", lab.far)
         sh("ip", "-n", lab.client, "addr", "add", f"{net}.1/24", "dev", name)
@@ -704,7 +710,7 @@ def test_tunnel_with_a_large_ifindex(lab: Lab, layers: list[BpfLayer]) -> None:
     layer = new_layer(lab, layers)
     policy = make_policy(lab)
     layer.apply(policy)
-    assert kbpf.TUNNEL_INDEX + 17 in layer.update_tunnel_ifindexes()
+    assert bpf_layout.TUNNEL_INDEX + 17 in layer.update_tunnel_ifindexes()
     sends = [{"dst": "10.66.0.2", "port": 7501}, {"dst": "10.66.0.2", "port": 53}, {"dst": "10.67.0.2", "port": 7502}]
     assert lab.send("w/app", sends) == [{"ok": 1, "eperm": 0, "mark": 0}, {"ok": 0, "eperm": 1, "mark": 0},
                                         {"ok": 0, "eperm": 1, "mark": 0}]
@@ -747,9 +753,9 @@ def test_drift_status_and_repair_without_compiling(lab: Lab, layers: list[BpfLay
     layer.apply(make_policy(lab))
     (egress,), _ = _attached(lab.root)
     fd = os.open(lab.root, os.O_RDONLY | os.O_DIRECTORY)
-    pfd = kbpf._fd_by_id(kbpf._BPF_PROG_GET_FD_BY_ID, egress, "test")
+    pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, egress, "test")
     try:
-        kbpf.prog_detach(pfd, fd, ATTACH_EGRESS)
+        bpf_kernel.prog_detach(pfd, fd, ATTACH_EGRESS)
     finally:
         os.close(pfd)
         os.close(fd)
@@ -791,7 +797,7 @@ def test_counters_survive_reload_and_are_readable_without_bcc(lab: Lab, layers: 
     assert linked.apply(policy).compiled
     assert linked.apply(make_policy(lab, ipv6="block")).replacement == "in place"
     lab.send("w/other", [{"dst": "10.77.0.2", "port": 6802, "n": 2}])
-    code = ("import json, sys; from ksbpf.linux.bpf import BpfLayer; "
+    code = ("import json, sys; from ksbpf.linux.bpf.layer import BpfLayer; "
             "c = BpfLayer(sys.argv[1]).counters(); print(json.dumps([c, 'bcc' in sys.modules]))")
     out = subprocess.run([PY, "-c", code, layer.instance], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).parents[2])).stdout
@@ -810,31 +816,31 @@ def test_map_layouts_match_the_python_side(lab: Lab, layers: list[BpfLayer]) -> 
     layer = new_layer(lab, layers)
     gen = layer.apply(make_policy(lab)).generation
     g = layer.dir / f"g{gen}"
-    ep = kbpf.endpoint_key(4, "udp", 1, ip_address("1.2.3.4"))
-    dns = kbpf.addr_key(ip_address("1.2.3.4"))
+    ep = bpf_render.endpoint_key(4, "udp", 1, ip_address("1.2.3.4"))
+    dns = bpf_render.addr_key(ip_address("1.2.3.4"))
     hash_, array, lpm = 1, 2, 11
     # name: (type, key size, value size, max_entries)
     wanted = {
         "ks_active": (array, 4, 4, 1),
-        "ks_config": (array, 4, struct.calcsize(kbpf.CONFIG_FMT), 2),
-        "ks_cgroups": (hash_, len(kbpf.cgroup_key(1, 1)), struct.calcsize(kbpf.CGROUP_FMT), 2 * kbpf.MAX_CGROUPS),
-        "ks_tunnels": (array, 4, 1, kbpf.TUNNEL_INDEX),
-        "ks_tunnels_big": (hash_, struct.calcsize(kbpf.TUNNEL_KEY_FMT), 1, kbpf.MAX_BIG_TUNNELS),
+        "ks_config": (array, 4, struct.calcsize(bpf_layout.CONFIG_FMT), 2),
+        "ks_cgroups": (hash_, len(bpf_render.cgroup_key(1, 1)), struct.calcsize(bpf_layout.CGROUP_FMT), 2 * bpf_layout.MAX_CGROUPS),
+        "ks_tunnels": (array, 4, 1, bpf_layout.TUNNEL_INDEX),
+        "ks_tunnels_big": (hash_, struct.calcsize(bpf_layout.TUNNEL_KEY_FMT), 1, bpf_layout.MAX_BIG_TUNNELS),
         # A one-endpoint policy gets the smallest endpoint map, two versions of it.
-        "ks_endpoints": (hash_, len(kbpf.tagged(1, ep)), 1, 2 * kbpf.MIN_ENDPOINT_TIER),
-        "ks_dns": (hash_, len(kbpf.tagged(1, dns)), 1, 2 * kbpf.MAX_DNS),
-        "ks_ports": (lpm, len(kbpf.port_key(2, "udp", 1, 16)), 1, 2 * kbpf.MAX_RULES),
-        "ks_nets": (lpm, len(kbpf.net_key(2, ip_network("10.0.0.0/8"))), 1, 2 * kbpf.MAX_RULES),
+        "ks_endpoints": (hash_, len(bpf_render.tagged(1, ep)), 1, 2 * bpf_layout.MIN_ENDPOINT_TIER),
+        "ks_dns": (hash_, len(bpf_render.tagged(1, dns)), 1, 2 * bpf_layout.MAX_DNS),
+        "ks_ports": (lpm, len(bpf_render.port_key(2, "udp", 1, 16)), 1, 2 * bpf_layout.MAX_RULES),
+        "ks_nets": (lpm, len(bpf_render.net_key(2, ip_network("10.0.0.0/8"))), 1, 2 * bpf_layout.MAX_RULES),
     }
-    assert set(wanted) == set(kbpf.GEN_MAPS)
+    assert set(wanted) == set(bpf_layout.GEN_MAPS)
     for name, layout in wanted.items():
-        with kbpf.BpfMap.pinned(g / name) as m:
+        with bpf_kernel.BpfMap.pinned(g / name) as m:
             assert (m.info.type, m.info.key_size, m.info.value_size, m.info.max_entries) == layout, name
             if m.info.type == hash_:
                 assert m.info.flags & 1, f"{name}: hash maps of policy must not preallocate"  # BPF_F_NO_PREALLOC
-    with kbpf.BpfMap.pinned(layer.dir / "drops") as m:
-        assert (m.info.key_size, m.info.value_size) == (struct.calcsize(kbpf.DROP_KEY_FMT),
-                                                          struct.calcsize(kbpf.DROP_VAL_FMT))
+    with bpf_kernel.BpfMap.pinned(layer.dir / "drops") as m:
+        assert (m.info.key_size, m.info.value_size) == (struct.calcsize(bpf_layout.DROP_KEY_FMT),
+                                                          struct.calcsize(bpf_layout.DROP_VAL_FMT))
 
 
 @requires_bpf
@@ -886,9 +892,9 @@ def _gen_state(layer: BpfLayer) -> tuple[int, int, dict[str, int]]:
     gen = layer.dir / f"g{layer.last_apply.generation}"  # type: ignore[union-attr]
     sizes = {}
     for name in ("ks_endpoints", "ks_dns", "ks_cgroups", "ks_ports", "ks_nets"):
-        with kbpf.BpfMap.pinned(gen / name) as m:
+        with bpf_kernel.BpfMap.pinned(gen / name) as m:
             sizes[name] = len(m.keys())
-    cfg = kbpf.Generation(layer.last_apply.generation, gen).config()  # type: ignore[union-attr]
+    cfg = bpf_generations.Generation(layer.last_apply.generation, gen).config()  # type: ignore[union-attr]
     assert cfg is not None
     return cfg.generation, cfg.version, sizes
 
@@ -938,12 +944,12 @@ def test_a_policy_beyond_capacity_is_refused_before_anything_changes(lab: Lab, l
     layer.apply(policy)
     before = _gen_state(layer)
     egress = _attached(lab.root)
-    n = kbpf.MAX_ENDPOINTS + 1
+    n = bpf_layout.MAX_ENDPOINTS + 1
     endpoints = tuple(Endpoint(ip_address("10.0.0.0") + i, 51820, "udp") for i in range(n))
     too_big = dataclasses.replace(policy, tunnel=dataclasses.replace(policy.tunnel, endpoints=endpoints))
     with pytest.raises(BpfError, match=rf"tunnel\.endpoints: {n} endpoints, the BPF layer holds at most 65536"):
         layer.apply(too_big)
-    dns = tuple(ip_address("10.64.0.0") + i for i in range(kbpf.MAX_DNS + 1))
+    dns = tuple(ip_address("10.64.0.0") + i for i in range(bpf_layout.MAX_DNS + 1))
     with pytest.raises(BpfError, match=r"dns\.servers: 257 servers, the BPF layer holds at most 256"):
         layer.apply(dataclasses.replace(policy, dns=dataclasses.replace(policy.dns, servers=dns)))
     assert _gen_state(layer) == before and _attached(lab.root) == egress
@@ -956,13 +962,13 @@ class LoaderRuns:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        real = kbpf._run_loader
+        real = bpf_loader._run_loader
 
-        def counted(*args: object, **kw: object) -> kbpf.LoadStats:
+        def counted(*args: object, **kw: object) -> bpf_loader.LoadStats:
             self.count += 1
             return real(*args, **kw)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(kbpf, "_run_loader", counted)
+        monkeypatch.setattr(bpf_loader, "_run_loader", counted)
 
 
 def recreate_tunnel(lab: Lab) -> None:
@@ -1016,9 +1022,9 @@ def test_warm_apply_and_one_endpoint_more_do_not_compile(lab: Lab, layers: list[
 
     # Drift repaired in place: a detached program, a recreated tunnel link.
     fd = os.open(lab.root, os.O_RDONLY | os.O_DIRECTORY)
-    pfd = kbpf._fd_by_id(kbpf._BPF_PROG_GET_FD_BY_ID, progs[0][0], "test")
+    pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, progs[0][0], "test")
     try:
-        kbpf.prog_detach(pfd, fd, ATTACH_EGRESS)
+        bpf_kernel.prog_detach(pfd, fd, ATTACH_EGRESS)
     finally:
         os.close(pfd)
         os.close(fd)
@@ -1182,7 +1188,7 @@ def test_deferred_cleanup_keeps_the_new_version_and_runs_before_the_next_write(l
     ))
     _, _, settled = _gen_state(layer)
     layer.update_exemptions(narrower, defer_cleanup=True)
-    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     run_cases(lab, layer, narrower, [Case("w/ex", "10.77.0.2", 5303), Case("w/ex", "10.77.0.3", 443)])
     _, _, deferred = _gen_state(layer)
     # One entry replaced in place (+ the reserve entry); the old grant's rules still there.
@@ -1201,7 +1207,7 @@ def test_deferred_cleanup_keeps_the_new_version_and_runs_before_the_next_write(l
     both = narrower.with_exemptions(tuple(
         Exemption(e.cgroup, allow=(parse_port_spec("udp/444"),)) for e in narrower.exemptions))
     layer.update_exemptions(both, defer_cleanup=True)
-    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_VERSIONED
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_VERSIONED
     assert _gen_state(layer)[2]["ks_cgroups"] > after["ks_cgroups"], "both versions' entries until the cleanup"
     layer.finish_cleanup()
     assert _gen_state(layer)[2]["ks_cgroups"] == after["ks_cgroups"]
@@ -1216,10 +1222,10 @@ class Writes:
     """Map elements this process writes (BpfMap.written), per map, since the last take()."""
 
     def __init__(self) -> None:
-        self.mark = kbpf.BpfMap.written.copy()
+        self.mark = bpf_kernel.BpfMap.written.copy()
 
     def take(self) -> dict[str, int]:
-        now = kbpf.BpfMap.written.copy()
+        now = bpf_kernel.BpfMap.written.copy()
         out = {k: n for k, n in (now - self.mark).items() if n}
         self.mark = now
         return out
@@ -1264,10 +1270,10 @@ def test_one_endpoint_of_thousands_is_written_alone_and_drift_is_repaired(lab: L
 
     # Someone deletes a live key by hand: blocked (an allow-list) until the next apply,
     # which compares with what the map holds and puts it back, alone.
-    cfg = kbpf.Generation(gen, layer.dir / f"g{gen}").config()
+    cfg = bpf_generations.Generation(gen, layer.dir / f"g{gen}").config()
     assert cfg is not None and cfg.version == version
-    with kbpf.BpfMap.pinned(layer.dir / f"g{gen}" / "ks_endpoints") as m:
-        assert m.delete(kbpf.tagged(cfg.endpoints_tag, kbpf.endpoint_key(4, "udp", 20000, ip_address("10.77.0.2"))))
+    with bpf_kernel.BpfMap.pinned(layer.dir / f"g{gen}" / "ks_endpoints") as m:
+        assert m.delete(bpf_render.tagged(cfg.endpoints_tag, bpf_render.endpoint_key(4, "udp", 20000, ip_address("10.77.0.2"))))
     run_cases(lab, layer, _tunnel_with(fewer, tuple(e for e in fewer.tunnel.endpoints if e.port != 20000)),
               [Case("w/ep", "10.77.0.2", 20000, mark=ENDPOINT_MARK)])
     writes.take()
@@ -1292,7 +1298,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     resolved = layer.update_exemptions(exempted)
     assert resolved[new.cgroup] == cgroup_id(lab.dirs["many/new"])
     step = layer.last_step
-    assert step is not None and (step.path, step.cgroup) == (kbpf.PATH_ONE_CGROUP, resolved[new.cgroup])
+    assert step is not None and (step.path, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, resolved[new.cgroup])
     # Its entry and the reserve entry, its one port and one network, the config slot.
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     cases = [Case("many/new", "10.77.0.3", 31999), Case("many/new", "10.77.0.3", 31998),
@@ -1302,7 +1308,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     # A narrower grant for it: one entry again, the old rules after the grace period.
     narrower = exempted.with_exemptions((*policy.exemptions, dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),))))
     layer.update_exemptions(narrower, defer_cleanup=True)
-    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     layer.finish_cleanup()
     assert writes.take() == {"ks_ports": 1, "ks_nets": 1}, "exactly the old grant's keys"
@@ -1310,7 +1316,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
 
     # Unexempt: its entry goes; its rules after the grace period.
     layer.update_exemptions(policy)
-    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 1, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     run_cases(lab, layer, policy, cases)
     assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 1}  # + the reserve entry
@@ -1320,7 +1326,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     writes.take()
     fresh = BpfLayer(layer.instance, netns=lab.client)
     fresh.update_exemptions(narrower)
-    assert fresh.last_step is not None and fresh.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert fresh.last_step is not None and fresh.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1 + 1, "ks_nets": 1 + 1, "ks_config": 1}
     run_cases(lab, fresh, narrower, cases)
     assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 2, "ks_ports": base["ks_ports"] + 1,
@@ -1330,7 +1336,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     writes.take()
     two = narrower.with_exemptions(tuple(e for e in narrower.exemptions if e.cgroup not in (new.cgroup, lab.rel("many/e7"))))
     fresh.update_exemptions(two)
-    assert fresh.last_step is not None and fresh.last_step.path == kbpf.PATH_VERSIONED
+    assert fresh.last_step is not None and fresh.last_step.path == bpf_plan.PATH_VERSIONED
     assert fresh.last_step.describe() == ("cgroups (versioned)",)
     assert writes.take()["ks_cgroups"] > n
     run_cases(lab, fresh, two, cases)
@@ -1342,11 +1348,11 @@ class Reads:
     BpfMap.looked_up), per map, since the last take()."""
 
     def __init__(self) -> None:
-        self.mark = (kbpf.BpfMap.read_whole.copy(), kbpf.BpfMap.looked_up.copy())
+        self.mark = (bpf_kernel.BpfMap.read_whole.copy(), bpf_kernel.BpfMap.looked_up.copy())
 
     def take(self) -> tuple[dict[str, int], int]:
         """(whole-map reads per map, lookups in all)."""
-        whole, looked = kbpf.BpfMap.read_whole.copy(), kbpf.BpfMap.looked_up.copy()
+        whole, looked = bpf_kernel.BpfMap.read_whole.copy(), bpf_kernel.BpfMap.looked_up.copy()
         out = {k: n for k, n in (whole - self.mark[0]).items() if n}
         lookups = sum((looked - self.mark[1]).values())
         self.mark = (whole, looked)
@@ -1368,7 +1374,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     resolved = layer.change_exemptions(policy, exempted)
     assert resolved == {new.cgroup: cgroup_id(lab.dirs["many/new"])} and layer.last_fallback == ""
     step = layer.last_step
-    assert step is not None and (step.path, step.cgroup) == (kbpf.PATH_ONE_CGROUP, resolved[new.cgroup])
+    assert step is not None and (step.path, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, resolved[new.cgroup])
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     # No whole-map read: the live slot and config, its entry, the reserve entry.
     whole, lookups = reads.take()
@@ -1384,7 +1390,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # A narrower grant: one entry, the old rules after the grace period, off the call (deferred).
     narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
     layer.change_exemptions(exempted, narrower, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     assert reads.take()[0] == {}
     layer.finish_cleanup()
@@ -1395,7 +1401,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # Unexempt, deferred as ksbpfd does: its entry goes at once, its rules after finish_cleanup.
     reads.take()  # run_cases read the drop counters
     layer.change_exemptions(narrower, policy, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 1, "ks_config": 1}
     whole, lookups = reads.take()
     assert whole == {} and lookups <= 4
@@ -1428,18 +1434,18 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     two = merge_exemptions(policy, (new, Exemption(lab.rel("many/e7"), allow=(parse_port_spec("udp/31000"),))))
     layer.change_exemptions(policy, two)
     assert "more than one" in layer.last_fallback
-    assert layer.last_step is not None and layer.last_step.path == kbpf.PATH_VERSIONED
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_VERSIONED
     run_cases(lab, layer, two, cases)
     # And back to one change: in place again.
     layer.change_exemptions(two, exempted)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     run_cases(lab, layer, exempted, cases)
 
     # A fresh process (no memory of the last write) writes whole.
     fresh = BpfLayer(layer.instance, netns=lab.client)
     fresh.change_exemptions(exempted, policy)
     assert "no index" in fresh.last_fallback and fresh.last_step is not None
-    assert fresh.last_step.path == kbpf.PATH_ONE_CGROUP  # update_exemptions' own one-cgroup path
+    assert fresh.last_step.path == bpf_plan.PATH_ONE_CGROUP  # update_exemptions' own one-cgroup path
     run_cases(lab, fresh, policy, cases)
 
     # Another writer came between: the live version is not ours; written whole, and right.
@@ -1451,10 +1457,10 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     layer.change_exemptions(policy, exempted)
     assert layer.last_fallback == ""
     gen = layer.dir / f"g{layer.last_apply.generation}"  # type: ignore[union-attr]
-    cfg = kbpf.Generation(layer.last_apply.generation, gen).config()  # type: ignore[union-attr]
+    cfg = bpf_generations.Generation(layer.last_apply.generation, gen).config()  # type: ignore[union-attr]
     assert cfg is not None
-    with kbpf.BpfMap.pinned(gen / "ks_cgroups") as m:
-        assert m.delete(kbpf.cgroup_key(cgroup_id(lab.dirs["many/new"]), cfg.cgroups_tag))
+    with bpf_kernel.BpfMap.pinned(gen / "ks_cgroups") as m:
+        assert m.delete(bpf_render.cgroup_key(cgroup_id(lab.dirs["many/new"]), cfg.cgroups_tag))
     narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
     layer.change_exemptions(exempted, narrower)
     assert "not what `before` says" in layer.last_fallback
@@ -1463,7 +1469,7 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     # Beyond capacity: refused with update_exemptions' error, nothing written.
     writes = Writes()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kbpf, "MAX_CGROUPS", n + 3)
+        mp.setattr(bpf_render, "MAX_CGROUPS", n + 3)
         with pytest.raises(BpfError, match="exempt and endpoint cgroups"):
             layer.change_exemptions(narrower, merge_exemptions(narrower, (
                 Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/1"),)),)))
@@ -1484,7 +1490,7 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
         new = Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/5302"),), to=(ip_network("10.77.0.2/32"),))
         writes = Writes()
         policy = eng.set_exemption(new)
-        assert layer.last_fallback == "" and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+        assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
         assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
         eng.finish_bpf_cleanup()
         # Through all three layers (so not run_cases, whose counts are BPF's alone).
@@ -1493,7 +1499,7 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
                                              {"dst": "10.77.0.2", "port": 5303, "n": 2}]) == [
             {"ok": 2, "eperm": 0, "mark": mark}, {"ok": 0, "eperm": 2, "mark": mark}]
         policy = eng.remove_exemption(new.cgroup)
-        assert layer.last_fallback == "" and layer.last_step.path == kbpf.PATH_ONE_CGROUP
+        assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
         assert writes.take().get("ks_ports") is None, "the old rules go after the reply"
         eng.finish_bpf_cleanup()
         assert writes.take() == {"ks_ports": 1, "ks_nets": 1}
@@ -1522,7 +1528,7 @@ def test_a_run_time_exemption_beyond_capacity_is_bad_input_and_changes_nothing(
     try:
         eng.up(loads_policy(text), text)
         held = len({e.cgroup for e in eng.applied_policy().exemptions} | set(eng.applied_policy().tunnel.endpoint_cgroups))
-        monkeypatch.setattr(kbpf, "MAX_CGROUPS", held)
+        monkeypatch.setattr(bpf_render, "MAX_CGROUPS", held)
         sets = sh("nft", "-s", "list", "table", "inet", "ksbpf", netns=lab.client).stdout
         new = Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/5302"),), to=(ip_network("10.77.0.2/32"),))
         with pytest.raises(PolicyError, match="the BPF layer holds at most"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ksbpf.linux import headers
+from ksbpf.linux.bpf import environment as bpf_env
 
 pytestmark = [
     pytest.mark.kernel,
@@ -19,7 +20,7 @@ pytestmark = [
 
 def test_prepared_tree_compiles_and_loads_the_programs(tmp_path: Path) -> None:
     tree = tmp_path / "kernel-headers"
-    report = headers.doctor(str(tree), prepare=tree)
+    report = bpf_env.doctor(str(tree), prepare=tree)
     assert report.ok, str(report)
     assert report.source is not None and report.source.path == tree
     names = [c.name for c in report.checks]
@@ -27,7 +28,7 @@ def test_prepared_tree_compiles_and_loads_the_programs(tmp_path: Path) -> None:
 
 
 def test_a_wrong_setting_fails_with_the_reason_and_the_fix(tmp_path: Path) -> None:
-    report = headers.doctor(str(tmp_path / "typo"))
+    report = bpf_env.doctor(str(tmp_path / "typo"))
     assert not report.ok
     text = str(report)
     assert "typo" in text and "--prepare-headers" in text and "nftables and routing still enforce" in text
@@ -36,6 +37,6 @@ def test_a_wrong_setting_fails_with_the_reason_and_the_fix(tmp_path: Path) -> No
 
 @pytest.mark.skipif(headers.find_kernel_source() is None, reason="no header tree configured on this host")
 def test_doctor_checks_for_the_cli() -> None:
-    checks = headers.doctor_checks(None)
+    checks = bpf_env.doctor_checks(None)
     assert [name for name, _, _ in checks][-1] == "compile + verifier"
     assert all(isinstance(ok, bool) for _, ok, _ in checks)

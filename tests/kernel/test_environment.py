@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from ksbpf.doctor import socket_mark_check
-from ksbpf.linux import bpf as kbpf
-from ksbpf.linux.bpf import ATTACH_EGRESS, ATTACH_SOCK_CREATE, PIN_ROOT, BpfLayer, prog_query
+from ksbpf.linux.bpf import kernel as bpf_kernel
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+from ksbpf.linux.bpf.layer import PIN_ROOT, BpfLayer
 from ksbpf.linux.engine import instance_name
 from ksbpf.linux.routing import SRC_VALID_MARK
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, sh
@@ -79,9 +80,9 @@ def ks_attached(cg: Path) -> list[tuple[str, int]]:
     try:
         for atype in (ATTACH_EGRESS, ATTACH_SOCK_CREATE):
             for pid in prog_query(fd, atype):
-                pfd = kbpf._fd_by_id(kbpf._BPF_PROG_GET_FD_BY_ID, pid, "test")
+                pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, pid, "test")
                 try:
-                    out.append((kbpf.prog_info(pfd).name, pid))
+                    out.append((bpf_kernel.prog_info(pfd).name, pid))
                 finally:
                     os.close(pfd)
     finally:
@@ -265,14 +266,14 @@ def test_down_fails_naming_what_is_left_attached(world: World) -> None:
     keeps open) cannot be detached by `down`: exit 1, naming it, not "all removed"."""
     r = world.ksctl("up", "--config", str(world.policy))
     assert r.returncode == 0, r.stdout + r.stderr
-    prog_fd = kbpf.obj_get(next(pins_of(world).glob("g*")) / "egress")
+    prog_fd = bpf_kernel.obj_get(next(pins_of(world).glob("g*")) / "egress")
     cg_fd = os.open(world.attach, os.O_RDONLY | os.O_DIRECTORY)
     link_fd = -1
     try:
         a = ctypes.create_string_buffer(128)
         struct.pack_into("<IIII", a, 0, prog_fd, cg_fd, ATTACH_EGRESS, 0)
-        link_fd = kbpf._sys_bpf(BPF_LINK_CREATE, a, "link create")
-        egress_id = kbpf.prog_info(prog_fd).id
+        link_fd = bpf_kernel._sys_bpf(BPF_LINK_CREATE, a, "link create")
+        egress_id = bpf_kernel.prog_info(prog_fd).id
         assert [pid for name, pid in ks_attached(world.attach) if name == "ks_egress"] == [egress_id, egress_id]
 
         d = world.ksctl("down")

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,9 @@ from typing import Any
 import pytest
 
 from ksbpf.events import DropEvent, parse_record
-from ksbpf.linux import bpf as kbpf
-from ksbpf.linux.bpf import BpfLayer
+from ksbpf.linux.bpf import kernel as bpf_kernel
+from ksbpf.linux.bpf import layout as bpf_layout
+from ksbpf.linux.bpf.layer import BpfLayer
 from ksbpf.linux.cgroup import cgroup_id
 from ksbpf.linux.events import RingBuffer, flush_held
 from tests.kernel import test_bpf, test_daemon
@@ -75,7 +77,7 @@ def leak(netns: str, cgroup: Path, sends: list[tuple[Any, ...]], comm: str = COM
 
 
 def ring_events(layer: BpfLayer) -> list[DropEvent]:
-    with RingBuffer(layer.dir / kbpf.EVENTS_PIN) as ring:
+    with RingBuffer(layer.dir / bpf_layout.EVENTS_PIN) as ring:
         return [parse_record(r) for r in ring.read()]
 
 
@@ -89,7 +91,7 @@ def bpf_drops(layer: BpfLayer, reason: str, cg: int) -> int:
 @requires_bpf
 @pytest.mark.parametrize("mode", ["helper", "sk_storage"])
 def test_egress_drop_names_the_socket_owner(lab: Lab, layers: list[BpfLayer], mode: str) -> None:
-    if mode == "helper" and not kbpf.probe_netns_cookie_helper():
+    if mode == "helper" and not bpf_kernel.probe_netns_cookie_helper():
         pytest.skip("cgroup_skb has no bpf_get_netns_cookie here")
     layer = new_layer(lab, layers, mode)
     layer.apply(make_policy(lab))
@@ -140,7 +142,7 @@ def test_flood_is_rate_limited_in_the_kernel_and_counts_add_up(lab: Lab, layers:
     n = 400
     assert leak(lab.client, app, [("10.77.0.3", 53, n)])["eperm"] == n
     flood = ring_events(layer)
-    assert len(flood) == kbpf.EVENTS_PER_SEC, "one second's allowance, the rest held back"
+    assert len(flood) == bpf_layout.EVENTS_PER_SEC, "one second's allowance, the rest held back"
     assert flush_held(layer.dir) == 0, "the window is still open"
     time.sleep(1.1)
     # The window is over and no drop followed: ksbpfd's flush reports what was held back.
@@ -152,11 +154,11 @@ def test_flood_is_rate_limited_in_the_kernel_and_counts_add_up(lab: Lab, layers:
     assert sum(e.count for e in [*flood, tail]) == bpf_drops(layer, "dns", cg) - before == n
     # Or the next drop after the window carries them.
     assert leak(lab.client, app, [("10.77.0.3", 53, n)])["eperm"] == n
-    assert len(ring_events(layer)) == kbpf.EVENTS_PER_SEC
+    assert len(ring_events(layer)) == bpf_layout.EVENTS_PER_SEC
     time.sleep(1.1)
     assert leak(lab.client, app, [("10.77.0.3", 53, 1)])["eperm"] == 1
     (carried,) = ring_events(layer)
-    assert carried.count == n + 1 - kbpf.EVENTS_PER_SEC and flush_held(layer.dir) == 0
+    assert carried.count == n + 1 - bpf_layout.EVENTS_PER_SEC and flush_held(layer.dir) == 0
     assert layer.events_lost() == 0
 
 
@@ -167,9 +169,9 @@ def test_lost_counter_moves_only_when_the_ring_overflows(lab: Lab, layers: list[
     layer = BpfLayer(unique("kst-"), netns=lab.client, events_bytes=4096)
     layers.append(layer)
     layer.apply(make_policy(lab))
-    per = kbpf.EVENTS_PER_SEC
+    per = bpf_layout.EVENTS_PER_SEC
     cgs = [lab.cgroups(f"w/f{i}") for i in range(8)]
-    fits = 4096 // (kbpf.struct.calcsize(kbpf.EVENT_FMT) + 8)
+    fits = 4096 // (struct.calcsize(bpf_layout.EVENT_FMT) + 8)
     assert 4 * per <= fits < 8 * per
     for c in cgs[:4]:
         assert leak(lab.client, c, [("10.77.0.3", 53, per + 2)])["eperm"] == per + 2

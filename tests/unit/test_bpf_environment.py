@@ -12,7 +12,9 @@ import pytest
 from ksbpf import doctor
 from ksbpf.errors import BpfError
 from ksbpf.linux import bpffs
-from ksbpf.linux.bpf import Attached, describe_attached, os_reason
+from ksbpf.linux.bpf.environment import describe_attached
+from ksbpf.linux.bpf.generations import Attached
+from ksbpf.linux.bpf.kernel import os_reason
 
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw

@@ -9,7 +9,8 @@ import pytest
 
 from ksbpf import events as ev
 from ksbpf.errors import BpfError
-from ksbpf.linux import bpf, btf
+from ksbpf.linux import btf
+from ksbpf.linux.bpf import layout as bpf_layout
 from ksbpf.verdict import DROP_REASONS, Reason
 
 REASON = {r: i for i, r in enumerate(DROP_REASONS)}
@@ -24,10 +25,10 @@ def record(*, t_ns: int = 5_000_000_000, cg: int = 77, pid: int = 4242, count: i
 
 
 def test_layouts_match_the_c_structs() -> None:
-    assert ev.EVENT_SIZE == 64 == struct.calcsize(bpf.EVENT_FMT)  # struct ks_event
-    assert ev.EVENT_FMT == bpf.EVENT_FMT
-    assert struct.calcsize(bpf.OWNER_FMT) == 40  # struct ks_owner
-    assert struct.calcsize(bpf.RATE_KEY_FMT) == 16 and struct.calcsize(bpf.RATE_FMT) == 64  # ks_rate_key, ks_rate
+    assert ev.EVENT_SIZE == 64 == struct.calcsize(bpf_layout.EVENT_FMT)  # struct ks_event
+    assert ev.EVENT_FMT == bpf_layout.EVENT_FMT
+    assert struct.calcsize(bpf_layout.OWNER_FMT) == 40  # struct ks_owner
+    assert struct.calcsize(bpf_layout.RATE_KEY_FMT) == 16 and struct.calcsize(bpf_layout.RATE_FMT) == 64  # ks_rate_key, ks_rate
 
 
 def test_record_parses_into_an_event() -> None:

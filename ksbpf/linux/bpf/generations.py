@@ -1,0 +1,131 @@
+"""Generations and programs as the kernel holds them: a pinned generation (its maps, live
+config and programs) and our programs found attached on a cgroup."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ksbpf.linux.bpf.kernel import _BPF_PROG_GET_FD_BY_ID, BpfMap, _fd_by_id, obj_get, prog_info
+from ksbpf.linux.bpf.layout import LEGACY_CONFIG_FMT, PROGS
+from ksbpf.linux.bpf.plan import Config
+from ksbpf.render.bpf import Capacity
+
+_KEY0 = struct.pack("<I", 0)
+
+
+def _active_config(active: BpfMap, configs: BpfMap) -> tuple[int, Config] | None:
+    """(slot, config) of the version packets use now."""
+    raw = active.lookup(_KEY0)
+    if raw is None:
+        return None
+    slot = struct.unpack("<I", raw)[0] & 1
+    cfg = configs.lookup(struct.pack("<I", slot))
+    return (slot, Config.unpack(cfg)) if cfg else None
+
+
+@dataclass
+class Generation:
+    number: int
+    path: Path
+
+    def map(self, name: str) -> BpfMap:
+        return BpfMap.pinned(self.path / name)
+
+    def active(self) -> tuple[int, Config] | None:
+        try:
+            with self.map("ks_active") as a, self.map("ks_config") as c:
+                return _active_config(a, c)
+        except OSError:
+            return None
+
+    def config(self) -> Config | None:
+        live = self.active()
+        if live is None and not (self.path / "ks_active").exists():
+            try:
+                with self.map("ks_config") as c:
+                    return _legacy_config(c)
+            except OSError:
+                return None
+        return live[1] if live else None
+
+    def capacity(self) -> Capacity | None:
+        """What the generation was built to hold, from its endpoint map's size."""
+        try:
+            with self.map("ks_endpoints") as m:
+                return Capacity(m.info.max_entries // 2)
+        except OSError:
+            return None
+
+    def prog_fd(self, kind: str) -> int:
+        return obj_get(self.path / kind)
+
+    def prog_id(self, kind: str) -> int | None:
+        try:
+            fd = self.prog_fd(kind)
+        except OSError:
+            return None
+        try:
+            return prog_info(fd).id
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class Attached:
+    """One of our programs on a cgroup, found by asking the kernel (pins may be gone)."""
+
+    kind: str
+    prog_id: int
+    generation: int
+    cgroup: Path
+
+
+def _legacy_config(configs: BpfMap) -> Config | None:
+    """The one-version ks_config of programs from before policy versions: recognised, so
+    that an upgrade replaces and `down` removes them."""
+    if configs.info.value_size != struct.calcsize(LEGACY_CONFIG_FMT):
+        return None
+    raw = configs.lookup(_KEY0)
+    if raw is None:
+        return None
+    c, g, cg, fl, m, inst = struct.unpack_from(LEGACY_CONFIG_FMT, raw)
+    return Config(c, g, cg, fl, m, inst.split(b"\0", 1)[0].decode(errors="replace"))
+
+
+def _prog_config(prog_id: int) -> Config | None:
+    """The live ks_config of an attached program, if it is one of ksbpf's."""
+    try:
+        fd = _fd_by_id(_BPF_PROG_GET_FD_BY_ID, prog_id, f"open program id {prog_id}")
+    except OSError:
+        return None
+    try:
+        info = prog_info(fd)
+    finally:
+        os.close(fd)
+    if info.name not in PROGS.values():
+        return None
+    maps: dict[str, BpfMap] = {}
+    try:
+        for mid in info.map_ids:
+            try:
+                m = BpfMap.by_id(mid)
+            except OSError:
+                continue
+            if m.info.name in ("ks_active", "ks_config"):
+                maps[m.info.name] = m
+            else:
+                m.close()
+        if "ks_config" in maps and "ks_active" not in maps:
+            return _legacy_config(maps["ks_config"])
+        if len(maps) < 2:
+            return None
+        live = _active_config(maps["ks_active"], maps["ks_config"])
+        return live[1] if live else None
+    except OSError:
+        return None
+    finally:
+        for m in maps.values():
+            m.close()
