@@ -426,7 +426,7 @@ class Daemon:
                 self._push_status()
 
     def _handle(self, items: list[Event | ControlCall | Signalled]) -> None:
-        from ksbpf.reconcile.watchers import Event
+        from ksbpf.reconcile.watchers import Event, EventKind
 
         events = [i for i in items if isinstance(i, Event)]
         for item in items:
@@ -447,20 +447,20 @@ class Daemon:
         if self.stopping or not self.enforcing or not events:
             return
         kinds = {e.kind for e in events}
-        overflow = "overflow" in kinds
+        overflow = EventKind.OVERFLOW in kinds
         for e in events:
-            if e.kind == "overflow":
+            if e.kind == EventKind.OVERFLOW:
                 log.warning("events lost (%s): checking everything", e.detail)
         # Links first, always (one dump): a check must judge against the current interfaces.
-        since = min((e.at for e in events if e.kind in ("link", "overflow")), default=None)
+        since = min((e.at for e in events if e.kind in (EventKind.LINK, EventKind.OVERFLOW)), default=None)
         self._guard(self._links, since)
-        if "nft" in kinds or overflow:
+        if EventKind.NFT in kinds or overflow:
             self._guard(self._report_repair, LayerName.NFTABLES, self.rec.check_nft)
-        if "routing" in kinds or overflow:
+        if EventKind.ROUTING in kinds or overflow:
             self._guard(self._report_repair, LayerName.ROUTING, self.rec.check_routing)
-        if "cgroup" in kinds or overflow:
+        if EventKind.CGROUP in kinds or overflow:
             # Only the cgroups at or below what inotify saw made or removed, unless it lost count.
-            seen = [e.paths for e in events if e.kind == "cgroup"]
+            seen = [e.paths for e in events if e.kind == EventKind.CGROUP]
             under = None if overflow or any(p is None for p in seen) else tuple(p for ps in seen for p in ps or ())
             self._guard(self._cgroups, under)
 
