@@ -560,7 +560,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ksbpf.audit import run_audit
+    from ksbpf.audit.run import run_audit
 
     return int(run_audit(args))
 

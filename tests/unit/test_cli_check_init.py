@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import tests.nobody
-from ksbpf import audit, cli, daemon
+from ksbpf import cli, daemon
+from ksbpf.audit import report as audit
 from ksbpf.deps import DEBIAN_PACKAGES, MissingDependency, from_import_error, locate, require
 from ksbpf.policy import Endpoint, loads_policy
 from ksbpf.wgconf import WireGuardConfigError, interface_from_path, parse_wg_quick, render_policy
