@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import json
-import sys
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -20,11 +19,11 @@ from ksbpf.marks import exempt_mark, exemption_ids
 from ksbpf.policy import loads_policy
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import NetnsFactory, sh
+from tests.kernel.sender import Probe, send_all
 from tests.kernel.test_bpf import CASES as BPF_CASES
 from tests.kernel.test_bpf import ENDPOINT_MARK, Lab, new_layer, requires_bpf, run_cases
 from tests.kernel.test_bpf import lab as lab
 from tests.kernel.test_bpf import layers as layers
-from tests.kernel.test_nft_oracle import SENDER
 from tests.kernel.uplink import build_uplink
 
 # Remote addresses only: 10.64.0.2 is the client's own (local delivery goes through lo).
@@ -75,7 +74,8 @@ def test_generated_policies_nftables_agrees_with_explain(make_netns: NetnsFactor
     ids = exemption_ids(cgroups)
     marks: dict[int, str | None] = {0: None, 0xCA6C: None, **{exempt_mark(ids[cg]): cg for cg in cgroups}}
     cases = [(d, p, dev, m, 0) for d, p, dev, m in itertools.product(DSTS, PORTS, [u.tun_if, u.up_if], marks)]
-    got = json.loads(sh(sys.executable, "-c", SENDER, netns=u.client, input=json.dumps(cases)).stdout)
+    sent = send_all(u.client, [Probe(d, p, dev=dev, mark=m, sport=sp, payload="oracle") for d, p, dev, m, sp in cases])
+    got = [bool(r.sent) if r.sent or r.errors == {"EPERM": 1} else f"errors {r.errors}" for r in sent.results]
     mismatches = []
     for (dst, port, dev, mark, _sport), allowed in zip(cases, got, strict=True):
         assert isinstance(allowed, bool), f"{dst}:{port} via {dev}: unexpected {allowed}"
