@@ -2,7 +2,8 @@
 
 Every backend (nftables, routing, BPF, PF, Windows) is a pure function of a `Policy`.
 Validation refuses anything a backend could not render safely, so renderers never see
-quotes, newlines or shell metacharacters in names.
+quotes, newlines or shell metacharacters in names. Reading a policy file only root can
+write (what ksbpfd and `ksctl up` apply) is ksbpf.policy_file's.
 """
 
 from __future__ import annotations
