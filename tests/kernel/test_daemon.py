@@ -30,31 +30,15 @@ import pytest
 
 import tests.nobody
 from ksbpf.linux.engine import LinuxEngine, state_dir_for
-from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh
+from tests.kernel.conftest import CgroupFactory, NetnsFactory, sh
+from tests.kernel.sender import send as send_probe
+from tests.kernel.sender import start_flood
 from tests.kernel.uplink import Uplink, add_tunnel, build_uplink, ksctl
 
 pytestmark = pytest.mark.kernel
 
 REPO = Path(__file__).resolve().parents[2]
 
-SEND = r"""
-import errno, json, socket, sys
-dst, port, n, dev, mark = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5], 0)
-s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
-if dev != "-":
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
-if mark:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-res = {"sent": 0, "errors": {}}
-for _ in range(n):
-    try:
-        s.sendto(b"k" * 32, (dst, port))
-        res["sent"] += 1
-    except OSError as e:
-        k = errno.errorcode.get(e.errno, str(e.errno))
-        res["errors"][k] = res["errors"].get(k, 0) + 1
-print(json.dumps(res))
-"""
 UDP4_PACKET_BYTES = 20 + 8 + 32  # what nft counts at the output hook for one datagram
 
 
@@ -65,9 +49,9 @@ def free_port() -> int:
 
 
 def send(netns: str, cgroup: Path | None, dst: str, port: int, n: int, *, dev: str | None = None, mark: int = 0) -> dict[str, Any]:
-    r = run_in([sys.executable, "-c", SEND, dst, str(port), str(n), dev or "-", hex(mark)], netns=netns, cgroup=cgroup)
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
+    """n datagrams of 32 bytes through the shared sender: {"sent": n, "errors": {errno name: n}}."""
+    r = send_probe(netns, dst, port, n, cgroup=cgroup, dev=dev, mark=mark)
+    return {"sent": r.sent, "errors": r.errors}
 
 
 def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -758,15 +742,8 @@ def test_stop_and_kill_leave_enforcement_in_the_kernel(world: World, daemon: Dae
     u = world.uplink
     d = daemon()
     state = _kernel_state(world)
-    flood = subprocess.Popen(
-        ["ip", "netns", "exec", u.client, sys.executable, "-c",
-         "import socket,time\na=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-         f"b=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nb.setsockopt(socket.SOL_SOCKET,socket.SO_BINDTODEVICE,b'{u.up_if}')\n"
-         "end=time.time()+60\n"
-         "while time.time()<end:\n  for s,d in ((a,'203.0.113.9'),(a,'192.0.2.1'),(b,'192.0.2.1')):\n"
-         "    try: s.sendto(b'x',(d,9))\n    except OSError: pass\n  time.sleep(0.0005)\n"],
-        preexec_fn=lambda: (world.apps / "cgroup.procs").write_text(str(os.getpid())),
-    )
+    flood = start_flood(u.client, [("203.0.113.9", 9, None), ("192.0.2.1", 9, None), ("192.0.2.1", 9, u.up_if)],
+                        cgroup=world.apps)
     try:
         f0, t0 = u.far_count(), u.tunnel_count()
         d.proc.kill()  # kill -9, by pid
@@ -990,12 +967,7 @@ def test_lockdown_holds_until_the_daemon_takes_over_without_a_gap(world: World, 
     assert send(u.client, world.apps, "127.0.0.1", 9, 3)["sent"] == 3
 
     f0 = u.far_count()
-    flood = subprocess.Popen(
-        ["ip", "netns", "exec", u.client, sys.executable, "-c",
-         "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nend=time.time()+60\n"
-         "while time.time()<end:\n  try: s.sendto(b'x',('203.0.113.9',9))\n  except OSError: pass\n  time.sleep(0.0005)\n"],
-        preexec_fn=lambda: (world.apps / "cgroup.procs").write_text(str(os.getpid())),
-    )
+    flood = start_flood(u.client, [("203.0.113.9", 9, None)], cgroup=world.apps)
     try:
         d = daemon()
         wait_for(lambda: "ksbpf_lockdown" not in sh("nft", "list", "tables", netns=u.client).stdout, "the lockdown to go")
