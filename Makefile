@@ -1,4 +1,14 @@
 # The two commands a user runs on a fresh Debian 12 machine, as root: `make demo`, `make test`.
+#
+# The developer's loop, fastest first. `make test` (and so .ci/run) runs all three: check, and
+# when it passes, integration and kernel together:
+#   make check        ruff, mypy (ksbpf strict; tests and bench type-checked) and tests/unit:
+#                     pure and fast (under 20 s). No root, no apt: only the venv `make setup` made.
+#                     `make lint` and `make unit` are its two halves.
+#   make integration  tests/integration: the macOS/Windows adapters against stand-in programs,
+#                     the Debian package (dpkg-buildpackage, lintian, apt), threads on a real
+#                     clock, the exhaustive renderer-vs-verdict comparisons. No root.
+#   make kernel       tests/kernel: as root, in network namespaces and cgroups the tests make.
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.ksbpf-setup
@@ -17,9 +27,13 @@ VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 DEB_VERSION ?= $(VERSION)
 DEB       := dist/ksbpf_$(DEB_VERSION)_all.deb
 
-.PHONY: setup demo test lint unit kernel bench clean headers deb
+.PHONY: setup demo test check lint unit integration kernel bench clean headers deb
 
 setup: $(STAMP)
+
+# What check, lint and unit need instead of `setup` (which installs packages as root).
+$(PY):
+	@echo "no $(VENV): run make setup as root first"; exit 1
 
 # The Makefile too: a package added to APT_PKGS is installed on the next run.
 $(STAMP): pyproject.toml Makefile
@@ -38,18 +52,30 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/ksctl lab demo
 
-lint: setup
-	$(VENV)/bin/ruff check ksbpf tests $(wildcard bench)
-	$(VENV)/bin/mypy ksbpf
+check: lint unit
 
-unit: setup
-	$(VENV)/bin/pytest -q tests/unit
+# How strict mypy is, per module, is pyproject.toml's [tool.mypy].
+lint: $(PY)
+	$(VENV)/bin/ruff check ksbpf tests $(wildcard bench)
+	$(VENV)/bin/mypy ksbpf tests/unit tests/integration $(wildcard bench)
+
+# On every core when the venv has pytest-xdist (`make setup` installs it), else on one.
+unit: $(PY)
+	@if $(PY) -c 'import xdist' 2>/dev/null; then n="-n auto"; else n=""; \
+	  echo "no pytest-xdist in $(VENV) (make setup installs it): the unit tests run on one core"; fi; \
+	  echo "$(VENV)/bin/pytest -q $$n tests/unit"; $(VENV)/bin/pytest -q $$n tests/unit
+
+integration: setup
+	$(VENV)/bin/pytest -q tests/integration
 
 kernel: setup
 	$(VENV)/bin/pytest -q tests/kernel
 
-test: setup lint
-	$(VENV)/bin/pytest -q tests
+# check first (a sub-make: it runs after setup made the venv); then the two slow stages in
+# one pytest run, so one failure does not hide the others.
+test: setup
+	$(MAKE) --no-print-directory check
+	$(VENV)/bin/pytest -q tests/integration tests/kernel
 
 # The benchmark also needs a C compiler (its UDP sender), perf (where the time goes) and
 # matplotlib (the plots); without perf or matplotlib it says so and leaves those parts out.

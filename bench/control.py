@@ -36,7 +36,7 @@ def ksctl_argv() -> list[str]:
 def parse_importtime(text: str, top: int = 12) -> list[dict[str, Any]]:
     """`python -X importtime` stderr -> the `top` imports by cumulative time:
     {"module", "cumulative_ms", "self_ms", "depth"} (depth 0: imported by the script)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for line in text.splitlines():
         if not line.startswith("import time:"):
             continue

@@ -137,7 +137,7 @@ class Workloads:
         time.sleep(0.3)
         for p in self._servers:
             if p.poll() is not None:
-                raise WorkloadError(f"server {p.args} exited: {p.stderr.read() if p.stderr else ''}")
+                raise WorkloadError(f"server {p.args!r} exited: {p.stderr.read() if p.stderr else ''}")
         self._rr(0.2, 64)  # the path works before anything is measured
 
     def stop_servers(self) -> None:

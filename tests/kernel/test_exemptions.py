@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from ksbpf.lab.addresses import CLIENT_V4, OUTSIDE_DNS_V4, SERVER_V4, SERVER_V6,
 from ksbpf.lab.lab import Lab
 from ksbpf.linux.engine import state_dir_for
 from tests.kernel.conftest import spawn_in
+from tests.kernel.sender import send
 from tests.kernel.uplink import ksctl
 
 pytestmark = pytest.mark.kernel
@@ -34,7 +36,7 @@ class Setup:
         r = ksctl(*args, netns=self.lab.client, state_dir=self.state)
         return r.returncode, r.stdout + r.stderr
 
-    def up(self, **overrides: object) -> None:
+    def up(self, **overrides: Any) -> None:
         cfg = self.tmp / "policy.toml"
         cfg.write_text(self.lab.policy_toml(**overrides))
         rc, out = self.ksctl("up", "--config", str(cfg))
@@ -110,15 +112,11 @@ while True:
         c, _ = s.accept(); c.sendall(b"hello"); c.close()
 """
 
-CONNECT = """
-import socket, sys
-src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = socket.socket(); s.settimeout(0.7); s.bind((src, 0))
-try:
-    s.connect((dst, port)); print(s.recv(5).decode())
-except OSError as e:
-    print("fail", e)
-"""
+def connect(netns: str, src: str, port: int) -> str:
+    """A TCP connection from `src` to the client's port through the shared sender: what the
+    service said ("hello"), or "fail" and why."""
+    r = send(netns, CLIENT_V4, port, proto="tcp", bind=src, answer=True, timeout=0.7)
+    return r.answers[0].strip() if r.answers else f"fail {', '.join(r.errors)}"
 
 
 def test_exempt_inbound_service_accepts_only_its_granted_sources(setup: Setup) -> None:
@@ -133,13 +131,13 @@ def test_exempt_inbound_service_accepts_only_its_granted_sources(setup: Setup) -
         for s in servers:
             assert s.stdout is not None and s.stdout.readline().strip() == "ready"
 
-        def connect(src: str, port: int) -> str:
-            return lab.run([sys.executable, "-c", CONNECT, src, CLIENT_V4, str(port)], netns=lab.server).stdout.strip()
+        def from_server(src: str, port: int) -> str:
+            return connect(lab.server, src, port)
 
-        assert connect(SERVER_V4, 2222) == "hello", "granted source reaches the exempt service"
-        assert connect(OUTSIDE_DNS_V4, 2222).startswith("fail"), "another source does not"
-        assert connect(SERVER_V4, 2223).startswith("fail"), "another port of the same service does not"
-        assert connect(SERVER_V4, 2224).startswith("fail"), "a non-exempt listener is unreachable"
+        assert from_server(SERVER_V4, 2222) == "hello", "granted source reaches the exempt service"
+        assert from_server(OUTSIDE_DNS_V4, 2222).startswith("fail"), "another source does not"
+        assert from_server(SERVER_V4, 2223).startswith("fail"), "another port of the same service does not"
+        assert from_server(SERVER_V4, 2224).startswith("fail"), "a non-exempt listener is unreachable"
     finally:
         for s in servers:
             s.kill()
@@ -212,17 +210,17 @@ def test_a_listener_started_before_ksbpf_engaged_is_reachable(setup: Setup) -> N
         setup.up(exempt=[{"cgroup": lab.cgroup_rel(setup.exempt), "listen": ["tcp/2222"], "from": ["192.0.2.1/32"]}])
         lab.tunnel_down()
 
-        def connect(port: int) -> str:
-            return lab.run([sys.executable, "-c", CONNECT, SERVER_V4, CLIENT_V4, str(port)], netns=lab.server).stdout.strip()
+        def from_server(port: int) -> str:
+            return connect(lab.server, SERVER_V4, port)
 
-        assert connect(2222) == "hello", "the exempt service started before `up` is reachable"
-        assert connect(2224).startswith("fail"), "a non-exempt listener is not"
-        assert connect(2225).startswith("fail"), "nor is one not exempt yet"
+        assert from_server(2222) == "hello", "the exempt service started before `up` is reachable"
+        assert from_server(2224).startswith("fail"), "a non-exempt listener is not"
+        assert from_server(2225).startswith("fail"), "nor is one not exempt yet"
         rc, out = setup.ksctl("exempt", "--cgroup", lab.cgroup_rel(early), "--listen", "tcp/2225", "--from", "192.0.2.1/32")
         assert rc == 0, out
         assert "existing sockets marked" in out, out
-        assert connect(2225) == "hello", "a running service exempted at run time is reachable at once"
-        assert connect(2224).startswith("fail")
+        assert from_server(2225) == "hello", "a running service exempted at run time is reachable at once"
+        assert from_server(2224).startswith("fail")
     finally:
         for s in servers:
             s.kill()

@@ -7,10 +7,10 @@ with nftables + routing, and with all three layers.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +28,7 @@ from ksbpf.lab.addresses import (
 from ksbpf.lab.lab import Lab
 from ksbpf.linux.engine import LinuxEngine
 from ksbpf.policy import loads_policy
+from tests.kernel.sender import Probe, send_all
 
 pytestmark = pytest.mark.kernel
 
@@ -41,7 +42,7 @@ class Engaged:
         # production host runs below the root cgroup.
         self.cg = lab.cgroup("apps")
 
-    def up(self, **overrides: object) -> None:
+    def up(self, **overrides: Any) -> None:
         text = self.lab.policy_toml(**overrides)
         result = self.engine.up(loads_policy(text), text)
         want = {"nftables", "routing", "bpf"} if self.bpf else {"nftables", "routing"}
@@ -126,15 +127,9 @@ def test_routed_host_leaks_nothing_when_the_tunnel_is_down(ks: Engaged) -> None:
     ks.up()  # the new interface gets its egress chain (the daemon does this on the event)
     lab.reset_counters()
     lab.tunnel_down()
-    blast = (
-        "import socket\n"
-        "for dst in ('198.51.100.10', '192.0.2.1', '192.0.2.53', '2001:db8:2::10', '2001:db8:1::1'):\n"
-        "    s = socket.socket(socket.AF_INET6 if ':' in dst else socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "    for port in (7, 53, 443, 51820):\n"
-        "        for _ in range(10):\n"
-        "            s.sendto(b'leak?', (dst, port))\n"
-    )
-    lab.run([sys.executable, "-c", blast], netns=routed)
+    send_all(routed, [Probe(dst, port, 10, payload="leak?")
+                      for dst in ("198.51.100.10", "192.0.2.1", "192.0.2.53", "2001:db8:2::10", "2001:db8:1::1")
+                      for port in (7, 53, 443, 51820)])
     assert lab.leaks() == 0, lab.leak_details()
 
 

@@ -9,6 +9,7 @@ import random
 import struct
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -264,7 +265,7 @@ def header(**kw: object) -> bpf_plan.Config:
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
-def version(pol: Policy | None = None, ids: dict[str, int | None] | None = None,
+def version(pol: Policy | None = None, ids: Mapping[str, int | None] | None = None,
             tunnels: frozenset[int] = frozenset({5}), **kw: object) -> bpf_plan.Version:
     plan = bpf_render.render(pol or policy())
     if ids is None:
@@ -390,7 +391,7 @@ def test_delta_is_against_what_the_map_holds_and_repairs_drift() -> None:
     live = first.config
     gone = bpf_render.endpoint_key(4, "udp", 51820, ipaddress.ip_address("198.51.100.7"))
     stray = bpf_render.endpoint_key(4, "udp", 9, ipaddress.ip_address("203.0.113.1"))
-    held = held_of(first, version(), endpoints=frozenset({stray} | set(version().endpoints) - {gone}))
+    held = held_of(first, version(), endpoints=frozenset({stray} | set(version().endpoints or ()) - {gone}))
     # The same policy, but the map lost one key and gained another: a delta puts it right.
     step = bpf_plan.plan_step(live, frozenset({5}), version(), held)
     assert (step.path, step.changed) == (bpf_plan.PATH_DELTA, ("endpoints",))
@@ -523,7 +524,7 @@ def test_resolve_cgroups_reads_a_crowded_directory_once(tmp_path: Path, monkeypa
     rules = "".join(f'[[exempt]]\ncgroup = "{n}"\nallow = ["udp/1"]\n' for n in names)
     plan = bpf_render.render(loads_policy(f'[tunnel]\ninterfaces = ["wg0"]\nendpoints = ["192.0.2.1:1/udp"]\nendpoint_mark = 1\n{rules}'))
     got = bpf_writes.resolve_cgroups(plan)
-    want = {e.cgroup: None for e in plan.exemptions}
+    want: dict[str, int | None] = {e.cgroup: None for e in plan.exemptions}
     for e in plan.exemptions:
         p = tmp_path / e.cgroup.strip("/")
         if p.is_dir():

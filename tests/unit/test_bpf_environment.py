@@ -66,7 +66,7 @@ def test_host_mount_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ensure_bpffs_never_mounts_in_a_private_namespace(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _inodes(monkeypatch, 4026532101, 4026532100)
     mounted: list[bytes] = []
-    monkeypatch.setattr(bpffs._libc, "mount", lambda *a: mounted.append(a[1]) or 0)
+    monkeypatch.setattr(bpffs._libc, "mount", lambda *a: mounted.append(a[1]) or 0)  # type: ignore[attr-defined, func-returns-value]
     target = tmp_path / "bpf"
     with pytest.raises(BpfError, match="will not mount it here: this process runs in a mount namespace of its own"):
         bpffs.ensure_bpffs(target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import tomllib
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_icmp_checksum_of_a_known_echo_request() -> None:
 
 
 def test_policy_render_and_merge() -> None:
-    base = {
+    base: dict[str, Any] = {
         "tunnel": {"interfaces": ["wgc123456"], "endpoints": [f"{SERVER_V4}:{ENDPOINT_PORT}/udp"], "endpoint_mark": 0xCA6C},
         "dns": {"servers": ["10.64.0.1"]},
         "lan": {"allow": False},

@@ -421,7 +421,7 @@ def test_unchanged_chunks_are_not_parsed_again(monkeypatch: pytest.MonkeyPatch) 
         calls.append(s)
         return real(s, **kw)
 
-    monkeypatch.setattr(policy_mod.tomllib, "loads", spy)
+    monkeypatch.setattr(policy_mod.tomllib, "loads", spy)  # type: ignore[attr-defined]
     assert parser.loads(text, SRC) == first
     assert calls == []
     one_exemption = text.replace('to = ["100.64.0.8/32"]', 'to = ["100.64.1.8/32"]', 1)
@@ -449,7 +449,7 @@ def test_unchanged_items_are_not_validated_again(monkeypatch: pytest.MonkeyPatch
     real = policy_mod.parse_endpoint
     for memo in parser._rest_validators.memos:
         if memo.fn is real:
-            monkeypatch.setattr(memo, "fn", lambda s: seen.append(s) or real(s))
+            monkeypatch.setattr(memo, "fn", lambda s: seen.append(s) or real(s))  # type: ignore[func-returns-value]
     edited = text.replace("198.18.0.5:51820/udp", "198.18.200.5:51820/udp", 1)
     assert parser.loads(edited, SRC) == loads_policy(edited, SRC)
     assert seen == ["198.18.200.5:51820/udp"]

@@ -130,7 +130,7 @@ def test_incremental_parser_agrees_with_loads_policy(text: str, data: Any) -> No
     lines[i] = data.draw(st.sampled_from(["", "x = 1\n", '[[exempt]]\ncgroup = "a.service"\nallow = ["udp/9"]\n',
                                           lines[i] * 2, lines[i].replace("=", "= =")]))
     edited = "".join(lines)
-    outcomes = []
+    outcomes: list[tuple[str, object]] = []
     for parse in (parser.loads, loads_policy):
         try:
             outcomes.append(("ok", parse(edited, "p")))

@@ -235,10 +235,10 @@ def test_hostile_cgroups_are_refused(cgroup: str) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        {"dns": Dns(("10.0.0.1; pass all",))},  # a string where an address belongs
+        {"dns": Dns(("10.0.0.1; pass all",))},  # type: ignore[arg-type]  # a string where an address belongs
         {"dns": Dns((ipaddress.ip_address("fe80::1%en0;pass"),))},  # ipaddress accepts any zone text
-        {"lan": Lan(True, ("192.168.0.0/16\npass",))},
-        {"lan": Lan("yes", ())},
+        {"lan": Lan(True, ("192.168.0.0/16\npass",))},  # type: ignore[arg-type]
+        {"lan": Lan("yes", ())},  # type: ignore[arg-type]
         {"tunnel": Tunnel(("wg0",), (Endpoint(ipaddress.ip_address("192.0.2.1"), "53 }", "udp"),), 1)},  # type: ignore[arg-type]
         {"tunnel": Tunnel(("wg0",), (Endpoint(ipaddress.ip_address("192.0.2.1"), True, "udp"),), 1)},  # type: ignore[arg-type]
         {"tunnel": Tunnel(("wg0",), (Endpoint(ipaddress.ip_address("192.0.2.1"), 70000, "udp"),), 1)},
@@ -258,9 +258,9 @@ MAPPED = CASES["full-mapped"].policy
 @pytest.mark.parametrize("user", ['_wg" all', "a b", "x\n", "", "$(id)", "-x", "a" * 40, 7])
 def test_hostile_user_names_are_refused(user: object) -> None:
     with pytest.raises(ValueError):
-        render_pf(replace(MAPPED, tunnel=replace(MAPPED.tunnel, macos_endpoint_user=user)))
+        render_pf(replace(MAPPED, tunnel=replace(MAPPED.tunnel, macos_endpoint_user=user)))  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        render_pf(replace(MAPPED, exemptions=(replace(MAPPED.exemptions[0], macos_user=user), *MAPPED.exemptions[1:])))
+        render_pf(replace(MAPPED, exemptions=(replace(MAPPED.exemptions[0], macos_user=user), *MAPPED.exemptions[1:])))  # type: ignore[arg-type]
 
 
 def test_a_policy_from_toml_that_slips_a_newline_past_validation_is_still_refused() -> None:
