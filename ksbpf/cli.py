@@ -399,6 +399,12 @@ def cmd_render(args: argparse.Namespace) -> int:
         print("# policy routing")
         for line in plan.describe():
             print(f"# {line}")
+        from ksbpf.render.bpf import describe as describe_bpf
+        from ksbpf.render.bpf import render as render_bpf
+
+        print("# cgroup-bpf maps")
+        for line in describe_bpf(render_bpf(policy)):
+            print(f"# {line}")
         return EXIT_OK
     try:
         if args.platform == "macos":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -234,15 +235,20 @@ def lan_keys(networks: Iterable[IPNetwork], rule_set: int) -> list[bytes]:
     return [net_key(scope(rule_set, KIND_ALLOW), n) for n in networks]
 
 
-def check_capacity(plan: BpfPlan) -> None:
-    """Refuse a policy the maps cannot hold, naming the limit, before anything is touched."""
+def key_counts(plan: BpfPlan) -> tuple[int, int, int]:
+    """(exempt and endpoint cgroups, ks_ports keys, ks_nets keys with LAN) of a plan."""
     cgroups = len(set(plan.endpoint_cgroups) | {e.cgroup for e in plan.exemptions})
     ports, nets = 0, len(plan.lan)
     for rules in plan.exemptions:
         p, n = rules.counts
         ports += p
         nets += n
-    check_counts(cgroups, ports, nets, len(plan.endpoints), len(plan.dns))
+    return cgroups, ports, nets
+
+
+def check_capacity(plan: BpfPlan) -> None:
+    """Refuse a policy the maps cannot hold, naming the limit, before anything is touched."""
+    check_counts(*key_counts(plan), len(plan.endpoints), len(plan.dns))
 
 
 def check_counts(cgroups: int, ports: int, nets: int, endpoints: int = 0, dns: int = 0) -> None:
@@ -335,3 +341,85 @@ class CgroupWant:
     def written_as(self, raw: bytes | None) -> bool:
         """Does a packed ks_cgroups value already say this (whatever its rule set id)?"""
         return raw is not None and raw[4:] == self._tail and (raw[:4] != b"\0\0\0\0") == (self.rules is not None)
+
+
+# ---------------------------------------------------------------- what `ksctl render` shows
+
+_FLAG_NAMES = ((F_IPV6_BLOCK, "ipv6 block"), (F_ENDPOINT_MARK, "endpoint mark"),
+               (F_ENDPOINT_CGROUPS, "endpoint cgroups"))
+_PROTO_NAMES = {number: name for name, number in IPPROTO.items()}
+
+
+def _addr_of(family: int, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(raw[:4]) if family == 4 else ipaddress.IPv6Address(raw[:16])
+
+
+def endpoint_text(key: bytes) -> str:
+    """An endpoint_key() as "udp 198.51.100.7:51820" (IPv6 in brackets)."""
+    family, proto = key[0], key[1]
+    addr = _addr_of(family, key[4:])
+    host = str(addr) if family == 4 else f"[{addr}]"
+    return f"{_PROTO_NAMES.get(proto, str(proto))} {host}:{int.from_bytes(key[2:4], 'big')}"
+
+
+def addr_text(key: bytes) -> str:
+    """An addr_key() as its address."""
+    return str(_addr_of(key[0], key[4:]))
+
+
+def _ports(specs: tuple[PortSpec, ...]) -> list[str]:
+    return [f"{s.proto}/{s.first}" if s.first == s.last else f"{s.proto}/{s.first}-{s.last}" for s in specs]
+
+
+def to_dict(plan: BpfPlan) -> dict[str, object]:
+    """The plan as plain data, its keys decoded: what the BPF maps of one policy version
+    hold before cgroup paths become ids and version tags are chosen. `keys` counts what
+    check_capacity counts; `limits` are the most one version may hold."""
+    exemptions: list[dict[str, object]] = []
+    for r in plan.exemptions:
+        p, n = r.counts
+        exemptions.append({"cgroup": r.cgroup, "mark": f"{r.mark:#x}",
+                           "allow": _ports(r.allow), "to": [str(x) for x in r.to],
+                           "listen": _ports(r.listen), "from": [str(x) for x in r.from_],
+                           "keys": {"ports": p, "nets": n}})
+    return {
+        "flags": [name for bit, name in _FLAG_NAMES if plan.flags & bit],
+        "endpoint_mark": f"{plan.endpoint_mark:#x}",
+        "tunnel_interfaces": list(plan.tunnel_patterns),
+        "endpoints": [endpoint_text(k) for k in plan.endpoints],
+        "dns": [addr_text(k) for k in plan.dns],
+        "lan": [str(n) for n in plan.lan],
+        "exemptions": exemptions,
+        "endpoint_cgroups": list(plan.endpoint_cgroups),
+        "endpoint_cgroup_mark": f"{plan.endpoint_cgroup_mark:#x}",
+        "keys": dict(zip(("cgroups", "ports", "nets"), key_counts(plan), strict=True)),
+        "limits": {"endpoints": MAX_ENDPOINTS, "dns": MAX_DNS, "cgroups": MAX_CGROUPS, "rules": MAX_RULES},
+    }
+
+
+def to_json(plan: BpfPlan) -> str:
+    return json.dumps(to_dict(plan), indent=2)
+
+
+def describe(plan: BpfPlan) -> list[str]:
+    """The plan as short lines, as `ksctl render` prints it after the routing plan."""
+    flags = [name for bit, name in _FLAG_NAMES if plan.flags & bit]
+    lines = [f"flags: {', '.join(flags) or 'none'}"]
+    if plan.flags & F_ENDPOINT_MARK:
+        lines.append(f"endpoint mark {plan.endpoint_mark:#x}: the VPN client's own packets, to its endpoints")
+    lines.append(f"tunnels: links named {', '.join(plan.tunnel_patterns) or '(none)'} (ifindexes when applied)")
+    lines += [f"endpoint {endpoint_text(k)}" for k in plan.endpoints]
+    lines += [f"dns {addr_text(k)}" for k in plan.dns]
+    lines += [f"lan {n}" for n in plan.lan]
+    for r in plan.exemptions:
+        parts = [f"exempt {r.cgroup} mark {r.mark:#x}"]
+        if r.allow:
+            parts.append(f"allow {' '.join(_ports(r.allow))} to {' '.join(str(n) for n in r.to)}")
+        if r.listen:
+            parts.append(f"listen {' '.join(_ports(r.listen))} from {' '.join(str(n) for n in r.from_)}")
+        lines.append("; ".join(parts))
+    mark = f" (sockets marked {plan.endpoint_cgroup_mark:#x})" if plan.endpoint_cgroup_mark else ""
+    lines += [f"endpoint cgroup {c}{mark}" for c in plan.endpoint_cgroups]
+    cgroups, ports, nets = key_counts(plan)
+    lines.append(f"keys: {cgroups} cgroups, {ports} port rules, {nets} network rules")
+    return lines
