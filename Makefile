@@ -6,8 +6,8 @@
 #                     pure and fast (under 20 s). No root, no apt: only the venv `make setup` made.
 #                     `make lint` and `make unit` are its two halves.
 #   make integration  tests/integration: the macOS/Windows adapters against stand-in programs,
-#                     the Debian package (dpkg-buildpackage, lintian, apt), threads on a real
-#                     clock, the exhaustive renderer-vs-verdict comparisons. No root.
+#                     the Debian package (dpkg-buildpackage, lintian; apt's resolver as root),
+#                     threads on a real clock, the exhaustive renderer-vs-verdict comparisons.
 #   make kernel       tests/kernel: as root, in network namespaces and cgroups the tests make.
 VENV      := .venv
 PY        := $(VENV)/bin/python

@@ -2,7 +2,7 @@
 macOS and Windows subjects), a generated set of packets, and how a packet of verdict()'s
 world looks to PF and to the Windows firewall (interface names, users, services, programs).
 
-Used by test_adapters_agree.py (rendered rules vs verdict()) and the golden tests.
+Used by tests/integration/test_adapters_agree.py (rendered rules vs verdict()) and the golden tests.
 """
 
 from __future__ import annotations

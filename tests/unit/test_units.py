@@ -5,7 +5,7 @@ their installed paths (/usr/bin/ksbpfd, /usr/bin/ksctl, /usr/share/ksbpf/lockdow
 a development checkout does not have: the units are verified as shipped (the only findings
 allowed are a missing /usr/bin/ksbpfd or /usr/bin/ksctl, and only when indeed missing), and
 again with those paths pointed at this checkout, where nothing at all may be reported. The
-units as the Debian package installs them are verified in tests/unit/test_package.py.
+units as the Debian package installs them are verified in tests/integration/test_package.py.
 
 The shell steps of the units (the lockdown's generated-or-static choice, the bpffs mount in
 the initial mount namespace) are run for real here, in a network namespace and a mount
