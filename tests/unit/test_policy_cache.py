@@ -56,28 +56,6 @@ def check(parser: PolicyParser, text: str, source: str = SRC, want: tuple[Any, .
     return want
 
 
-# ------------------------------------------------------------------ the bench policy
-
-
-def test_bench_policy_10k_and_edits() -> None:
-    text = policy_text("kbtun0", "10.0.0.53", "ksbpf-bench-x", 10000)
-    parser = PolicyParser()
-    # loads_policy(text) once: at 10,000 exemptions it is most of this test's time.
-    full = check(parser, text)
-    assert full[0] == "ok"
-    assert check(parser, text, want=full)[0] == "ok"  # unchanged: all from the cache
-    one_endpoint = text.replace("198.18.0.5:51820/udp", "198.18.200.5:51820/udp", 1)
-    one_exemption = text.replace('to = ["100.64.0.8/32"]', 'to = ["100.64.1.8/32"]', 1)
-    assert one_endpoint != text and one_exemption != text
-    for edited in (one_endpoint, one_exemption, text):
-        assert check(parser, edited, want=full if edited == text else None)[0] == "ok"
-    # A bad exemption in the middle: the full path's error and index.
-    bad = text.replace('to = ["100.64.0.8/32"]', 'to = ["100.64.0.8/24"]', 1)
-    err = check(parser, bad)
-    assert err[0] == "error" and err[3] == "exempt[7].to[0]"
-    assert check(parser, text, want=full)[0] == "ok"
-
-
 # ------------------------------------------------------------------ edit sequences
 
 
@@ -378,8 +356,8 @@ def _edit(rng: random.Random, blocks: list[str]) -> list[str]:
     return blocks
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_randomized_against_loads_policy(seed: int) -> None:
+def randomized_against_loads_policy(seed: int) -> None:
+    """720 random texts and edits from `seed`, each checked against loads_policy."""
     rng = random.Random(seed)
     parser = PolicyParser()
     chunked = 0
@@ -405,6 +383,12 @@ def test_randomized_against_loads_policy(seed: int) -> None:
             errors += result[0] == "error"
             blocks = _edit(rng, blocks)
     assert oks > 60 and errors > 60 and chunked > 50, (oks, errors, chunked)  # the grammar reaches all
+
+
+# Seeds 0 and 1 here; 2 to 7 in tests/integration/test_policy_scale.py (make test runs all eight).
+@pytest.mark.parametrize("seed", range(2))
+def test_randomized_against_loads_policy(seed: int) -> None:
+    randomized_against_loads_policy(seed)
 
 
 # ------------------------------------------------------------------ what is parsed again
