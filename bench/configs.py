@@ -83,7 +83,8 @@ class Engager:
     def leftovers(self) -> list[str]:
         """Anything enforcing in the client netns or on the bench cgroup: must be empty
         before a configuration is engaged."""
-        from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+        from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE
+        from ksbpf.linux.libbpf import prog_query
 
         out = []
         r = subprocess.run(["ip", "netns", "exec", self.topo.client_ns, "nft", "list", "tables"],

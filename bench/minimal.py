@@ -4,33 +4,17 @@ show what the hook itself costs next to ksbpf's program."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, PROG_CGROUP_SKB, prog_attach, prog_detach
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, PROG_CGROUP_SKB
+from ksbpf.linux.libbpf import map_create, prog_attach, prog_detach, prog_load
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}
-_MAP_CREATE, _PROG_LOAD = 0, 5
 _MAP_ARRAY = 2
 _PSEUDO_MAP_FD = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    nr = _NR_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(errno.ENOSYS, "bpf(2) number unknown here")
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ret)
 
 
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -59,16 +43,9 @@ class MinimalCgroupProgram:
     _cg_fd: int = field(default=-1, init=False)
 
     def attach(self) -> None:
-        a = ctypes.create_string_buffer(128)
-        struct.pack_into("<IIII", a, 0, _MAP_ARRAY, 4, 8, 1)
-        self._map_fd = _bpf(_MAP_CREATE, a)
-        code = one_lookup_program(self._map_fd)
-        prog = ctypes.create_string_buffer(code, len(code))
-        lic = ctypes.create_string_buffer(b"GPL")
-        a = ctypes.create_string_buffer(128)
-        struct.pack_into("<IIQQ", a, 0, PROG_CGROUP_SKB, len(code) // 8, ctypes.addressof(prog), ctypes.addressof(lic))
-        struct.pack_into("<I", a, 68, ATTACH_EGRESS)
-        self._prog_fd = _bpf(_PROG_LOAD, a)
+        self._map_fd = map_create(_MAP_ARRAY, "ks_bench_min", 4, 8, 1)
+        self._prog_fd = prog_load(PROG_CGROUP_SKB, one_lookup_program(self._map_fd), "load the minimal program",
+                                  expected_attach_type=ATTACH_EGRESS)
         self._cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         prog_attach(self._prog_fd, self._cg_fd, ATTACH_EGRESS)
 

@@ -1,5 +1,5 @@
 """The consumer side of the drop-event ring buffer (BPF_MAP_TYPE_RINGBUF), in Python with
-mmap: ksbpfd reads events without BCC or libbpf.
+mmap: ksbpfd reads events without BCC or libbpf's ring buffer code.
 
 Layout (kernel/bpf/ringbuf.c): page 0 of the map's mmap is the consumer position (ours to
 write); from page 1 on, read-only, the producer position, then the data pages, mapped twice
@@ -10,7 +10,6 @@ readable when records are there.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import mmap
 import os
@@ -34,9 +33,10 @@ from ksbpf.events import (
     named,
     parse_record,
 )
-from ksbpf.linux.bpf.kernel import MAP_RINGBUF, BpfMap, _sys_bpf, map_info, obj_get, os_reason
+from ksbpf.linux.bpf.kernel import MAP_RINGBUF, BpfMap, os_reason
 from ksbpf.linux.bpf.layout import EVENTS_FLUSH_PIN, EVENTS_PIN, EVENTS_RATE_PIN
 from ksbpf.linux.cgroup import cgroup2_mount, ids_by_path
+from ksbpf.linux.libbpf import map_info, obj_get, prog_test_run
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
@@ -133,16 +133,7 @@ class EventReader:
                 logging.getLogger("ksbpf.events").exception("drop events: a batch failed")
 
 
-_BPF_PROG_TEST_RUN = 10
 _ETH_NOT_IP = b"\0" * 12 + b"\x88\xb5"  # an Ethernet header the test run parses no IP header behind
-
-
-def _test_run(prog_fd: int, data: bytes) -> int:
-    buf = ctypes.create_string_buffer(data, len(data))
-    a = ctypes.create_string_buffer(80)
-    struct.pack_into("<IIIIQQII", a, 0, prog_fd, 0, len(data), 0, ctypes.addressof(buf), 0, 1, 0)
-    _sys_bpf(_BPF_PROG_TEST_RUN, a, "running ks_events_flush")
-    return int(struct.unpack_from("<I", a, 4)[0])
 
 
 def flush_held(instance_dir: Path) -> int:
@@ -161,7 +152,7 @@ def flush_held(instance_dir: Path) -> int:
         return 0
     fd = obj_get(gens[-1] / EVENTS_FLUSH_PIN)
     try:
-        return sum(_test_run(fd, _ETH_NOT_IP + k) for k in due)
+        return sum(prog_test_run(fd, _ETH_NOT_IP + k, "running ks_events_flush") for k in due)
     finally:
         os.close(fd)
 

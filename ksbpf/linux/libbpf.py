@@ -6,8 +6,10 @@ Only bpf.h's thin wrappers (one bpf(2) command each), never bpf_object: no BCC, 
 no ELF in this process, so ksbpfd stays small. The library is opened on first use; where
 it is missing that use raises MissingDependency naming the package (exit 5).
 
-libbpf 1.x returns -errno (and sets errno); every function here raises LibcError instead,
-an OSError whose strerror reads "<what>: <reason>", as the hand-written wrapper did.
+libbpf 1.x returns -errno (and sets errno); every function here raises an OSError instead,
+of the errno's own subclass (FileExistsError for EEXIST, ...) with a strerror that reads
+"<what>: <reason>", as the hand-written bpf(2) wrapper did. Batches return what they did
+and the errno, since a caller goes on after some of them (a missing key, the end).
 
     fd = obj_get("/sys/fs/bpf/ksbpf/host/drops")
     value = map_lookup(fd, key, 16, "lookup in drops")
@@ -22,9 +24,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ksbpf.deps import load_library
-from ksbpf.linux.libc import LibcError
 
 SONAME = "libbpf.so.1"
 
@@ -173,26 +175,15 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def error(err: int, what: str, detail: str = "") -> OSError:
+    """OSError(err, ...) is built as the errno's subclass, so callers may catch FileExistsError."""
+    return OSError(err, f"{what}: {os.strerror(err)}" + (f": {detail}" if detail else ""))
+
+
 def _call(ret: int, what: str) -> int:
     if ret < 0:
-        raise LibcError(what, -ret)
+        raise error(-ret, what)
     return ret
-
-
-class BatchError(LibcError):
-    """A batch command failed after `count` elements were done."""
-
-    def __init__(self, call: str, err: int, count: int) -> None:
-        super().__init__(call, err)
-        self.count = count
-
-
-class LoadError(LibcError):
-    """BPF_PROG_LOAD refused a program; `log` is the verifier's (empty without a log buffer)."""
-
-    def __init__(self, call: str, err: int, log: str) -> None:
-        super().__init__(call, err)
-        self.log = log
 
 
 def _addr(buf: _Buffer | None) -> int | None:
@@ -342,39 +333,42 @@ def map_next_key(fd: int, key: bytes | None, key_size: int, what: str) -> bytes 
 
 
 # Batches: count goes in as the number of elements and comes back as the number done, also
-# on failure (BatchError.count), so a caller can skip past a missing key or fall back.
+# on failure, so a caller can skip past a missing key, read to the end, or fall back.
 
 
-def _batch(ret: int, count: ctypes.c_uint32, what: str) -> int:
-    if ret < 0:
-        raise BatchError(what, -ret, count.value)
-    return count.value
+class Batch(NamedTuple):
+    done: int  # elements done
+    err: int  # 0, or the errno it stopped at (raise error(err, what) for those not handled)
+
+
+def _batch(ret: int, count: ctypes.c_uint32) -> Batch:
+    return Batch(count.value, -ret if ret < 0 else 0)
 
 
 def map_lookup_batch(fd: int, in_batch: _Buffer | None, out_batch: _Buffer, keys: _Buffer, values: _Buffer,
-                     count: int, what: str) -> int:
+                     count: int) -> Batch:
     """Read up to count elements into keys/values from the resume token in_batch (None: from
     the start); out_batch gets the token to resume from. ENOENT: the map is done."""
     n = _u32(count)
     opts = _batch_opts()
     ret = _lib().bpf_map_lookup_batch(fd, _addr(in_batch), _addr(out_batch), _addr(keys), _addr(values),
                                       ctypes.byref(n), ctypes.byref(opts))
-    return _batch(ret, n, what)
+    return _batch(ret, n)
 
 
-def map_update_batch(fd: int, keys: _Buffer, values: _Buffer, count: int, what: str, flags: int = BPF_ANY) -> int:
+def map_update_batch(fd: int, keys: _Buffer, values: _Buffer, count: int, flags: int = BPF_ANY) -> Batch:
     n = _u32(count)
     opts = _batch_opts(flags)
     ret = _lib().bpf_map_update_batch(fd, _addr(keys), _addr(values), ctypes.byref(n), ctypes.byref(opts))
-    return _batch(ret, n, what)
+    return _batch(ret, n)
 
 
-def map_delete_batch(fd: int, keys: _Buffer, count: int, what: str) -> int:
-    """Stops at the first key that is not there (ENOENT, count says where)."""
+def map_delete_batch(fd: int, keys: _Buffer, count: int) -> Batch:
+    """Stops at the first key that is not there (ENOENT; count says where)."""
     n = _u32(count)
     opts = _batch_opts()
     ret = _lib().bpf_map_delete_batch(fd, _addr(keys), ctypes.byref(n), ctypes.byref(opts))
-    return _batch(ret, n, what)
+    return _batch(ret, n)
 
 
 # ------------------------------------------------------------------------ programs
@@ -383,7 +377,7 @@ def map_delete_batch(fd: int, keys: _Buffer, count: int, what: str) -> int:
 def prog_load(prog_type: int, insns: bytes, what: str, *, name: str | None = None, expected_attach_type: int = 0,
               attach_btf_id: int = 0, log_size: int = 0) -> int:
     """BPF_PROG_LOAD of ready instructions (struct bpf_insn, 8 bytes each): the program's fd.
-    With log_size the verifier's log is kept for LoadError.log."""
+    With log_size, a refusal's message ends with the verifier log's last three lines."""
     opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type,
                         attach_btf_id=attach_btf_id)
     log = ctypes.create_string_buffer(log_size) if log_size else None
@@ -392,7 +386,8 @@ def prog_load(prog_type: int, insns: bytes, what: str, *, name: str | None = Non
     ret = _lib().bpf_prog_load(prog_type, name.encode() if name else None, b"GPL", insns, len(insns) // 8,
                                ctypes.byref(opts))
     if ret < 0:
-        raise LoadError(what, -ret, log.value.decode(errors="replace") if log is not None else "")
+        tail = [ln for ln in log.value.decode(errors="replace").splitlines() if ln.strip()][-3:] if log is not None else []
+        raise error(-ret, what, " / ".join(tail))
     return int(ret)
 
 

@@ -37,9 +37,10 @@ from ksbpf.linux.bpf import kernel as bpf_kernel
 from ksbpf.linux.bpf import layout as bpf_layout
 from ksbpf.linux.bpf import loader as bpf_loader
 from ksbpf.linux.bpf import plan as bpf_plan
-from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE
 from ksbpf.linux.bpf.layer import BpfLayer
 from ksbpf.linux.cgroup import cgroup_id
+from ksbpf.linux.libbpf import prog_detach, prog_fd_by_id, prog_query
 from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
 from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, merge_exemptions, parse_port_spec
 from ksbpf.render import bpf as bpf_render
@@ -674,9 +675,9 @@ def test_kernel_fact_bcc_attach_func_outlives_the_process(make_cgroup: CgroupFac
     assert len(egress) == 1
     # Detach by id so the cgroup can go.
     fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-    pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, egress[0], "test")
+    pfd = prog_fd_by_id(egress[0], "test")
     try:
-        bpf_kernel.prog_detach(pfd, fd, ATTACH_EGRESS)
+        prog_detach(pfd, fd, ATTACH_EGRESS)
     finally:
         os.close(pfd)
         os.close(fd)
@@ -753,9 +754,9 @@ def test_drift_status_and_repair_without_compiling(lab: Lab, layers: list[BpfLay
     layer.apply(make_policy(lab))
     (egress,), _ = _attached(lab.root)
     fd = os.open(lab.root, os.O_RDONLY | os.O_DIRECTORY)
-    pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, egress, "test")
+    pfd = prog_fd_by_id(egress, "test")
     try:
-        bpf_kernel.prog_detach(pfd, fd, ATTACH_EGRESS)
+        prog_detach(pfd, fd, ATTACH_EGRESS)
     finally:
         os.close(pfd)
         os.close(fd)
@@ -1022,9 +1023,9 @@ def test_warm_apply_and_one_endpoint_more_do_not_compile(lab: Lab, layers: list[
 
     # Drift repaired in place: a detached program, a recreated tunnel link.
     fd = os.open(lab.root, os.O_RDONLY | os.O_DIRECTORY)
-    pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, progs[0][0], "test")
+    pfd = prog_fd_by_id(progs[0][0], "test")
     try:
-        bpf_kernel.prog_detach(pfd, fd, ATTACH_EGRESS)
+        prog_detach(pfd, fd, ATTACH_EGRESS)
     finally:
         os.close(pfd)
         os.close(fd)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from ksbpf.doctor import socket_mark_check
-from ksbpf.linux.bpf import kernel as bpf_kernel
-from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, prog_query
+from ksbpf.linux import libbpf
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE
 from ksbpf.linux.bpf.layer import PIN_ROOT, BpfLayer
 from ksbpf.linux.engine import instance_name
 from ksbpf.linux.routing import SRC_VALID_MARK
@@ -79,10 +78,10 @@ def ks_attached(cg: Path) -> list[tuple[str, int]]:
     fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for atype in (ATTACH_EGRESS, ATTACH_SOCK_CREATE):
-            for pid in prog_query(fd, atype):
-                pfd = bpf_kernel._fd_by_id(bpf_kernel._BPF_PROG_GET_FD_BY_ID, pid, "test")
+            for pid in libbpf.prog_query(fd, atype):
+                pfd = libbpf.prog_fd_by_id(pid, "test")
                 try:
-                    out.append((bpf_kernel.prog_info(pfd).name, pid))
+                    out.append((libbpf.prog_info(pfd).name, pid))
                 finally:
                     os.close(pfd)
     finally:
@@ -257,23 +256,18 @@ def test_down_detaches_programs_whose_pins_are_gone(world: World, tmp_path: Path
     assert not pins_of(world).exists()
 
 
-BPF_LINK_CREATE = 28
-
-
 @requires_bpf
 def test_down_fails_naming_what_is_left_attached(world: World) -> None:
     """A program of ksbpf that something else holds attached (here a bpf_link this test
     keeps open) cannot be detached by `down`: exit 1, naming it, not "all removed"."""
     r = world.ksctl("up", "--config", str(world.policy))
     assert r.returncode == 0, r.stdout + r.stderr
-    prog_fd = bpf_kernel.obj_get(next(pins_of(world).glob("g*")) / "egress")
+    prog_fd = libbpf.obj_get(next(pins_of(world).glob("g*")) / "egress")
     cg_fd = os.open(world.attach, os.O_RDONLY | os.O_DIRECTORY)
     link_fd = -1
     try:
-        a = ctypes.create_string_buffer(128)
-        struct.pack_into("<IIII", a, 0, prog_fd, cg_fd, ATTACH_EGRESS, 0)
-        link_fd = bpf_kernel._sys_bpf(BPF_LINK_CREATE, a, "link create")
-        egress_id = bpf_kernel.prog_info(prog_fd).id
+        link_fd = libbpf.link_create(prog_fd, cg_fd, ATTACH_EGRESS, "link create")
+        egress_id = libbpf.prog_info(prog_fd).id
         assert [pid for name, pid in ks_attached(world.attach) if name == "ks_egress"] == [egress_id, egress_id]
 
         d = world.ksctl("down")

@@ -4,6 +4,7 @@ info structs byte for byte, and a missing libbpf.so.1 names its Debian package."
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import pwd
 import shutil
@@ -162,3 +163,13 @@ def test_ksctl_up_without_libbpf_refuses_before_changing_anything() -> None:
         assert "--no-bpf" in r.stderr and "Traceback" not in r.stderr and not (d / "state").exists()
     finally:
         shutil.rmtree(d)
+
+
+def test_errors_are_the_errnos_own_oserror_with_what_failed() -> None:
+    # Callers catch FileExistsError (a drop counter already there) and the like, as with the
+    # hand-written bpf(2) wrapper before.
+    e = libbpf.error(errno.EEXIST, "update ks_drops")
+    assert type(e) is FileExistsError and e.errno == errno.EEXIST
+    assert e.strerror == f"update ks_drops: {os.strerror(errno.EEXIST)}"
+    assert type(libbpf.error(errno.ENOENT, "x")) is FileNotFoundError
+    assert libbpf.error(524, "read m", "tail").strerror == f"read m: {os.strerror(524)}: tail"

@@ -10,14 +10,16 @@ import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ksbpf.deps import MissingDependency
 from ksbpf.errors import BpfError, KsbpfError
 from ksbpf.linux import bpffs, headers
 from ksbpf.linux.bpf.generations import Attached
-from ksbpf.linux.bpf.kernel import os_reason, probe_netns_cookie_helper, probe_sock_task_helpers, prog_ids
+from ksbpf.linux.bpf.kernel import os_reason, probe_netns_cookie_helper, probe_sock_task_helpers
 from ksbpf.linux.bpf.layout import EVENTS_BYTES, PROGS
 from ksbpf.linux.bpf.loader import LoadStats, _run_loader, cflags, nft_events_build
 from ksbpf.linux.bpffs import BPFFS
 from ksbpf.linux.cgroup import cgroup2_mount
+from ksbpf.linux.libbpf import prog_ids
 from ksbpf.linux.netns import netns
 
 _SO_NETNS_COOKIE = 71
@@ -86,6 +88,8 @@ def environment_checks() -> list[tuple[str, bool, str]]:
                            "per-socket netns record (cgroup_skb lacks bpf_get_netns_cookie before 6.15)"))
         except OSError as e:
             checks.append(("bpf syscall", False, f"loading a probe program failed: {os_reason(e)}"))
+        except MissingDependency as e:  # no libbpf.so.1
+            checks.append(("bpf syscall", False, str(e)))
     return checks
 
 

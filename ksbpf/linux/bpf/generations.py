@@ -8,9 +8,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ksbpf.linux.bpf.kernel import _BPF_PROG_GET_FD_BY_ID, BpfMap, _fd_by_id, obj_get, prog_info
+from ksbpf.linux.bpf.kernel import BpfMap
 from ksbpf.linux.bpf.layout import LEGACY_CONFIG_FMT, PROGS
 from ksbpf.linux.bpf.plan import Config
+from ksbpf.linux.libbpf import obj_get, prog_fd_by_id, prog_info
 from ksbpf.render.bpf import Capacity
 
 _KEY0 = struct.pack("<I", 0)
@@ -98,7 +99,7 @@ def _legacy_config(configs: BpfMap) -> Config | None:
 def _prog_config(prog_id: int) -> Config | None:
     """The live ks_config of an attached program, if it is one of ksbpf's."""
     try:
-        fd = _fd_by_id(_BPF_PROG_GET_FD_BY_ID, prog_id, f"open program id {prog_id}")
+        fd = prog_fd_by_id(prog_id, f"open program id {prog_id}")
     except OSError:
         return None
     try:

@@ -29,23 +29,16 @@ from ksbpf.linux.bpf.environment import (
 )
 from ksbpf.linux.bpf.generations import _KEY0, Attached, Generation, _active_config, _prog_config
 from ksbpf.linux.bpf.kernel import (
-    _BPF_PROG_GET_FD_BY_ID,
     ATTACH_TYPES,
-    BPF_NOEXIST,
     MAP_LRU_HASH,
     MAP_PERCPU_ARRAY,
     MAP_PERCPU_HASH,
     MAP_RINGBUF,
     MAP_SK_STORAGE,
     BpfMap,
-    _fd_by_id,
     os_reason,
     probe_netns_cookie_helper,
     probe_sock_task_helpers,
-    prog_attach,
-    prog_detach,
-    prog_ids,
-    prog_query,
     rcu_grace_period,
 )
 from ksbpf.linux.bpf.layout import (
@@ -109,6 +102,7 @@ from ksbpf.linux.bpf.writes import (
     resolve_paths,
 )
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
+from ksbpf.linux.libbpf import BPF_NOEXIST, prog_attach, prog_detach, prog_fd_by_id, prog_ids, prog_query
 from ksbpf.linux.netns import netns
 from ksbpf.policy import Policy
 from ksbpf.render.bpf import (
@@ -646,7 +640,7 @@ class BpfLayer:
     @staticmethod
     def _replace(new_fd: int, cg_fd: int, kind: str, old: Attached) -> bool:
         try:
-            old_fd = _fd_by_id(_BPF_PROG_GET_FD_BY_ID, old.prog_id, "open old program")
+            old_fd = prog_fd_by_id(old.prog_id, "open old program")
         except OSError:
             return False
         try:
@@ -659,7 +653,7 @@ class BpfLayer:
 
     def _detach(self, prog_id: int, kind: str, cgroup: Path) -> None:
         try:
-            pfd = _fd_by_id(_BPF_PROG_GET_FD_BY_ID, prog_id, "open program")
+            pfd = prog_fd_by_id(prog_id, "open program")
         except OSError:
             return
         try:

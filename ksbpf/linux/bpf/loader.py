@@ -19,13 +19,7 @@ from pathlib import Path
 import ksbpf
 from ksbpf.errors import BpfError
 from ksbpf.linux import btf, headers
-from ksbpf.linux.bpf.kernel import (
-    ATTACH_EGRESS,
-    ATTACH_SOCK_CREATE,
-    load_tracing,
-    obj_pin,
-    raw_tracepoint_open,
-)
+from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE, load_tracing
 from ksbpf.linux.bpf.layout import (
     DROPS_PIN,
     EVENTS_BYTES,
@@ -46,6 +40,7 @@ from ksbpf.linux.bpf.layout import (
     REASON_NUMBERS,
     SOURCE,
 )
+from ksbpf.linux.libbpf import obj_pin, raw_tracepoint_open
 from ksbpf.render.bpf import Capacity
 from ksbpf.verdict import DROP_REASONS
 
