@@ -14,8 +14,8 @@ Design, in short (the why of each is next to the code that does it):
 
 - Compiling happens in a short-lived child process (`python -m ksbpf.linux.bpf.loader`): BCC and
   LLVM cost ~100 MiB of RSS that a long-running daemon should not carry. The child only
-  compiles, loads and pins; filling maps and attaching happen here, through bpf(2) via
-  ctypes, so this module never imports bcc.
+  compiles, loads and pins; filling maps and attaching happen here, through libbpf's
+  low-level API (ksbpf.linux.libbpf, libbpf.so.1 via ctypes), so this package never imports bcc.
 - Pins, per instance, under /sys/fs/bpf/ksbpf/<instance>/:
       drops        per-CPU hash (reason, cgroup id) -> (packets, bytes), shared by all
                    generations so counters survive reloads and restarts
@@ -60,7 +60,8 @@ cgroup deeper than MAX_CGROUP_DEPTH is not seen (fail closed).
 The package, one purpose a file (import from the file, not from the package):
 
     layout.py        map, pin and program names, struct formats, limits (bpf/killswitch.h)
-    kernel.py        bpf(2): BpfMap, pin/attach/query, program and map info, probes
+    kernel.py        BpfMap, kernel type numbers, RCU grace period, verifier probes, the
+                     tp_btf program (over ksbpf.linux.libbpf: pins, attach, query, info)
     plan.py          policy versions (Config, Version, Held), Step/plan_step, exemption
                      changes (ExemptionIndex, select_change): pure
     loader.py        the loader child (BCC compiles, loads, pins; imported only there),
