@@ -1,14 +1,14 @@
 """The cgroup-bpf layer on the real kernel, alone: no nftables and no policy routing in the
 client namespace (which is also "someone flushed the whole ruleset": BPF alone holds).
 
-Topology, all made here:
+Topology (tests.kernel.uplink's, plan BPF):
 
     client netns                       far netns (counts what arrives, per address/proto/port)
       up0  10.77.0.1 fd77::1  <-veth->  fu0  10.77.0.2 10.77.0.3 fd77::2     (the uplink)
       wgXX 10.88.0.1 fd88::1  <-veth->  ft0  10.88.0.2 10.88.0.3 fd88::2     (named as a tunnel)
 
-Senders run inside cgroups below a test-made cgroup (the attach point) and inside the
-client netns. Every case is judged by ksbpf.verdict, the oracle, and the kernel must agree:
+Senders (tests.kernel.sender) run inside cgroups below a test-made cgroup (the attach
+point) and inside the client netns. Every case is judged by ksbpf.verdict, the oracle, and the kernel must agree:
 allowed packets arrive in the far netns, dropped ones fail with EPERM, never arrive, and
 are counted under exactly their reason and cgroup.
 """
@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,8 @@ from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, merge_exempt
 from ksbpf.render import bpf as bpf_render
 from ksbpf.verdict import Packet, verdict
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh, spawn_in, unique
+from tests.kernel.sender import Probe, send, send_all, start_stream, stream_counts
+from tests.kernel.uplink import BPF, build_uplink, veth
 
 pytestmark = pytest.mark.kernel
 
@@ -69,31 +72,6 @@ def _netns_modes() -> list[str]:
         modes.insert(0, "helper")
     return modes
 
-
-SENDER = textwrap.dedent(
-    """
-    import json, socket, sys
-    out = []
-    for s in json.loads(sys.argv[1]):
-        v6 = ":" in s["dst"]
-        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-        if s.get("mark"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, s["mark"])
-        if s.get("sport"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("::" if v6 else "0.0.0.0", s["sport"]))
-        mark = sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
-        ok = eperm = 0
-        for _ in range(s.get("n", 1)):
-            try:
-                sock.sendto(b"ksbpf-test", (s["dst"], s["port"]))
-                ok += 1
-            except PermissionError:
-                eperm += 1
-        out.append({"ok": ok, "eperm": eperm, "mark": mark})
-    print(json.dumps(out))
-    """
-)
 
 FAR_NFT = """
 table netdev ksfar {{
@@ -130,10 +108,16 @@ class Lab:
     def rel(self, name: str) -> str:
         return self.cgroups.rel(self.dirs[name])
 
-    def send(self, cgroup: str, sends: list[dict[str, object]], netns: str | None = None) -> list[dict[str, int]]:
-        r = run_in([PY, "-c", SENDER, json.dumps(sends)], netns=netns or self.client, cgroup=self.dirs[cgroup])
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)  # type: ignore[no-any-return]
+    def send(self, cgroup: str, sends: list[dict[str, Any]], netns: str | None = None) -> list[dict[str, int]]:
+        """Each send ({dst, port, n, sport, mark}) through the shared sender, from one process in
+        `cgroup`: {"ok", "eperm", "mark"} per send (any error but EPERM fails the test)."""
+        probes = [Probe(str(x["dst"]), int(x["port"]), int(x.get("n", 1)), sport=int(x.get("sport") or 0),
+                        mark=int(x.get("mark") or 0), payload="ksbpf-test") for x in sends]
+        out = []
+        for r in send_all(netns or self.client, probes, cgroup=self.dirs[cgroup]).results:
+            assert set(r.errors) <= {"EPERM"}, r.errors
+            out.append({"ok": r.sent, "eperm": r.eperm, "mark": r.mark})
+        return out
 
     def far_counts(self) -> Counter[tuple[str, str, str, int]]:
         """(device 'up'|'tun', dst, proto, dport) -> packets arrived in the far netns."""
@@ -150,21 +134,9 @@ class Lab:
 
 @pytest.fixture
 def lab(make_netns: NetnsFactory, make_cgroup: CgroupFactory) -> Lab:
-    client, far = make_netns("ksbc"), make_netns("ksbf")
-    tun = unique("wg")
-    sh("ip", "-n", client, "link", "add", "up0", "type", "veth", "peer", "name", "fu0", "netns", far)
-    sh("ip", "-n", client, "link", "add", tun, "type", "veth", "peer", "name", "ft0", "netns", far)
-    for ns, dev, addrs in (
-        (client, "up0", ["10.77.0.1/24", "fd77::1/64"]),
-        (client, tun, ["10.88.0.1/24", "fd88::1/64"]),
-        (far, "fu0", ["10.77.0.2/24", "10.77.0.3/24", "fd77::2/64"]),
-        (far, "ft0", ["10.88.0.2/24", "10.88.0.3/24", "fd88::2/64"]),
-    ):
-        for a in addrs:
-            sh("ip", "-n", ns, "addr", "add", a, "dev", dev, *(["nodad"] if ":" in a else []))
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-    sh("nft", "-f", "-", netns=far, input=FAR_NFT.format(up="fu0", tun="ft0"))
-    lab = Lab(client, far, tun, make_cgroup)
+    u = build_uplink(make_netns, plan=BPF)
+    sh("nft", "-f", "-", netns=u.far, input=FAR_NFT.format(up="fu0", tun="ft0"))
+    lab = Lab(u.client, u.far, u.tun_if, make_cgroup)
     for name in ("w", "w/app", "w/other", "w/ex", "w/ex/child", "w/ep", "w/svc"):
         lab.dirs[name] = make_cgroup(name)
     lab.dirs["root"] = make_cgroup.root
@@ -367,16 +339,12 @@ SERVER = textwrap.dedent(
         c, _ = s.accept(); c.sendall(b"hello"); c.close()
     """
 )
-CLIENT = textwrap.dedent(
-    """
-    import socket, sys
-    s = socket.socket(); s.settimeout(1.5); s.bind((sys.argv[1], 0))
-    try:
-        s.connect((sys.argv[2], int(sys.argv[3]))); print(s.recv(5).decode())
-    except OSError as e:
-        print(type(e).__name__)
-    """
-)
+
+
+def connect(netns: str, src: str, dst: str, port: int) -> str:
+    """One TCP connection from src: what the server said, or why there was no answer."""
+    r = send(netns, dst, port, proto="tcp", bind=src, answer=True, timeout=1.5)
+    return r.answers[0] if r.answers else next(iter(r.errors))
 
 
 @requires_bpf
@@ -407,7 +375,7 @@ def test_other_netns_is_not_judged(lab: Lab, layers: list[BpfLayer], mode: str) 
     server = spawn_in([PY, "-c", SERVER, "6203"], netns=lab.far, cgroup=lab.dirs["w/app"], stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        assert sh(PY, "-c", CLIENT, "10.77.0.1", "10.77.0.2", "6203", netns=lab.client).stdout.strip() == "hello"
+        assert connect(lab.client, "10.77.0.1", "10.77.0.2", 6203) == "hello"
     finally:
         server.kill()
         server.wait()
@@ -427,12 +395,12 @@ def test_listen_exemption_accepts_granted_sources_only(lab: Lab, layers: list[Bp
             procs.append(p)
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
 
-        def connect(src: str, port: int) -> str:
-            return sh(PY, "-c", CLIENT, src, "10.77.0.1", str(port), netns=lab.far).stdout.strip()
+        def from_far(src: str, port: int) -> str:
+            return connect(lab.far, src, "10.77.0.1", port)
 
-        assert connect("10.77.0.2", 2222) == "hello"  # granted source
-        assert connect("10.77.0.3", 2222) == "TimeoutError"  # the SYN-ACK is dropped
-        assert connect("10.77.0.2", 2223) == "TimeoutError"  # a service that is not exempt
+        assert from_far("10.77.0.2", 2222) == "hello"  # granted source
+        assert from_far("10.77.0.3", 2222) == "TimeoutError"  # the SYN-ACK is dropped
+        assert from_far("10.77.0.2", 2223) == "TimeoutError"  # a service that is not exempt
     finally:
         for p in procs:
             p.kill()
@@ -501,24 +469,9 @@ def test_icmp_only_neighbour_discovery_leaves_outside_the_tunnel(lab: Lab, layer
 
 
 def _streams(lab: Lab, seconds: float) -> list[subprocess.Popen[str]]:
-    code = textwrap.dedent(
-        """
-        import json, socket, sys, time
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        ok = eperm = 0
-        end = time.monotonic() + float(sys.argv[3])
-        while time.monotonic() < end:
-            try:
-                s.sendto(b"x", (sys.argv[1], int(sys.argv[2]))); ok += 1
-            except PermissionError:
-                eperm += 1
-            time.sleep(0.0005)
-        print(json.dumps({"ok": ok, "eperm": eperm}), flush=True)
-        """
-    )
     return [
-        spawn_in([PY, "-c", code, dst, str(port), str(seconds)], netns=lab.client, cgroup=lab.dirs["w/app"],
-                 stdout=subprocess.PIPE)
+        start_stream(lab.client, [Probe(dst, port, payload="x")], cgroup=lab.dirs["w/app"], seconds=seconds,
+                     stdout=subprocess.PIPE)
         for dst, port in (("10.77.0.2", 6301), ("10.88.0.2", 6302))
     ]
 
@@ -570,8 +523,9 @@ def test_replacing_under_traffic_leaks_nothing_and_leaves_one_generation(lab: La
     finally:
         results = []
         for p in streams:
-            out, _ = p.communicate(timeout=30)
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            (counts,) = stream_counts(p, stop=False)
+            assert counts["other"] == 0, counts
+            results.append(counts)
     assert hows == ["atomic", "atomic", "atomic", "make-before-break"]
     blocked, tunnel = results
     assert blocked["ok"] == 0 and blocked["eperm"] > 1000, blocked
@@ -975,11 +929,7 @@ class LoaderRuns:
 def recreate_tunnel(lab: Lab) -> None:
     """The VPN client recreates its link: same name, new ifindex."""
     sh("ip", "-n", lab.client, "link", "del", lab.tun)
-    sh("ip", "-n", lab.client, "link", "add", lab.tun, "type", "veth", "peer", "name", "ft0", "netns", lab.far)
-    for ns, dev, addrs in ((lab.client, lab.tun, ["10.88.0.1/24"]), (lab.far, "ft0", ["10.88.0.2/24"])):
-        for a in addrs:
-            sh("ip", "-n", ns, "addr", "add", a, "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
+    veth(lab.client, lab.tun, lab.far, "ft0", ["10.88.0.1/24"], ["10.88.0.2/24"])
     # Netdev chains follow a device by name on some kernels and not on others: rebuild.
     sh("nft", "delete", "table", "netdev", "ksfar", netns=lab.far)
     sh("nft", "-f", "-", netns=lab.far, input=FAR_NFT.format(up="fu0", tun="ft0"))
@@ -1042,33 +992,6 @@ def test_warm_apply_and_one_endpoint_more_do_not_compile(lab: Lab, layers: list[
                                  Case("w/ex/child", "10.77.0.2", 5301), Case("w/ex", "10.77.0.2", 5399)])
 
 
-MIX_SENDER = textwrap.dedent(
-    """
-    import json, signal, socket, sys, time
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    flows = json.loads(sys.argv[1])
-    socks = []
-    for f in flows:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        if f["mark"]:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, f["mark"])
-        s.bind(("0.0.0.0", f["sport"]))
-        socks.append(s)
-    counts = [{"ok": 0, "eperm": 0} for _ in flows]
-    print("ready", flush=True)
-    while not stop:
-        for s, f, c in zip(socks, flows, counts):
-            try:
-                s.sendto(b"x", (f["dst"], f["port"]))
-                c["ok"] += 1
-            except PermissionError:
-                c["eperm"] += 1
-        time.sleep(0.0002)
-    print(json.dumps(counts), flush=True)
-    """
-)
-
 FAR_SPORTS_NFT = """
 table netdev ksmix {{
   set seen {{ type ipv4_addr . inet_service . inet_service; flags dynamic; size 65535; counter; }}
@@ -1116,7 +1039,7 @@ cgroup = "{lab.cgroups.rel(lab.root)}"
 
     ep_a, ep_b = Endpoint(ip_address("10.77.0.2"), 51820, "udp"), Endpoint(ip_address("10.77.0.3"), 51821, "udp")
     pol_a, pol_b = policy(mark_a, ep_a, "10.88.0.2", 0), policy(mark_b, ep_b, "10.88.0.3", 1000)
-    flows = [
+    flows: list[dict[str, Any]] = [
         {"dst": "10.77.0.2", "port": 51820, "mark": mark_a, "sport": 41001},  # A's own
         {"dst": "10.77.0.3", "port": 51821, "mark": mark_b, "sport": 41002},  # B's own
         {"dst": "10.77.0.2", "port": 51820, "mark": mark_b, "sport": 41003},  # only a mix allows these
@@ -1127,8 +1050,8 @@ cgroup = "{lab.cgroups.rel(lab.root)}"
     runs = LoaderRuns(monkeypatch)
     layer = new_layer(lab, layers)
     layer.apply(pol_a)
-    sender = spawn_in([PY, "-c", MIX_SENDER, json.dumps(flows)], netns=lab.client,
-                      cgroup=lab.dirs["w/app"], stdout=subprocess.PIPE)
+    sender = start_stream(lab.client, [Probe(f["dst"], f["port"], mark=f["mark"], sport=f["sport"], payload="x")
+                                       for f in flows], cgroup=lab.dirs["w/app"], pause=0.0002, stdout=subprocess.PIPE)
     hows = []
     try:
         assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
@@ -1137,9 +1060,8 @@ cgroup = "{lab.cgroups.rel(lab.root)}"
             hows.append(layer.apply(pol_b if i % 2 == 0 else pol_a).replacement)
             time.sleep(0.01)
     finally:
-        sender.terminate()  # ends its loop; it prints what it sent
-        out, _ = sender.communicate(timeout=30)
-    sent = json.loads(out.strip().splitlines()[-1])
+        sent = stream_counts(sender)  # ends its loop; it prints what it sent
+    assert not any(c["other"] for c in sent), sent
     assert hows == ["in place"] * 40 and runs.count == 1
     time.sleep(0.3)
     far = _far_by_sport(lab)
@@ -1391,7 +1313,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # A narrower grant: one entry, the old rules after the grace period, off the call (deferred).
     narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
     layer.change_exemptions(exempted, narrower, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     assert reads.take()[0] == {}
     layer.finish_cleanup()
@@ -1402,7 +1324,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # Unexempt, deferred as ksbpfd does: its entry goes at once, its rules after finish_cleanup.
     reads.take()  # run_cases read the drop counters
     layer.change_exemptions(narrower, policy, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 1, "ks_config": 1}
     whole, lookups = reads.take()
     assert whole == {} and lookups <= 4
@@ -1439,7 +1361,7 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     run_cases(lab, layer, two, cases)
     # And back to one change: in place again.
     layer.change_exemptions(two, exempted)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     run_cases(lab, layer, exempted, cases)
 
     # A fresh process (no memory of the last write) writes whole.

@@ -17,7 +17,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +32,8 @@ from ksbpf.linux.bpf.layer import BpfLayer
 from ksbpf.linux.cgroup import cgroup_id
 from ksbpf.linux.events import RingBuffer, flush_held
 from tests.kernel import test_bpf, test_daemon
-from tests.kernel.conftest import run_in, sh, unique
+from tests.kernel.conftest import sh, unique
+from tests.kernel.sender import Probe, send_all
 from tests.kernel.test_bpf import Lab, make_policy, new_layer, requires_bpf
 from tests.kernel.test_daemon import REPO, DaemonFactory, World, bpf_engaged, wait_for
 
@@ -44,36 +44,16 @@ world, daemon = test_daemon.world, test_daemon.daemon
 pytestmark = pytest.mark.kernel
 
 COMM = "leaky-dns"
-# A sender with a known command name (prctl PR_SET_NAME, before the socket is made):
-# prints its pid, then sends n datagrams to each destination.
-LEAKY = textwrap.dedent(
-    """
-    import ctypes, json, os, socket, sys
-    ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
-    out = {"pid": os.getpid(), "eperm": 0, "ok": 0}
-    for dst, port, n, *dev in json.loads(sys.argv[2]):
-        s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
-        if dev:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev[0].encode())
-        for _ in range(n):
-            try:
-                s.sendto(b"leak", (dst, port))
-                out["ok"] += 1
-            except PermissionError:
-                out["eperm"] += 1
-        s.close()
-    print(json.dumps(out))
-    """
-)
-
-
 DROP_5399 = "table inet kst {\n chain o {\n  type filter hook output priority 0; policy accept;\n  udp dport 5399 drop\n }\n}\n"
 
 
 def leak(netns: str, cgroup: Path, sends: list[tuple[Any, ...]], comm: str = COMM) -> dict[str, int]:
-    r = run_in([sys.executable, "-c", LEAKY, comm, json.dumps(sends)], netns=netns, cgroup=cgroup)
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
+    """(dst, port, n[, device]) each, from one process named `comm` (set before its first
+    socket) through the shared sender: {"pid", "ok", "eperm"} (any other error fails)."""
+    probes = [Probe(dst, port, n, dev=dev[0] if dev else None, payload="leak") for dst, port, n, *dev in sends]
+    r = send_all(netns, probes, cgroup=cgroup, comm=comm)
+    assert all(set(x.errors) <= {"EPERM"} for x in r.results), r.results
+    return {"pid": r.pid, "eperm": sum(x.eperm for x in r.results), "ok": sum(x.sent for x in r.results)}
 
 
 def ring_events(layer: BpfLayer) -> list[DropEvent]:

@@ -5,7 +5,6 @@ ksbpfd write it on every apply."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -16,11 +15,12 @@ import pytest
 
 from ksbpf.policy import loads_policy
 from ksbpf.render.lockdown import render_lockdown
-from tests.kernel.conftest import NetnsFactory, sh, unique
+from tests.kernel.conftest import NetnsFactory, sh
+from tests.kernel.sender import send
 from tests.kernel.test_daemon import DaemonFactory, World, wait_for
 from tests.kernel.test_daemon import daemon as daemon  # the fixtures, re-exported for pytest
 from tests.kernel.test_daemon import world as world
-from tests.kernel.uplink import ksctl
+from tests.kernel.uplink import LOCKDOWN, build_uplink, ksctl, watch_count
 
 pytestmark = pytest.mark.kernel
 
@@ -73,50 +73,19 @@ print("ready", flush=True)
 threading.Event().wait()
 """
 
-PROBE = r"""
-import socket, sys
-proto, dst, port, src = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
-s.settimeout(1.5)
-try:
-    if src != "-":
-        s.bind((src, 0))
-    if proto == "tcp":
-        s.connect((dst, port))
-        print(s.recv(100).decode())
-    else:
-        s.sendto(b"?", (dst, port))
-        print(s.recv(100).decode())
-except OSError as e:
-    print(f"no answer: {type(e).__name__}")
-"""
-
-WATCH = """
-table netdev watch {{
-  counter seen {{ }}
-  chain ingress {{
-    type filter hook ingress device "{dev}" priority 0; policy accept;
-    meta protocol arp return
-    icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} return
-    counter name "seen"
-  }}
-}}
-"""
-
-
 def nft_check(netns: str, path: Path) -> subprocess.CompletedProcess[str]:
     return sh("nft", "-c", "-f", str(path), netns=netns, check=False)
 
 
 def probe(netns: str, proto: str, dst: str, port: int, src: str = "-") -> str:
-    r = sh(sys.executable, "-c", PROBE, proto, dst, str(port), src, netns=netns, timeout=30)
-    return r.stdout.strip()
+    """One TCP connection or UDP datagram (from `src`) through the shared sender: what came
+    back, or "no answer: why"."""
+    r = send(netns, dst, port, proto=proto, bind=None if src == "-" else src, payload="?", answer=True, timeout=1.5)
+    return r.answers[0].strip() if r.answers else f"no answer: {', '.join(r.errors)}"
 
 
 def seen(netns: str) -> int:
-    out = sh("nft", "-j", "list", "counter", "netdev", "watch", "seen", netns=netns).stdout
-    return int(next(o for o in json.loads(out)["nftables"] if "counter" in o)["counter"]["packets"])
+    return watch_count(netns)
 
 
 @pytest.fixture
@@ -124,19 +93,8 @@ def pair(make_netns: NetnsFactory) -> Iterator[tuple[str, str]]:
     """server (where the lockdown goes) and client, a veth between them; the client has an
     allowed address (10.9.0.2, fd09::2) and one that is not (10.9.0.3, fd09::3). Servers
     listen on both sides (tcp 22, 23; udp 6000, 6001)."""
-    server, client = make_netns("kls"), make_netns("klc")
-    tag = unique("")
-    s_if, c_if = f"ls{tag}", f"lc{tag}"
-    sh("ip", "link", "add", s_if, "netns", server, "type", "veth", "peer", "name", c_if, "netns", client)
-    sh("ip", "addr", "add", "10.9.0.1/24", "dev", s_if, netns=server)
-    sh("ip", "-6", "addr", "add", "fd09::1/64", "dev", s_if, "nodad", netns=server)
-    for a in ("10.9.0.2/24", "10.9.0.3/24"):
-        sh("ip", "addr", "add", a, "dev", c_if, netns=client)
-    for a in ("fd09::2/64", "fd09::3/64"):
-        sh("ip", "-6", "addr", "add", a, "dev", c_if, "nodad", netns=client)
-    sh("ip", "link", "set", s_if, "up", netns=server)
-    sh("ip", "link", "set", c_if, "up", netns=client)
-    sh("nft", "-f", "-", netns=client, input=WATCH.format(dev=c_if))
+    u = build_uplink(make_netns, tunnel=False, plan=LOCKDOWN)  # what arrives at the admin is counted
+    server, client = u.client, u.far
     procs = []
     try:
         for ns in (server, client):

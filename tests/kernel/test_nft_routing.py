@@ -10,7 +10,7 @@ import pytest
 
 from tests.kernel.conftest import NetnsFactory, sh
 from tests.kernel.sender import send_frames, send_udp, start_flood
-from tests.kernel.uplink import Uplink, build_uplink, ksctl
+from tests.kernel.uplink import Uplink, build_uplink, ksctl, veth
 
 
 @pytest.fixture
@@ -194,11 +194,7 @@ def test_routed_namespace_leaks_nothing_with_the_tunnel_gone(uplink: Uplink, mak
     """A container or VM routed through this host (forward path): BPF never sees it."""
     c = uplink.client
     guest = make_netns("kg")
-    sh("ip", "link", "add", "guest0", "netns", c, "type", "veth", "peer", "name", "eth0", "netns", guest)
-    sh("ip", "addr", "add", "172.30.0.1/24", "dev", "guest0", netns=c)
-    sh("ip", "link", "set", "guest0", "up", netns=c)
-    sh("ip", "addr", "add", "172.30.0.2/24", "dev", "eth0", netns=guest)
-    sh("ip", "link", "set", "eth0", "up", netns=guest)
+    veth(c, "guest0", guest, "eth0", ["172.30.0.1/24"], ["172.30.0.2/24"])
     sh("ip", "route", "add", "default", "via", "172.30.0.1", netns=guest)
     sh("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=c)
     before = uplink.far_count()
