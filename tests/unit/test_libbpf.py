@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -140,29 +141,56 @@ def _as_nobody() -> None:
     os.setuid(nobody.pw_uid)
 
 
-def test_ksctl_up_without_libbpf_refuses_before_changing_anything() -> None:
+@pytest.fixture
+def hidden_libbpf() -> Iterator[Path]:
+    """A directory with the policy and a sitecustomize that hides libbpf.so.1, readable by nobody."""
     d = Path(tempfile.mkdtemp(prefix="ksbpf-libbpf-"))
     try:
         d.chmod(0o755)
         for name, text in (("sitecustomize.py", HIDE_LIBBPF), ("policy.toml", POLICY)):
             (d / name).write_text(text)
             (d / name).chmod(0o644)
-        # As nobody where we are root, in a namespace that does not exist: nothing could
-        # change even if the guard failed.
-        as_nobody = os.geteuid() == 0
-        package = tests.nobody.package_copy() if as_nobody else str(tests.nobody.REPO)
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM")}
-        env["PYTHONPATH"] = f"{d}{os.pathsep}{package}"
-        r = subprocess.run([tests.nobody.PYTHON if as_nobody else sys.executable, "-m", "ksbpf.cli",
-                            "--netns", "ksbpf-test-absent", "--state-dir", str(d / "state"), "up",
-                            "--config", str(d / "policy.toml")],
-                           env=env, capture_output=True, text=True, timeout=60, cwd=d,
-                           preexec_fn=_as_nobody if as_nobody else None)
-        assert r.returncode == 5, r.stdout + r.stderr
-        assert "libbpf.so.1 cannot be loaded" in r.stderr and "install the Debian package libbpf1" in r.stderr
-        assert "--no-bpf" in r.stderr and "Traceback" not in r.stderr and not (d / "state").exists()
+        yield d
     finally:
         shutil.rmtree(d)
+
+
+def run_without_libbpf(d: Path, module: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """As nobody where we are root, in a namespace that does not exist: nothing could change
+    even if the guard failed."""
+    as_nobody = os.geteuid() == 0
+    package = tests.nobody.package_copy() if as_nobody else str(tests.nobody.REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM")}
+    env["PYTHONPATH"] = f"{d}{os.pathsep}{package}"
+    return subprocess.run([tests.nobody.PYTHON if as_nobody else sys.executable, "-m", module,
+                           "--netns", "ksbpf-test-absent", "--state-dir", str(d / "state"), *argv],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=d,
+                          preexec_fn=_as_nobody if as_nobody else None)
+
+
+def test_ksctl_up_without_libbpf_refuses_before_changing_anything(hidden_libbpf: Path) -> None:
+    d = hidden_libbpf
+    r = run_without_libbpf(d, "ksbpf.cli", "up", "--config", str(d / "policy.toml"))
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert "libbpf.so.1 cannot be loaded" in r.stderr and "install the Debian package libbpf1" in r.stderr
+    assert "--no-bpf" in r.stderr and "Traceback" not in r.stderr and not (d / "state").exists()
+
+
+def test_ksbpfd_without_libbpf_is_one_clear_exit(hidden_libbpf: Path) -> None:
+    d = hidden_libbpf
+    r = run_without_libbpf(d, "ksbpf.daemon", "--config", str(d / "policy.toml"), "--log-target", "stderr")
+    assert r.returncode == 5, r.stderr
+    assert "cannot start" in r.stderr and "install the Debian package libbpf1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ksbpfd_no_bpf_does_not_need_libbpf(hidden_libbpf: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("checks that the next step, the root check, is reached")
+    d = hidden_libbpf
+    r = run_without_libbpf(d, "ksbpf.daemon", "--config", str(d / "policy.toml"), "--log-target", "stderr",
+                           "--no-bpf")
+    assert r.returncode == 1 and "must run as root" in r.stderr, r.stderr
 
 
 def test_errors_are_the_errnos_own_oserror_with_what_failed() -> None:
