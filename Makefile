@@ -57,7 +57,7 @@ check: lint unit
 # How strict mypy is, per module, is pyproject.toml's [tool.mypy].
 lint: $(PY)
 	$(VENV)/bin/ruff check ksbpf tests $(wildcard bench)
-	$(VENV)/bin/mypy ksbpf tests/unit tests/integration $(wildcard bench)
+	$(VENV)/bin/mypy ksbpf tests $(wildcard bench)
 
 # On every core when the venv has pytest-xdist (`make setup` installs it), else on one.
 unit: $(PY)

@@ -1313,7 +1313,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # A narrower grant: one entry, the old rules after the grace period, off the call (deferred).
     narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
     layer.change_exemptions(exempted, narrower, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     assert reads.take()[0] == {}
     layer.finish_cleanup()
@@ -1324,7 +1324,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # Unexempt, deferred as ksbpfd does: its entry goes at once, its rules after finish_cleanup.
     reads.take()  # run_cases read the drop counters
     layer.change_exemptions(narrower, policy, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 1, "ks_config": 1}
     whole, lookups = reads.take()
     assert whole == {} and lookups <= 4
@@ -1361,7 +1361,7 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     run_cases(lab, layer, two, cases)
     # And back to one change: in place again.
     layer.change_exemptions(two, exempted)
-    assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
     run_cases(lab, layer, exempted, cases)
 
     # A fresh process (no memory of the last write) writes whole.
@@ -1413,7 +1413,7 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
         new = Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/5302"),), to=(ip_network("10.77.0.2/32"),))
         writes = Writes()
         policy = eng.set_exemption(new)
-        assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+        assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
         assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
         eng.finish_bpf_cleanup()
         # Through all three layers (so not run_cases, whose counts are BPF's alone).
@@ -1422,7 +1422,7 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
                                              {"dst": "10.77.0.2", "port": 5303, "n": 2}]) == [
             {"ok": 2, "eperm": 0, "mark": mark}, {"ok": 0, "eperm": 2, "mark": mark}]
         policy = eng.remove_exemption(new.cgroup)
-        assert layer.last_fallback == "" and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+        assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
         assert writes.take().get("ks_ports") is None, "the old rules go after the reply"
         eng.finish_bpf_cleanup()
         assert writes.take() == {"ks_ports": 1, "ks_nets": 1}
