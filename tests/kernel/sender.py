@@ -20,7 +20,7 @@ from pathlib import Path
 from tests.kernel.conftest import run_in, spawn_in
 
 SCRIPT = r"""
-import ctypes, errno, json, socket, sys
+import ctypes, errno, json, os, socket, sys
 req = json.load(sys.stdin)
 if req["comm"]:
     ctypes.CDLL(None).prctl(15, req["comm"].encode(), 0, 0, 0)  # PR_SET_NAME, before any socket
@@ -72,7 +72,7 @@ for p in req["probes"]:
                 error(res, e)
             s.close()
     out.append(res)
-print(json.dumps({"pid": __import__("os").getpid(), "probes": out}))
+print(json.dumps({"pid": os.getpid(), "probes": out}))
 """
 
 
