@@ -1,6 +1,6 @@
-"""The kernel tests' one packet sender: UDP datagrams or TCP connections from a network
-namespace and cgroup the test made, with the socket options the tests need (a device, a
-mark, a source address or port, a command name), reporting per probe what the kernel
+"""The kernel tests' one packet sender: UDP datagrams, TCP connections or ICMP messages from
+a network namespace and cgroup the test made, with the socket options the tests need (a
+device, a mark, a source address or port, a command name), reporting per probe what the kernel
 accepted, what it refused (by errno) and what came back.
 
 One interpreter runs every probe of a call, in order, each on its own socket (closed
@@ -30,8 +30,8 @@ def error(res, e):
     key = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
     res["errors"][key] = res["errors"].get(key, 0) + 1
 
-def make(p, fam, kind):
-    s = socket.socket(fam, kind)
+def make(p, fam, kind, proto=0):
+    s = socket.socket(fam, kind, proto)
     if p["dev"]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, p["dev"].encode())
     if p["mark"]:
@@ -59,6 +59,19 @@ for p in req["probes"]:
             except OSError as e:
                 error(res, e)
         s.close()
+    elif p["proto"] == "icmp":
+        v6 = fam == socket.AF_INET6
+        s = make(p, fam, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+        res["mark"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+        # type, code, checksum (the kernel fills it in for ICMPv6; 0 will do on IPv4 here)
+        msg = bytes([p["icmp_type"], 0, 0, 0]) + bytes(4) + (socket.inet_pton(fam, p["dst"]) if v6 else b"")
+        for _ in range(p["n"]):
+            try:
+                s.sendto(msg, (p["dst"], 0))
+                res["sent"] += 1
+            except OSError as e:
+                error(res, e)
+        s.close()
     else:
         for _ in range(p["n"]):
             s = make(p, fam, socket.SOCK_STREAM)
@@ -78,8 +91,9 @@ print(json.dumps({"pid": os.getpid(), "probes": out}))
 
 @dataclass(frozen=True)
 class Probe:
-    """`n` UDP datagrams (one socket) or `n` TCP connections (one socket each) to dst:port.
-    answer: wait up to `timeout` for what comes back after each (the first 100 bytes)."""
+    """`n` UDP datagrams (one socket), `n` TCP connections (one socket each) or `n` ICMP
+    messages of `icmp_type` (a raw socket; port unused) to dst:port. answer: wait up to
+    `timeout` for what comes back after each UDP datagram or TCP connection (100 bytes)."""
 
     dst: str
     port: int
@@ -92,6 +106,7 @@ class Probe:
     payload: str = "k" * 32
     answer: bool = False
     timeout: float = 0.0
+    icmp_type: int = 8
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from ksbpf.marks import DEFAULT_ENDPOINT_MARK, exempt_mark, exemption_ids
 from ksbpf.policy import Endpoint, Exemption, Policy, loads_policy, merge_exemptions, parse_port_spec
 from ksbpf.render import bpf as bpf_render
 from ksbpf.verdict import Packet, verdict
-from tests.kernel.conftest import CgroupFactory, NetnsFactory, run_in, sh, spawn_in, unique
+from tests.kernel.conftest import CgroupFactory, NetnsFactory, sh, spawn_in, unique
 from tests.kernel.sender import Probe, send, send_all, start_stream, stream_counts
 from tests.kernel.uplink import BPF, build_uplink, veth
 
@@ -427,26 +427,6 @@ cgroup = "{lab.cgroups.rel(lab.root)}"
     ])
 
 
-ICMP_SENDER = textwrap.dedent(
-    """
-    import json, socket, sys
-    out = []
-    for dst, icmp_type in json.loads(sys.argv[1]):
-        v6 = ":" in dst
-        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW,
-                          socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
-        # type, code, checksum (the kernel fills it for ICMPv6; 0 is fine for the test on v4)
-        msg = bytes([icmp_type, 0, 0, 0]) + bytes(4) + (socket.inet_pton(socket.AF_INET6, dst) if v6 else b"")
-        try:
-            s.sendto(msg, (dst, 0))
-            out.append("ok")
-        except PermissionError:
-            out.append("eperm")
-    print(json.dumps(out))
-    """
-)
-
-
 @requires_bpf
 def test_icmp_only_neighbour_discovery_leaves_outside_the_tunnel(lab: Lab, layers: list[BpfLayer]) -> None:
     layer = new_layer(lab, layers)
@@ -454,9 +434,8 @@ def test_icmp_only_neighbour_discovery_leaves_outside_the_tunnel(lab: Lab, layer
     layer.apply(policy)
     probes = [("fd77::2", 135), ("fd77::2", 136), ("fd77::2", 133), ("fd77::2", 128), ("10.77.0.2", 8),
               ("fd88::2", 128), ("10.88.0.2", 8)]
-    r = run_in([PY, "-c", ICMP_SENDER, json.dumps(probes)], netns=lab.client, cgroup=lab.dirs["w/app"])
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    sent = send_all(lab.client, [Probe(dst, 0, proto="icmp", icmp_type=t) for dst, t in probes], cgroup=lab.dirs["w/app"])
+    got = ["ok" if r.sent else "eperm" if r.errors == {"EPERM": 1} else f"errors {r.errors}" for r in sent.results]
     drops: Counter[str] = Counter()
     for (dst, icmp_type), res in zip(probes, got, strict=True):
         v = verdict(policy, Packet("out", "icmpv6" if ":" in dst else "icmp", ip_address(dst), oif=oif_for(lab, dst),
