@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * ksbpf cgroup-bpf layer, compiled by BCC at load time (ksbpf/linux/bpf.py).
+ * ksbpf cgroup-bpf layer, compiled by BCC at load time (ksbpf/linux/bpf/loader.py).
  *
  *   ks_egress       cgroup_skb/egress: drop what would leave outside the tunnel, count it,
  *                   and report it (a drop event: see ks_emit)

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Map layouts shared with ksbpf/linux/bpf.py, which packs the same structs with `struct`
+ * Map layouts shared with ksbpf/linux/bpf/layout.py, whose formats pack the same structs with `struct`
  * (tests/unit/test_bpf.py checks the sizes, tests/kernel/test_bpf.py the loaded maps). Change both together.
  */
 #ifndef KSBPF_KILLSWITCH_H
@@ -8,7 +8,7 @@
 
 #define KS_LOOPBACK_IFINDEX 1
 
-/* Capacities arrive as -D cflags from ksbpf.linux.bpf.Capacity (the defaults only make the
+/* Capacities arrive as -D cflags from ksbpf.render.bpf.Capacity (the defaults only make the
  * header compile alone). Maps holding policy hold two versions of it during an update. */
 #ifndef KS_MAX_DEPTH
 #define KS_MAX_DEPTH 31

@@ -1090,7 +1090,7 @@ def test_deferred_cleanup_keeps_the_new_version_and_runs_before_the_next_write(l
     ))
     _, _, settled = _gen_state(layer)
     layer.update_exemptions(narrower, defer_cleanup=True)
-    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
     run_cases(lab, layer, narrower, [Case("w/ex", "10.77.0.2", 5303), Case("w/ex", "10.77.0.3", 443)])
     _, _, deferred = _gen_state(layer)
     # One entry replaced in place (+ the reserve entry); the old grant's rules still there.
@@ -1109,7 +1109,7 @@ def test_deferred_cleanup_keeps_the_new_version_and_runs_before_the_next_write(l
     both = narrower.with_exemptions(tuple(
         Exemption(e.cgroup, allow=(parse_port_spec("udp/444"),)) for e in narrower.exemptions))
     layer.update_exemptions(both, defer_cleanup=True)
-    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_VERSIONED
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.VERSIONED  # type: ignore[comparison-overlap]  # mypy keeps an earlier assert's narrowing across the update
     assert _gen_state(layer)[2]["ks_cgroups"] > after["ks_cgroups"], "both versions' entries until the cleanup"
     layer.finish_cleanup()
     assert _gen_state(layer)[2]["ks_cgroups"] == after["ks_cgroups"]
@@ -1200,7 +1200,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     resolved = layer.update_exemptions(exempted)
     assert resolved[new.cgroup] == cgroup_id(lab.dirs["many/new"])
     step = layer.last_step
-    assert step is not None and (step.path, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, resolved[new.cgroup])
+    assert step is not None and (step.path, step.cgroup) == (bpf_plan.StepPath.ONE_CGROUP, resolved[new.cgroup])
     # Its entry and the reserve entry, its one port and one network, the config slot.
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     cases = [Case("many/new", "10.77.0.3", 31999), Case("many/new", "10.77.0.3", 31998),
@@ -1210,7 +1210,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     # A narrower grant for it: one entry again, the old rules after the grace period.
     narrower = exempted.with_exemptions((*policy.exemptions, dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),))))
     layer.update_exemptions(narrower, defer_cleanup=True)
-    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     layer.finish_cleanup()
     assert writes.take() == {"ks_ports": 1, "ks_nets": 1}, "exactly the old grant's keys"
@@ -1218,7 +1218,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
 
     # Unexempt: its entry goes; its rules after the grace period.
     layer.update_exemptions(policy)
-    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 1, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     run_cases(lab, layer, policy, cases)
     assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 1}  # + the reserve entry
@@ -1228,7 +1228,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     writes.take()
     fresh = BpfLayer(layer.instance, netns=lab.client)
     fresh.update_exemptions(narrower)
-    assert fresh.last_step is not None and fresh.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert fresh.last_step is not None and fresh.last_step.path == bpf_plan.StepPath.ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1 + 1, "ks_nets": 1 + 1, "ks_config": 1}
     run_cases(lab, fresh, narrower, cases)
     assert _gen_state(layer)[2] == {**base, "ks_cgroups": base["ks_cgroups"] + 2, "ks_ports": base["ks_ports"] + 1,
@@ -1238,7 +1238,7 @@ def test_exempting_one_cgroup_of_thousands_writes_its_entry_alone(lab: Lab, laye
     writes.take()
     two = narrower.with_exemptions(tuple(e for e in narrower.exemptions if e.cgroup not in (new.cgroup, lab.rel("many/e7"))))
     fresh.update_exemptions(two)
-    assert fresh.last_step is not None and fresh.last_step.path == bpf_plan.PATH_VERSIONED
+    assert fresh.last_step is not None and fresh.last_step.path == bpf_plan.StepPath.VERSIONED  # type: ignore[comparison-overlap]  # mypy keeps an earlier assert's narrowing across the update
     assert fresh.last_step.describe() == ("cgroups (versioned)",)
     assert writes.take()["ks_cgroups"] > n
     run_cases(lab, fresh, two, cases)
@@ -1276,7 +1276,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     resolved = layer.change_exemptions(policy, exempted)
     assert resolved == {new.cgroup: cgroup_id(lab.dirs["many/new"])} and layer.last_fallback == ""
     step = layer.last_step
-    assert step is not None and (step.path, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, resolved[new.cgroup])
+    assert step is not None and (step.path, step.cgroup) == (bpf_plan.StepPath.ONE_CGROUP, resolved[new.cgroup])
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     # No whole-map read: the live slot and config, its entry, the reserve entry.
     whole, lookups = reads.take()
@@ -1292,7 +1292,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # A narrower grant: one entry, the old rules after the grace period, off the call (deferred).
     narrower = merge_exemptions(policy, (dataclasses.replace(new, allow=(parse_port_spec("udp/31998"),)),))
     layer.change_exemptions(exempted, narrower, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
     assert reads.take()[0] == {}
     layer.finish_cleanup()
@@ -1303,7 +1303,7 @@ def test_change_exemptions_of_one_cgroup_of_thousands_reads_and_writes_one_entry
     # Unexempt, deferred as ksbpfd does: its entry goes at once, its rules after finish_cleanup.
     reads.take()  # run_cases read the drop counters
     layer.change_exemptions(narrower, policy, defer_cleanup=True)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
     assert writes.take() == {"ks_cgroups": 1, "ks_config": 1}
     whole, lookups = reads.take()
     assert whole == {} and lookups <= 4
@@ -1336,18 +1336,18 @@ def test_change_exemptions_falls_back_to_a_whole_write_when_unsure(lab: Lab, lay
     two = merge_exemptions(policy, (new, Exemption(lab.rel("many/e7"), allow=(parse_port_spec("udp/31000"),))))
     layer.change_exemptions(policy, two)
     assert "more than one" in layer.last_fallback
-    assert layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_VERSIONED
+    assert layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.VERSIONED
     run_cases(lab, layer, two, cases)
     # And back to one change: in place again.
     layer.change_exemptions(two, exempted)
-    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+    assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP  # type: ignore[comparison-overlap]  # mypy keeps an earlier assert's narrowing across the update
     run_cases(lab, layer, exempted, cases)
 
     # A fresh process (no memory of the last write) writes whole.
     fresh = BpfLayer(layer.instance, netns=lab.client)
     fresh.change_exemptions(exempted, policy)
     assert "no index" in fresh.last_fallback and fresh.last_step is not None
-    assert fresh.last_step.path == bpf_plan.PATH_ONE_CGROUP  # update_exemptions' own one-cgroup path
+    assert fresh.last_step.path == bpf_plan.StepPath.ONE_CGROUP  # update_exemptions' own one-cgroup path
     run_cases(lab, fresh, policy, cases)
 
     # Another writer came between: the live version is not ours; written whole, and right.
@@ -1392,7 +1392,7 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
         new = Exemption(lab.rel("w/other"), allow=(parse_port_spec("udp/5302"),), to=(ip_network("10.77.0.2/32"),))
         writes = Writes()
         policy = eng.set_exemption(new)
-        assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+        assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
         assert writes.take() == {"ks_cgroups": 2, "ks_ports": 1, "ks_nets": 1, "ks_config": 1}
         eng.finish_bpf_cleanup()
         # Through all three layers (so not run_cases, whose counts are BPF's alone).
@@ -1401,7 +1401,7 @@ def test_engine_exempt_and_unexempt_use_the_one_cgroup_path(lab: Lab, layers: li
                                              {"dst": "10.77.0.2", "port": 5303, "n": 2}]) == [
             {"ok": 2, "eperm": 0, "mark": mark}, {"ok": 0, "eperm": 2, "mark": mark}]
         policy = eng.remove_exemption(new.cgroup)
-        assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.PATH_ONE_CGROUP
+        assert layer.last_fallback == "" and layer.last_step is not None and layer.last_step.path == bpf_plan.StepPath.ONE_CGROUP
         assert writes.take().get("ks_ports") is None, "the old rules go after the reply"
         eng.finish_bpf_cleanup()
         assert writes.take() == {"ks_ports": 1, "ks_nets": 1}

@@ -376,7 +376,7 @@ def test_one_endpoint_more_is_a_delta_under_the_live_tag() -> None:
     live, held = first.config, held_of(first, version())
     more = version(with_endpoints(policy(), "192.0.2.9:1194/udp"))
     step = bpf_plan.plan_step(live, frozenset({5}), more, held)
-    assert (step.path, step.changed) == (bpf_plan.PATH_DELTA, ("endpoints",))
+    assert (step.path, step.changed) == (bpf_plan.StepPath.DELTA, ("endpoints",))
     new_key = bpf_render.endpoint_key(4, "udp", 1194, ipaddress.ip_address("192.0.2.9"))
     assert step.delta == {"endpoints": ((new_key,), ())}
     assert step.describe() == ("endpoints (delta +1 -0)",)
@@ -394,7 +394,7 @@ def test_delta_is_against_what_the_map_holds_and_repairs_drift() -> None:
     held = held_of(first, version(), endpoints=frozenset({stray} | set(version().endpoints or ()) - {gone}))
     # The same policy, but the map lost one key and gained another: a delta puts it right.
     step = bpf_plan.plan_step(live, frozenset({5}), version(), held)
-    assert (step.path, step.changed) == (bpf_plan.PATH_DELTA, ("endpoints",))
+    assert (step.path, step.changed) == (bpf_plan.StepPath.DELTA, ("endpoints",))
     assert step.delta == {"endpoints": ((gone,), (stray,))}
     # Without a read of the map, the digest alone says nothing changed.
     assert bpf_plan.plan_step(live, frozenset({5}), version()).changed == ()
@@ -405,7 +405,7 @@ def test_dns_and_endpoints_together_are_one_delta() -> None:
     pol = with_endpoints(policy(), "192.0.2.9:1194/udp")
     pol = dataclasses.replace(pol, dns=dataclasses.replace(pol.dns, servers=pol.dns.servers[:1]))
     step = bpf_plan.plan_step(first.config, frozenset({5}), version(pol), held_of(first, version()))
-    assert step.path == bpf_plan.PATH_DELTA and set(step.delta) == {"endpoints", "dns"}
+    assert step.path == bpf_plan.StepPath.DELTA and set(step.delta) == {"endpoints", "dns"}
     assert step.delta["dns"] == ((), (bpf_render.addr_key(ipaddress.ip_address("fd00::53")),))
 
 
@@ -424,7 +424,7 @@ def test_a_set_change_with_anything_else_is_versioned(other: str) -> None:
         pol = dataclasses.replace(pol, lan=dataclasses.replace(pol.lan, allow=True,
                                                               networks=(ipaddress.ip_network("192.168.1.0/24"),)))
     step = bpf_plan.plan_step(first.config, frozenset({5}), version(pol, **kw), held_of(first, version()))  # type: ignore[arg-type]
-    assert step.path == bpf_plan.PATH_VERSIONED and "endpoints" in step.changed and other in step.changed
+    assert step.path == bpf_plan.StepPath.VERSIONED and "endpoints" in step.changed and other in step.changed
     assert step.config.endpoints_tag == step.config.version, "the endpoints under the new version's tag"
 
 
@@ -441,7 +441,7 @@ def test_exempting_one_cgroup_replaces_one_entry_under_a_fresh_rule_set() -> Non
     one_more = pol.with_exemptions((*pol.exemptions, *exempt_policy(51).exemptions[50:]))
     want = bpf_plan.Version(cgroups=bpf_plan.cgroup_wants(bpf_render.render(one_more, sets=False), ids))
     step = bpf_plan.plan_step(first.config, frozenset(), want, held)
-    assert (step.path, step.changed, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, ("cgroups",), 1050)
+    assert (step.path, step.changed, step.cgroup) == (bpf_plan.StepPath.ONE_CGROUP, ("cgroups",), 1050)
     # Past what a write that died may have used (the reserve entry), never reused.
     assert step.exemption_rules == {1050: first.config.next_rules + 3}
     assert step.config.next_rules == first.config.next_rules + 4
@@ -449,7 +449,7 @@ def test_exempting_one_cgroup_replaces_one_entry_under_a_fresh_rule_set() -> Non
     # And unexempting it again: one entry, no rule set.
     held2 = dataclasses.replace(held, cgroups={**held.cgroups, 1050: want.cgroups[1050].entry(99).pack()})  # type: ignore[index, dict-item]
     back = bpf_plan.plan_step(step.config, frozenset(), bpf_plan.Version(cgroups=bpf_plan.cgroup_wants(bpf_render.render(pol), ids)), held2)
-    assert (back.path, back.cgroup, back.exemption_rules) == (bpf_plan.PATH_ONE_CGROUP, 1050, {})
+    assert (back.path, back.cgroup, back.exemption_rules) == (bpf_plan.StepPath.ONE_CGROUP, 1050, {})
 
 
 def test_a_changed_grant_of_one_cgroup_is_one_entry_and_a_mark_only_change_keeps_its_rules() -> None:
@@ -461,14 +461,14 @@ def test_a_changed_grant_of_one_cgroup_is_one_entry_and_a_mark_only_change_keeps
     narrower = (*narrower[:2], dataclasses.replace(narrower[2], allow=(PortSpec("udp", 7, 7),)), *narrower[3:])
     step = bpf_plan.plan_step(first.config, frozenset(), bpf_plan.Version(cgroups=bpf_plan.cgroup_wants(
         bpf_render.render(pol.with_exemptions(narrower)), ids)), held)
-    assert (step.path, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, 1002)
+    assert (step.path, step.cgroup) == (bpf_plan.StepPath.ONE_CGROUP, 1002)
     assert step.exemption_rules[1002] >= first.config.next_rules
     # The same grant, only the endpoint flag: its entry changes, its rule set stays.
     plan = bpf_render.render(pol)
     wants = bpf_plan.cgroup_wants(plan, ids)
     wants[1003] = dataclasses.replace(wants[1003], endpoint=True)
     step = bpf_plan.plan_step(first.config, frozenset(), bpf_plan.Version(cgroups=wants), held)
-    assert (step.path, step.cgroup) == (bpf_plan.PATH_ONE_CGROUP, 1003)
+    assert (step.path, step.cgroup) == (bpf_plan.StepPath.ONE_CGROUP, 1003)
     assert step.exemption_rules == {1003: first.exemption_rules[1003]}
 
 
@@ -479,14 +479,14 @@ def test_two_cgroups_at_once_are_versioned() -> None:
     held = held_of(first, version(pol, ids=ids))
     fewer = bpf_plan.Version(cgroups=bpf_plan.cgroup_wants(bpf_render.render(pol.with_exemptions(pol.exemptions[2:])), ids))
     step = bpf_plan.plan_step(first.config, frozenset(), fewer, held)
-    assert step.path == bpf_plan.PATH_VERSIONED and step.config.cgroups_tag == step.config.version
+    assert step.path == bpf_plan.StepPath.VERSIONED and step.config.cgroups_tag == step.config.version
     assert step.describe() == ("cgroups (versioned)",)
     # An entry gone from the map behind our back and one real change: two, versioned too.
     lost = dict(held.cgroups)  # type: ignore[arg-type]
     del lost[1004]
     step = bpf_plan.plan_step(first.config, frozenset(), bpf_plan.Version(cgroups=bpf_plan.cgroup_wants(
         bpf_render.render(pol.with_exemptions(pol.exemptions[1:])), ids)), dataclasses.replace(held, cgroups=lost))
-    assert step.path == bpf_plan.PATH_VERSIONED
+    assert step.path == bpf_plan.StepPath.VERSIONED
 
 
 def test_entries_written_by_an_older_loader_are_not_trusted() -> None:

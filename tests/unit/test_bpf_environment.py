@@ -12,8 +12,7 @@ import pytest
 from ksbpf import doctor
 from ksbpf.errors import BpfError
 from ksbpf.linux import bpffs
-from ksbpf.linux.bpf.environment import describe_attached
-from ksbpf.linux.bpf.generations import Attached
+from ksbpf.linux.bpf.attach import Attached, describe_attached
 from ksbpf.linux.bpf.kernel import os_reason
 
 MOUNTINFO = """\

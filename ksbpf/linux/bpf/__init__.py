@@ -66,7 +66,9 @@ The package, one purpose a file (import from the file, not from the package):
                      changes (ExemptionIndex, select_change): pure
     loader.py        the loader child (BCC compiles, loads, pins; imported only there),
                      cflags and build_digest
-    generations.py   a pinned generation and our attached programs, read back
+    generations.py   a pinned generation: its maps, live config and programs
+    attach.py        our programs on cgroups: found by asking the kernel, attached
+                     (atomic replace or make-before-break), re-attached, detached
     writes.py        a Step written into a generation's maps; cgroup paths to ids
     layer.py         BpfLayer: apply, run-time updates, drift repair, status, reset
     environment.py   doctor checks, bpffs, the netns cookie, a trial compile

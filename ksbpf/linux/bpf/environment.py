@@ -1,5 +1,5 @@
-"""What the BPF layer needs of the host, for doctor and status: probes, bpffs, the netns
-cookie, finding attached programs in the cgroup tree, and a trial compile."""
+"""What the BPF layer needs of the host, for doctor and status: bpffs, bpf(2) allowed,
+the probes' answers, the netns cookie, a trial compile, and `ksctl doctor`'s BPF report."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ksbpf.deps import MissingDependency
 from ksbpf.errors import BpfError, KsbpfError
 from ksbpf.linux import bpffs, headers
-from ksbpf.linux.bpf.generations import Attached
 from ksbpf.linux.bpf.kernel import os_reason, probe_netns_cookie_helper, probe_sock_task_helpers
-from ksbpf.linux.bpf.layout import EVENTS_BYTES, PROGS
+from ksbpf.linux.bpf.layout import EVENTS_BYTES
 from ksbpf.linux.bpf.loader import LoadStats, _run_loader, cflags, nft_events_build
 from ksbpf.linux.bpffs import BPFFS
 from ksbpf.linux.cgroup import cgroup2_mount
@@ -35,24 +33,6 @@ def netns_cookie(name: str | None) -> int:
 
 def _bpffs_mounted() -> bool:
     return bpffs.is_bpffs(BPFFS)
-
-
-def describe_attached(attached: Iterable[Attached]) -> str:
-    return ", ".join(f"{PROGS[a.kind]} #{a.prog_id} on {a.cgroup}" for a in attached)
-
-
-def cgroup_tree(mount: Path) -> Iterator[Path]:
-    """Every cgroup directory below `mount` (inclusive), parents first; cgroups removed
-    meanwhile are skipped."""
-    todo = [mount]
-    while todo:
-        d = todo.pop()
-        yield d
-        try:
-            with os.scandir(d) as entries:
-                todo.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
-        except OSError:
-            continue
 
 
 def _bpf_usable() -> bool:

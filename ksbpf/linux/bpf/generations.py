@@ -1,5 +1,5 @@
-"""Generations and programs as the kernel holds them: a pinned generation (its maps, live
-config and programs) and our programs found attached on a cgroup."""
+"""A generation as the kernel holds it: its pinned directory, maps, live config (read back
+from ks_active and ks_config) and programs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ksbpf.linux.bpf.kernel import BpfMap
-from ksbpf.linux.bpf.layout import LEGACY_CONFIG_FMT, PROGS
+from ksbpf.linux.bpf.layout import LEGACY_CONFIG_FMT
 from ksbpf.linux.bpf.plan import Config
-from ksbpf.linux.libbpf import obj_get, prog_fd_by_id, prog_info
+from ksbpf.linux.libbpf import obj_get, prog_info
 from ksbpf.render.bpf import Capacity
 
 _KEY0 = struct.pack("<I", 0)
@@ -74,16 +74,6 @@ class Generation:
             os.close(fd)
 
 
-@dataclass(frozen=True)
-class Attached:
-    """One of our programs on a cgroup, found by asking the kernel (pins may be gone)."""
-
-    kind: str
-    prog_id: int
-    generation: int
-    cgroup: Path
-
-
 def _legacy_config(configs: BpfMap) -> Config | None:
     """The one-version ks_config of programs from before policy versions: recognised, so
     that an upgrade replaces and `down` removes them."""
@@ -94,39 +84,3 @@ def _legacy_config(configs: BpfMap) -> Config | None:
         return None
     c, g, cg, fl, m, inst = struct.unpack_from(LEGACY_CONFIG_FMT, raw)
     return Config(c, g, cg, fl, m, inst.split(b"\0", 1)[0].decode(errors="replace"))
-
-
-def _prog_config(prog_id: int) -> Config | None:
-    """The live ks_config of an attached program, if it is one of ksbpf's."""
-    try:
-        fd = prog_fd_by_id(prog_id, f"open program id {prog_id}")
-    except OSError:
-        return None
-    try:
-        info = prog_info(fd)
-    finally:
-        os.close(fd)
-    if info.name not in PROGS.values():
-        return None
-    maps: dict[str, BpfMap] = {}
-    try:
-        for mid in info.map_ids:
-            try:
-                m = BpfMap.by_id(mid)
-            except OSError:
-                continue
-            if m.info.name in ("ks_active", "ks_config"):
-                maps[m.info.name] = m
-            else:
-                m.close()
-        if "ks_config" in maps and "ks_active" not in maps:
-            return _legacy_config(maps["ks_config"])
-        if len(maps) < 2:
-            return None
-        live = _active_config(maps["ks_active"], maps["ks_config"])
-        return live[1] if live else None
-    except OSError:
-        return None
-    finally:
-        for m in maps.values():
-            m.close()

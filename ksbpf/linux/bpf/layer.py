@@ -3,7 +3,6 @@ updates, drift repair, status, reset)."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
@@ -19,15 +18,23 @@ from pathlib import Path
 from ksbpf.errors import BpfError, KsbpfError
 from ksbpf.linux import bpffs, headers
 from ksbpf.linux.bpf import loader
+from ksbpf.linux.bpf.attach import (
+    Attached,
+    attach,
+    attached_anywhere,
+    describe_attached,
+    detach,
+    discard,
+    query_attached,
+    reattach,
+)
 from ksbpf.linux.bpf.environment import (
     _bpf_usable,
     _bpffs_mounted,
-    cgroup_tree,
-    describe_attached,
     environment_checks,
     netns_cookie,
 )
-from ksbpf.linux.bpf.generations import _KEY0, Attached, Generation, _active_config, _prog_config
+from ksbpf.linux.bpf.generations import _KEY0, Generation, _active_config
 from ksbpf.linux.bpf.kernel import (
     ATTACH_TYPES,
     MAP_LRU_HASH,
@@ -70,13 +77,12 @@ from ksbpf.linux.bpf.loader import (
     nft_events_build,
 )
 from ksbpf.linux.bpf.plan import (
-    PATH_DELTA,
-    PATH_ONE_CGROUP,
     Config,
     ExemptionChange,
     ExemptionIndex,
     Held,
     Step,
+    StepPath,
     Version,
     cgroup_wants,
     cgroups_digest_changed,
@@ -102,7 +108,8 @@ from ksbpf.linux.bpf.writes import (
     resolve_paths,
 )
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
-from ksbpf.linux.libbpf import BPF_NOEXIST, prog_attach, prog_detach, prog_fd_by_id, prog_ids, prog_query
+from ksbpf.linux.layer import Layer, LayerName, LayerStatus
+from ksbpf.linux.libbpf import BPF_NOEXIST, prog_query
 from ksbpf.linux.netns import netns
 from ksbpf.policy import Policy
 from ksbpf.render.bpf import (
@@ -190,7 +197,7 @@ class BpfLayer:
     # Why the last change_exemptions wrote the whole policy ("" : it did not).
     last_fallback: str = field(default="", init=False, repr=False)
 
-    name = "bpf"
+    name = LayerName.BPF
 
     def __post_init__(self) -> None:
         if not _INSTANCE_RE.match(self.instance) or self.instance in (".", ".."):
@@ -277,7 +284,8 @@ class BpfLayer:
                 gen = live[0]
                 step = self._update(gen, plan, replace(header, generation=gen.number))
                 writes = step.describe()
-                changed = step.changed + tuple(f"attached {kind}" for kind in self._reattach(gen, target))
+                repaired = reattach(gen, target, self._attached(extra=[target]))
+                changed = step.changed + tuple(f"attached {kind}" for kind in repaired)
                 self._retire(keep=gen.number, cgroups=[target])
                 how = "in place" if changed else "unchanged"
                 load, compiled = LoadStats.nothing(mode), False
@@ -289,9 +297,9 @@ class BpfLayer:
                 load = loader._run_loader(source, mode, flags, gen.path, nft, nft_why)
                 try:
                     self._fill(gen, plan, replace(header, generation=number))
-                    how = self._attach(gen, target, previous)
+                    how = attach(gen, target, previous)
                 except BaseException:
-                    self._discard(gen, target)
+                    discard(gen, target)
                     raise
                 self._retire(keep=number, cgroups=[target])
                 changed, compiled, writes = (), True, ()
@@ -462,23 +470,7 @@ class BpfLayer:
 
     def _attached(self, extra: Iterable[Path] = ()) -> list[Attached]:
         """Our programs attached to any candidate cgroup, recognised by their ks_config."""
-        found: list[Attached] = []
-        for cg in self._candidate_cgroups(extra):
-            try:
-                fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                for kind, atype in ATTACH_TYPES.items():
-                    for pid in prog_query(fd, atype):
-                        cfg = _prog_config(pid)
-                        if cfg is not None and cfg.instance == self.instance:
-                            found.append(Attached(kind, pid, cfg.generation, cg))
-            except OSError as e:
-                raise BpfError(f"cannot query programs on {cg}: {e.strerror}") from None
-            finally:
-                os.close(fd)
-        return found
+        return query_attached(self._candidate_cgroups(extra), self.instance)
 
     def _sweep_unattached(self) -> None:
         """Generations pinned but attached nowhere (an apply that died half-way)."""
@@ -526,13 +518,13 @@ class BpfLayer:
             cfg = step.config
             cleanups: list[tuple[BpfMap, list[bytes]]] = []
             sweep: frozenset[int] = frozenset()
-            if step.path == PATH_DELTA:
+            if step.path == StepPath.DELTA:
                 assert live is not None
                 _write_delta(maps, step, read, live[0])
                 self._remember(gen, want)
                 self._base = (gen.path, cfg)
                 return step
-            if step.path == PATH_ONE_CGROUP:
+            if step.path == StepPath.ONE_CGROUP:
                 assert live is not None and want.cgroups is not None and step.cgroup is not None
                 hint = self._written[1].get(step.cgroup) if self._written and self._written[0] == gen.path else None
                 cleanups, sweep = _write_one_cgroup(maps, step, want, held, read, live[0], hint)
@@ -611,77 +603,11 @@ class BpfLayer:
             with self._locked(create=False):
                 self._finish_cleanup()
 
-    def _attach(self, gen: Generation, target: Path, previous: list[Attached]) -> str:
-        """Swap the new generation in for the previous one. Returns how: "first" (nothing
-        to replace), "atomic" (BPF_F_REPLACE in place) or "make-before-break"."""
-        how = "atomic" if previous else "first"
-        cg_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            # Egress first: it is the enforcing half; sock_create only adds marks.
-            for kind in ("egress", "sock_create"):
-                new_fd = gen.prog_fd(kind)
-                try:
-                    old = next((a for a in previous if a.kind == kind and a.cgroup == target), None)
-                    if old is not None and self._replace(new_fd, cg_fd, kind, old):
-                        continue
-                    if previous:
-                        # Attach cgroup changed, old kernel, or old program gone: the old one
-                        # stays until _retire, so both run meanwhile and nothing leaks.
-                        how = "make-before-break"
-                    prog_attach(new_fd, cg_fd, ATTACH_TYPES[kind])
-                except OSError as e:
-                    raise BpfError(f"attaching {kind} to {target}: {e.strerror}") from None
-                finally:
-                    os.close(new_fd)
-        finally:
-            os.close(cg_fd)
-        return how
-
-    @staticmethod
-    def _replace(new_fd: int, cg_fd: int, kind: str, old: Attached) -> bool:
-        try:
-            old_fd = prog_fd_by_id(old.prog_id, "open old program")
-        except OSError:
-            return False
-        try:
-            prog_attach(new_fd, cg_fd, ATTACH_TYPES[kind], replace_fd=old_fd)
-            return True
-        except OSError:
-            return False
-        finally:
-            os.close(old_fd)
-
-    def _detach(self, prog_id: int, kind: str, cgroup: Path) -> None:
-        try:
-            pfd = prog_fd_by_id(prog_id, "open program")
-        except OSError:
-            return
-        try:
-            cfd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            os.close(pfd)
-            return
-        try:
-            prog_detach(pfd, cfd, ATTACH_TYPES[kind])
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise BpfError(f"detaching {kind} #{prog_id} from {cgroup}: {e.strerror}") from None
-        finally:
-            os.close(pfd)
-            os.close(cfd)
-
-    def _discard(self, gen: Generation, target: Path) -> None:
-        for kind in PROGS:
-            pid = gen.prog_id(kind)
-            if pid is not None:
-                self._detach(pid, kind, target)
-        shutil.rmtree(gen.path, ignore_errors=True)
-
     def _retire(self, keep: int, cgroups: list[Path]) -> None:
         """Detach and unpin every generation but `keep`."""
         for a in self._attached(extra=cgroups):
             if a.generation != keep:
-                self._detach(a.prog_id, a.kind, a.cgroup)
+                detach(a.prog_id, a.kind, a.cgroup)
         for g in self._generations():
             if g.number != keep:
                 shutil.rmtree(g.path, ignore_errors=True)
@@ -756,7 +682,7 @@ class BpfLayer:
         """update_exemptions(after) for a run-time change from `before` (what this layer
         wrote last), in O(changed): when exactly one exemption path differs and its cgroup
         is the only one whose entry changes, only that path is resolved, its live entry
-        looked up and replaced in place (PATH_ONE_CGROUP: its rules under a fresh rule set
+        looked up and replaced in place (StepPath.ONE_CGROUP: its rules under a fresh rule set
         id, the old ones after a grace period, `defer_cleanup` as in update_exemptions).
         Otherwise, or when anything is uncertain (another writer came between, the live
         entry is not what `before` says, marks of other exemptions would move, ...), it is
@@ -851,31 +777,6 @@ class BpfLayer:
 
     # ------------------------------------------------------------------ drift, status, reset
 
-    def _reattach(self, gen: Generation, target: Path) -> list[str]:
-        """Attach the generation's programs where they are missing from `target`."""
-        repaired: list[str] = []
-        attached = {(a.kind, a.prog_id) for a in self._attached(extra=[target])}
-        for kind in PROGS:
-            pid = gen.prog_id(kind)
-            if pid is None or (kind, pid) in attached:
-                continue
-            try:
-                pfd = gen.prog_fd(kind)
-            except OSError as e:
-                raise BpfError(f"re-attaching {kind}: {e.strerror}") from None
-            try:
-                cfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    prog_attach(pfd, cfd, ATTACH_TYPES[kind])
-                    repaired.append(kind)
-                finally:
-                    os.close(cfd)
-            except OSError as e:
-                raise BpfError(f"re-attaching {kind}: {e.strerror}") from None
-            finally:
-                os.close(pfd)
-        return repaired
-
     def ensure_attached(self) -> list[str]:
         """Re-attach the pinned generation where someone detached it (no compile needed).
         Returns what was repaired, e.g. ["egress"]."""
@@ -888,7 +789,7 @@ class BpfLayer:
             target = self._cgroup_by_id(cfg.cgroup_id, self._candidate_cgroups()) if cfg else None
             if target is None:
                 raise BpfError(f"the cgroup generation {gen.number} was attached to is gone; apply instead")
-            return self._reattach(gen, target)
+            return reattach(gen, target, self._attached(extra=[target]))
 
     def engaged(self) -> bool:
         """Is the newest generation live (a config) and both its programs attached to its
@@ -918,7 +819,7 @@ class BpfLayer:
             os.close(fd)
         return True
 
-    def status(self) -> tuple[bool, str]:
+    def status(self) -> LayerStatus:
         """(engaged, detail): engaged means bpffs mounted, exactly one pinned generation and
         both its programs attached. Programs of this instance attached without pins (gone,
         or in a bpffs another mount namespace had) are found by asking the kernel."""
@@ -927,18 +828,19 @@ class BpfLayer:
         try:
             attached = self._attached()
         except BpfError as e:
-            return False, str(e)
+            return LayerStatus(False, str(e))
         if not gens:
             unmounted = "" if mounted else f"bpffs is not mounted at {BPFFS} ({bpffs.what_is_there(BPFFS)})"
             try:
                 orphans = attached or self.attached_anywhere(self._policy_cgroups())
             except OSError as e:
-                return False, "; ".join(filter(None, (unmounted, f"cannot ask the kernel: {os_reason(e)}")))
+                why = f"cannot ask the kernel: {os_reason(e)}"
+                return LayerStatus(False, "; ".join(filter(None, (unmounted, why))))
             if orphans:
-                return False, (f"attached without pins: {describe_attached(orphans)} (still judging packets; no pins "
-                               f"under {self.dir}{': ' + unmounted if unmounted else ''}; `ksctl down` detaches "
-                               f"them, `ksctl up` replaces them)")
-            return False, unmounted or "not loaded"
+                return LayerStatus(False, f"attached without pins: {describe_attached(orphans)} (still judging "
+                                          f"packets; no pins under {self.dir}{': ' + unmounted if unmounted else ''}; "
+                                          f"`ksctl down` detaches them, `ksctl up` replaces them)")
+            return LayerStatus(False, unmounted or "not loaded")
         gen = gens[-1]
         cfg = gen.config()
         mine = [a for a in attached if a.generation == gen.number]
@@ -958,10 +860,11 @@ class BpfLayer:
                 pass
         missing = [k for k in PROGS if k not in kinds]
         if missing:
-            return False, f"{detail}: {', '.join(missing)} not attached (detached behind our back?)"
+            return LayerStatus(False, f"{detail}: {', '.join(missing)} not attached (detached behind our back?)")
         if others or len(gens) > 1:
-            return False, f"{detail}: other generations still present {others or [g.number for g in gens[:-1]]}"
-        return True, detail
+            present = others or [g.number for g in gens[:-1]]
+            return LayerStatus(False, f"{detail}: other generations still present {present}")
+        return LayerStatus(True, detail)
 
     def counters(self) -> list[tuple[str, int, int, int]]:
         """(reason, cgroup id, packets, bytes) from the pinned drop counters, summed over
@@ -1029,13 +932,13 @@ class BpfLayer:
             return  # bpf(2) is refused here: nothing of ksbpf was attached from here, nothing can be looked for
         with self._locked_if_present():
             for a in self._attached(extra=extra):
-                self._detach(a.prog_id, a.kind, a.cgroup)
+                detach(a.prog_id, a.kind, a.cgroup)
             if self.dir.exists():
                 shutil.rmtree(self.dir, ignore_errors=True)
         self._policy = None
         try:
             for a in self.attached_anywhere(extra, everywhere=True):
-                self._detach(a.prog_id, a.kind, a.cgroup)
+                detach(a.prog_id, a.kind, a.cgroup)
             left = self.attached_anywhere(extra, everywhere=True)
         except OSError as e:
             raise BpfError(f"cannot ask the kernel for the programs of {self.instance!r}: {os_reason(e)}") from None
@@ -1055,52 +958,11 @@ class BpfLayer:
                     pass  # removed meanwhile
             yield
 
-    def _loaded(self) -> dict[int, Config]:
-        """This instance's programs loaded in the kernel however they are held (attached,
-        pinned, an open descriptor), by their ks_config: id -> config."""
-        out: dict[int, Config] = {}
-        for pid in prog_ids():
-            cfg = _prog_config(pid)
-            if cfg is not None and cfg.instance == self.instance:
-                out[pid] = cfg
-        return out
 
     def attached_anywhere(self, first: Iterable[Path] = (), everywhere: bool = False) -> list[Attached]:
-        """Where this instance's programs are attached, by asking the kernel, not the pins.
-        Nothing of it loaded: [] at once. Else the cgroups in `first` are queried, then
-        every cgroup of the cgroup2 tree: always when `everywhere` (a program may sit on
-        more than one), else only while a loaded program is not found attached yet (it
-        may be loaded but attached nowhere: pinned only, or held by an open descriptor).
-        Raises OSError when the kernel refuses the asking."""
-        ours = self._loaded()
-        if not ours:
-            return []
-        found: list[Attached] = []
-        queried: set[Path] = set()
+        """Where this instance's programs are attached, by asking the kernel, not the pins
+        (ksbpf.linux.bpf.attach.attached_anywhere)."""
+        return attached_anywhere(self.instance, first, everywhere)
 
-        def query(cg: Path) -> None:
-            queried.add(cg)
-            try:
-                fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                return  # removed meanwhile
-            try:
-                for kind, atype in ATTACH_TYPES.items():
-                    for pid in prog_query(fd, atype):
-                        if pid in ours:
-                            found.append(Attached(kind, pid, ours[pid].generation, cg))
-            finally:
-                os.close(fd)
 
-        for cg in first:
-            if cg not in queried and cg.is_dir():
-                query(cg)
-        if everywhere or set(ours) - {a.prog_id for a in found}:
-            try:
-                mount = cgroup2_mount()
-            except KsbpfError:
-                return found
-            for cg in cgroup_tree(mount):
-                if cg not in queried:
-                    query(cg)
-        return found
+_conforms: type[Layer] = BpfLayer  # mypy fails here when BpfLayer drifts from the Layer Protocol

@@ -9,6 +9,7 @@ import struct
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from ksbpf import marks
 from ksbpf.linux.bpf.layout import CONFIG_FMT, MAX_CGROUPS
@@ -144,11 +145,16 @@ class Held:
 
 _HEADER_FIELDS = ("netns_cookie", "generation", "cgroup_id", "flags", "endpoint_mark", "build", "instance")
 
-# Paths of an update (Step.path):
-PATH_NEW = "new"  # a new generation, everything written as its first version
-PATH_VERSIONED = "versioned"  # what changed written beside the live version, then ks_active flips
-PATH_DELTA = "delta"  # endpoint and DNS keys added and deleted in place under the live tags
-PATH_ONE_CGROUP = "one cgroup"  # one ks_cgroups entry replaced in place, its rules under a fresh id
+
+class StepPath(StrEnum):
+    """How an update is written (Step.path). A str, so it prints and compares as the strings it
+    replaced did."""
+
+    NEW = "new"  # a new generation, everything written as its first version
+    VERSIONED = "versioned"  # what changed written beside the live version, then ks_active flips
+    DELTA = "delta"  # endpoint and DNS keys added and deleted in place under the live tags
+    ONE_CGROUP = "one cgroup"  # one ks_cgroups entry replaced in place, its rules under a fresh id
+    UNCHANGED = ""  # nothing to write (falsy, as the empty string it replaces)
 
 
 @dataclass(frozen=True)
@@ -158,18 +164,18 @@ class Step:
     config: Config
     changed: tuple[str, ...]  # of "config", "tunnels", *DIGESTS
     exemption_rules: Mapping[int, int]  # cgroup id -> its new rule set id, when "cgroups" changed
-    path: str = PATH_VERSIONED  # "" when nothing changed
-    # PATH_DELTA: part ("endpoints", "dns") -> (untagged keys to add, keys to delete)
+    path: StepPath = StepPath.VERSIONED
+    # StepPath.DELTA: part ("endpoints", "dns") -> (untagged keys to add, keys to delete)
     delta: Mapping[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]] = field(default_factory=dict)
-    cgroup: int | None = None  # PATH_ONE_CGROUP: the cgroup id whose entry changes
+    cgroup: int | None = None  # StepPath.ONE_CGROUP: the cgroup id whose entry changes
 
     def describe(self) -> tuple[str, ...]:
         """What was written and how, e.g. ("endpoints (delta +1 -0)",)."""
-        if self.path == PATH_DELTA:
+        if self.path == StepPath.DELTA:
             return tuple(f"{part} (delta +{len(a)} -{len(r)})" for part, (a, r) in self.delta.items())
-        if self.path == PATH_ONE_CGROUP:
+        if self.path == StepPath.ONE_CGROUP:
             return (f"cgroups (one cgroup {self.cgroup})",)
-        if self.path == PATH_VERSIONED:
+        if self.path == StepPath.VERSIONED:
             return tuple(f"{part} (versioned)" for part in self.changed)
         return self.changed
 
@@ -180,12 +186,12 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version, 
 
     A part differs when its digest does or, where held was read, when the maps do not hold
     it. How it is written:
-    - PATH_DELTA when only endpoint and/or DNS sets differ: each packet makes one lookup in
+    - StepPath.DELTA when only endpoint and/or DNS sets differ: each packet makes one lookup in
       one of those maps, so adding and deleting keys in place under the live tag judges it
       by the old set or the new, never a mix; the config keeps its tags.
-    - PATH_ONE_CGROUP when only ks_cgroups differs, in exactly one entry: a packet's ancestor
+    - StepPath.ONE_CGROUP when only ks_cgroups differs, in exactly one entry: a packet's ancestor
       walk sees that one entry old or new; its rules go under a fresh rule set id first.
-    - PATH_VERSIONED otherwise: parts that differ get the new version's tag, fresh rule set
+    - StepPath.VERSIONED otherwise: parts that differ get the new version's tag, fresh rule set
       ids or the other tunnel bank; the rest is shared with the live version.
     The in-place paths change only bookkeeping in the config (version, digests, next_rules),
     which no program reads: the live slot is rewritten in place, with no flip."""
@@ -236,7 +242,7 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version, 
     in_place = live is not None and changed and "config" not in changed and "tunnels" not in changed
     if in_place and set(changed) <= {"endpoints", "dns"} and all(p in delta for p in changed):
         cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]))
-        return Step(cfg, tuple(changed), {}, PATH_DELTA, {p: delta[p] for p in changed})
+        return Step(cfg, tuple(changed), {}, StepPath.DELTA, {p: delta[p] for p in changed})
     if in_place and changed == ["cgroups"] and cgroup_diff is not None and len(cgroup_diff) == 1:
         assert want.cgroups is not None and held.cgroups is not None
         (cid,) = cgroup_diff
@@ -263,12 +269,12 @@ def plan_step(live: Config | None, live_tunnels: frozenset[int], want: Version, 
                     rules[cid], next_rules = next_rules, next_rules + 1
             cfg = replace(cfg, cgroups_tag=version)
     cfg = replace(cfg, digests=(digests[0], digests[1], digests[2], digests[3]), next_rules=next_rules)
-    path = PATH_NEW if live is None else PATH_VERSIONED if changed else ""
+    path = StepPath.NEW if live is None else StepPath.VERSIONED if changed else StepPath.UNCHANGED
     return Step(cfg, tuple(changed), rules, path)
 
 
 def one_cgroup_step(cfg: Config, next_rules: int, cid: int, w: CgroupWant | None, raw: bytes | None) -> Step:
-    """PATH_ONE_CGROUP of cgroup id `cid` from its entry `raw` (None: absent) to `w` (None:
+    """StepPath.ONE_CGROUP of cgroup id `cid` from its entry `raw` (None: absent) to `w` (None:
     none). `cfg`: the config to write (version and digests already the new ones);
     `next_rules`: the first rule set id no write has used. Pure."""
     old = CgroupEntry.unpack(raw) if raw is not None else None
@@ -278,7 +284,7 @@ def one_cgroup_step(cfg: Config, next_rules: int, cid: int, w: CgroupWant | None
             rules[cid] = old.rules  # same grant, only its mark or endpoint flag changed
         else:
             rules[cid], next_rules = next_rules, next_rules + 1
-    return Step(replace(cfg, next_rules=next_rules), ("cgroups",), rules, PATH_ONE_CGROUP, cgroup=cid)
+    return Step(replace(cfg, next_rules=next_rules), ("cgroups",), rules, StepPath.ONE_CGROUP, cgroup=cid)
 
 
 def natural_id(path: str) -> int:

@@ -184,7 +184,7 @@ _DELTA_MAPS = {"endpoints": ("ks_endpoints", "endpoints_tag"), "dns": ("ks_dns",
 
 
 def _write_delta(maps: Mapping[str, BpfMap], step: Step, read: _Read, slot: int) -> None:
-    """PATH_DELTA: add and delete endpoint and DNS keys in place under the live tags, then
+    """StepPath.DELTA: add and delete endpoint and DNS keys in place under the live tags, then
     rewrite the live config slot (bookkeeping only). Deleted keys go at once: a packet that
     finds one missing is judged by the new set. On failure what was done is undone (best
     effort; the next write compares with the maps again) and the error raised."""
@@ -212,7 +212,7 @@ def _write_delta(maps: Mapping[str, BpfMap], step: Step, read: _Read, slot: int)
 
 def _write_one_cgroup(maps: Mapping[str, BpfMap], step: Step, want: Version, held: Held, read: _Read,
                       slot: int, hint: CgroupWant | None) -> tuple[list[tuple[BpfMap, list[bytes]]], frozenset[int]]:
-    """PATH_ONE_CGROUP: the one exemption's rules under a fresh rule set id (referenced by
+    """StepPath.ONE_CGROUP: the one exemption's rules under a fresh rule set id (referenced by
     nothing yet), then its ks_cgroups element replaced, inserted or deleted under the live
     tag (one atomic element update), then the live config slot rewritten (bookkeeping only).
     Returns what to delete after a grace period: the old rule set's keys when `hint` (what
