@@ -161,14 +161,14 @@ def _render_exemptions(policy: Policy) -> tuple[ExemptionRules, ...]:
     out: list[ExemptionRules] = []
     for e in policy.exemptions:
         mark = exempt_mark(ids[e.cgroup])
-        rules = _rules_for(e, mark, memo)
+        rules = rules_for(e, mark, memo)
         fresh[id(e)] = (e, mark, rules)
         out.append(rules)
     _RENDERED = fresh
     return tuple(out)
 
 
-def _rules_for(e: Exemption, mark: int,
+def rules_for(e: Exemption, mark: int,
                memo: Mapping[int, tuple[Exemption, int, ExemptionRules]] | None = None) -> ExemptionRules:
     """One exemption's ExemptionRules with this mark (from the last render's, if it has them)."""
     hit = (_RENDERED if memo is None else memo).get(id(e))

@@ -1,4 +1,4 @@
-"""The cgroup-bpf layer: BCC compiles `bpf/killswitch.c`, this module loads, fills,
+"""The cgroup-bpf layer: BCC compiles `bpf/killswitch.c`, this package loads, fills,
 attaches, replaces and reads it.
 
 Two programs per generation, attached with BPF_F_ALLOW_MULTI to the policy's [bpf] cgroup:
@@ -12,10 +12,11 @@ runs it) reports what the events' rate limit held back at the end of a flood.
 
 Design, in short (the why of each is next to the code that does it):
 
-- Compiling happens in a short-lived child process (`python -m ksbpf.linux.bpf.loader`): BCC and
-  LLVM cost ~100 MiB of RSS that a long-running daemon should not carry. The child only
-  compiles, loads and pins; filling maps and attaching happen here, through libbpf's
-  low-level API (ksbpf.linux.libbpf, libbpf.so.1 via ctypes), so this package never imports bcc.
+- Compiling happens in a short-lived child process (`python -m ksbpf.linux.bpf.loader`):
+  BCC and LLVM cost ~100 MiB of RSS that a long-running daemon should not carry. The child
+  only compiles, loads and pins; filling maps and attaching happen in the caller's process,
+  through libbpf's low-level API (ksbpf.linux.libbpf, libbpf.so.1 via ctypes), so only the
+  child imports bcc.
 - Pins, per instance, under /sys/fs/bpf/ksbpf/<instance>/:
       drops        per-CPU hash (reason, cgroup id) -> (packets, bytes), shared by all
                    generations so counters survive reloads and restarts

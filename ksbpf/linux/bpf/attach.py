@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ksbpf.errors import BpfError, KsbpfError
-from ksbpf.linux.bpf.generations import Generation, _active_config, _legacy_config
+from ksbpf.linux.bpf.generations import Generation, active_config, legacy_config
 from ksbpf.linux.bpf.kernel import ATTACH_TYPES, BpfMap
 from ksbpf.linux.bpf.layout import PROGS
 from ksbpf.linux.bpf.plan import Config
@@ -54,10 +54,10 @@ def _prog_config(prog_id: int) -> Config | None:
             else:
                 m.close()
         if "ks_config" in maps and "ks_active" not in maps:
-            return _legacy_config(maps["ks_config"])
+            return legacy_config(maps["ks_config"])
         if len(maps) < 2:
             return None
-        live = _active_config(maps["ks_active"], maps["ks_config"])
+        live = active_config(maps["ks_active"], maps["ks_config"])
         return live[1] if live else None
     except OSError:
         return None

@@ -31,11 +31,11 @@ def netns_cookie(name: str | None) -> int:
     return int(struct.unpack("<Q", raw)[0])
 
 
-def _bpffs_mounted() -> bool:
+def bpffs_mounted() -> bool:
     return bpffs.is_bpffs(BPFFS)
 
 
-def _bpf_usable() -> bool:
+def bpf_usable() -> bool:
     """May this process use bpf(2) at all (not refused by a seccomp filter or missing
     capabilities)?"""
     try:
@@ -75,7 +75,7 @@ def environment_checks() -> list[tuple[str, bool, str]]:
 
 def bpffs_check() -> tuple[str, bool, str]:
     """Is bpffs at /sys/fs/bpf, with room for pins, or can `ksctl up` mount it here?"""
-    if _bpffs_mounted():
+    if bpffs_mounted():
         if not os.access(BPFFS, os.W_OK):
             return "bpffs", False, f"mounted at {BPFFS} but not writable (read-only mount): pins cannot be made"
         return "bpffs", True, f"mounted at {BPFFS}"

@@ -14,12 +14,12 @@ from ksbpf.linux.bpf.plan import Config
 from ksbpf.linux.libbpf import obj_get, prog_info
 from ksbpf.render.bpf import Capacity
 
-_KEY0 = struct.pack("<I", 0)
+KEY0 = struct.pack("<I", 0)
 
 
-def _active_config(active: BpfMap, configs: BpfMap) -> tuple[int, Config] | None:
+def active_config(active: BpfMap, configs: BpfMap) -> tuple[int, Config] | None:
     """(slot, config) of the version packets use now."""
-    raw = active.lookup(_KEY0)
+    raw = active.lookup(KEY0)
     if raw is None:
         return None
     slot = struct.unpack("<I", raw)[0] & 1
@@ -38,7 +38,7 @@ class Generation:
     def active(self) -> tuple[int, Config] | None:
         try:
             with self.map("ks_active") as a, self.map("ks_config") as c:
-                return _active_config(a, c)
+                return active_config(a, c)
         except OSError:
             return None
 
@@ -47,7 +47,7 @@ class Generation:
         if live is None and not (self.path / "ks_active").exists():
             try:
                 with self.map("ks_config") as c:
-                    return _legacy_config(c)
+                    return legacy_config(c)
             except OSError:
                 return None
         return live[1] if live else None
@@ -74,12 +74,12 @@ class Generation:
             os.close(fd)
 
 
-def _legacy_config(configs: BpfMap) -> Config | None:
+def legacy_config(configs: BpfMap) -> Config | None:
     """The one-version ks_config of programs from before policy versions: recognised, so
     that an upgrade replaces and `down` removes them."""
     if configs.info.value_size != struct.calcsize(LEGACY_CONFIG_FMT):
         return None
-    raw = configs.lookup(_KEY0)
+    raw = configs.lookup(KEY0)
     if raw is None:
         return None
     c, g, cg, fl, m, inst = struct.unpack_from(LEGACY_CONFIG_FMT, raw)

@@ -29,12 +29,12 @@ from ksbpf.linux.bpf.attach import (
     reattach,
 )
 from ksbpf.linux.bpf.environment import (
-    _bpf_usable,
-    _bpffs_mounted,
+    bpf_usable,
+    bpffs_mounted,
     environment_checks,
     netns_cookie,
 )
-from ksbpf.linux.bpf.generations import _KEY0, Generation, _active_config
+from ksbpf.linux.bpf.generations import KEY0, Generation, active_config
 from ksbpf.linux.bpf.kernel import (
     ATTACH_TYPES,
     MAP_LRU_HASH,
@@ -49,7 +49,6 @@ from ksbpf.linux.bpf.kernel import (
     rcu_grace_period,
 )
 from ksbpf.linux.bpf.layout import (
-    _INSTANCE_RE,
     CGROUP_KEY_FMT,
     DROP_KEY_FMT,
     DROP_VAL_FMT,
@@ -59,6 +58,7 @@ from ksbpf.linux.bpf.layout import (
     EVENTS_PIN,
     EVENTS_RATE_KEYS,
     EVENTS_RATE_PIN,
+    INSTANCE_RE,
     NFT_EVENTS_LINK,
     OWNER_FMT,
     OWNERS_PIN,
@@ -93,19 +93,19 @@ from ksbpf.linux.bpf.plan import (
 )
 from ksbpf.linux.bpf.writes import (
     RESERVE_KEY,
-    _open_maps,
-    _Read,
-    _read,
-    _sweep_rule_sets,
-    _tunnel_masks,
-    _tunnels_of,
-    _write_delta,
-    _write_one_cgroup,
-    _write_rules,
-    _write_tagged,
-    _write_tunnels,
+    MapsRead,
+    open_maps,
+    read_maps,
     resolve_cgroups,
     resolve_paths,
+    sweep_rule_sets,
+    tunnel_masks,
+    tunnels_of,
+    write_delta,
+    write_one_cgroup,
+    write_rules,
+    write_tagged,
+    write_tunnels,
 )
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.layer import Layer, LayerName, LayerStatus
@@ -200,7 +200,7 @@ class BpfLayer:
     name = LayerName.BPF
 
     def __post_init__(self) -> None:
-        if not _INSTANCE_RE.match(self.instance) or self.instance in (".", ".."):
+        if not INSTANCE_RE.match(self.instance) or self.instance in (".", ".."):
             raise BpfError(f"invalid instance name {self.instance!r} (1-64 of A-Z a-z 0-9 _ . -)")
         if self.netns_mode not in ("auto", "helper", "sk_storage"):
             raise BpfError(f"unknown netns mode {self.netns_mode!r}")
@@ -503,14 +503,14 @@ class BpfLayer:
         it guards are left to _finish_cleanup (finish_cleanup() or the next write). Returns
         the step taken."""
         self._base = None
-        with _open_maps(gen) as maps:
-            found = _active_config(maps["ks_active"], maps["ks_config"])
+        with open_maps(gen) as maps:
+            found = active_config(maps["ks_active"], maps["ks_config"])
             live = found if found is not None and found[1].version else None  # version 0: never filled
             old = live[1] if live else None
-            masks = _tunnel_masks(maps)
-            read = _read(maps, want, old)
+            masks = tunnel_masks(maps)
+            read = read_maps(maps, want, old)
             held = read.held(old)
-            step = plan_step(old, _tunnels_of(masks, old.tunnel_bank) if old else frozenset(), want, held)
+            step = plan_step(old, tunnels_of(masks, old.tunnel_bank) if old else frozenset(), want, held)
             if old is not None and not step.changed:
                 self._remember(gen, want)
                 self._base = (gen.path, old)
@@ -520,14 +520,14 @@ class BpfLayer:
             sweep: frozenset[int] = frozenset()
             if step.path == StepPath.DELTA:
                 assert live is not None
-                _write_delta(maps, step, read, live[0])
+                write_delta(maps, step, read, live[0])
                 self._remember(gen, want)
                 self._base = (gen.path, cfg)
                 return step
             if step.path == StepPath.ONE_CGROUP:
                 assert live is not None and want.cgroups is not None and step.cgroup is not None
                 hint = self._written[1].get(step.cgroup) if self._written and self._written[0] == gen.path else None
-                cleanups, sweep = _write_one_cgroup(maps, step, want, held, read, live[0], hint)
+                cleanups, sweep = write_one_cgroup(maps, step, want, held, read, live[0], hint)
                 self._remember(gen, want)
                 self._base = (gen.path, cfg)
                 if not cleanups and not sweep:
@@ -535,20 +535,20 @@ class BpfLayer:
             else:
                 if "endpoints" in step.changed:
                     assert want.endpoints is not None
-                    cleanups += _write_tagged(maps["ks_endpoints"], want.endpoints, cfg.endpoints_tag,
+                    cleanups += write_tagged(maps["ks_endpoints"], want.endpoints, cfg.endpoints_tag,
                                               old.endpoints_tag if old else None, read.endpoint_keys)
                 if "dns" in step.changed:
                     assert want.dns is not None
-                    cleanups += _write_tagged(maps["ks_dns"], want.dns, cfg.dns_tag, old.dns_tag if old else None,
+                    cleanups += write_tagged(maps["ks_dns"], want.dns, cfg.dns_tag, old.dns_tag if old else None,
                                               read.dns_keys)
                 if "lan" in step.changed or "cgroups" in step.changed:
-                    cleanups += _write_rules(maps, step, want, old, read.cgroup_items)
+                    cleanups += write_rules(maps, step, want, old, read.cgroup_items)
                 if "tunnels" in step.changed:
                     assert want.tunnels is not None
-                    _write_tunnels(maps, masks, cfg.tunnel_bank, want.tunnels)
+                    write_tunnels(maps, masks, cfg.tunnel_bank, want.tunnels)
                 slot = 1 - live[0] if live else 0
                 maps["ks_config"].update(struct.pack("<I", slot), cfg.pack())
-                maps["ks_active"].update(_KEY0, struct.pack("<I", slot))
+                maps["ks_active"].update(KEY0, struct.pack("<I", slot))
                 self._remember(gen, want)
                 self._base = (gen.path, cfg)
             self._clean_after(gen, maps, cleanups, sweep, defer if live is not None else None)
@@ -569,7 +569,7 @@ class BpfLayer:
         for m, keys in cleanups:
             m.delete_many(keys)
         if sweep:
-            _sweep_rule_sets(maps, sweep)
+            sweep_rule_sets(maps, sweep)
 
     def _remember(self, gen: Generation, want: Version) -> None:
         """What the maps now hold for each cgroup id, as a hint for the next one-cgroup
@@ -586,11 +586,11 @@ class BpfLayer:
         rcu_grace_period()
         for p in pending:
             try:
-                with _open_maps(p.gen) as maps:
+                with open_maps(p.gen) as maps:
                     for name, keys in p.entries:
                         maps[name].delete_many(keys)
                     if p.sweep:
-                        _sweep_rule_sets(maps, p.sweep)
+                        sweep_rule_sets(maps, p.sweep)
             except OSError:
                 # The generation was replaced or removed meanwhile. Entries left under an
                 # old tag are read by no version and the next write clears them.
@@ -644,10 +644,10 @@ class BpfLayer:
         with self._locked(create=False):
             for g in self._live():
                 try:
-                    with _open_maps(g) as maps:
-                        live = _active_config(maps["ks_active"], maps["ks_config"])
+                    with open_maps(g) as maps:
+                        live = active_config(maps["ks_active"], maps["ks_config"])
                         if live is not None:
-                            _write_tunnels(maps, _tunnel_masks(maps), live[1].tunnel_bank, wanted)
+                            write_tunnels(maps, tunnel_masks(maps), live[1].tunnel_bank, wanted)
                 except OSError as e:
                     raise BpfError(f"updating tunnels of generation {g.number}: {e}") from None
         return tuple(sorted(wanted))
@@ -731,8 +731,8 @@ class BpfLayer:
         gen = gens[0]
         if self._base is None or self._base[0] != gen.path:
             return "no write of this layer to the live generation"
-        with _open_maps(gen) as maps:
-            found = _active_config(maps["ks_active"], maps["ks_config"])
+        with open_maps(gen) as maps:
+            found = active_config(maps["ks_active"], maps["ks_config"])
             if found is None or found[1] != self._base[1]:
                 return "the live version is not the one this layer wrote last"
             slot, live = found
@@ -761,8 +761,8 @@ class BpfLayer:
                           digests=(d[0], d[1], d[2], cgroups_digest_changed(d[3], cid, old_w, new_w)))
             step = one_cgroup_step(cfg, max(live.next_rules, reserved), cid, new_w, raw)
             self._base = None
-            cleanups, sweep = _write_one_cgroup(maps, step, Version(cgroups={cid: new_w} if new_w else {}),
-                                                Held(cgroups={cid: raw} if raw is not None else {}), _Read(), slot,
+            cleanups, sweep = write_one_cgroup(maps, step, Version(cgroups={cid: new_w} if new_w else {}),
+                                                Held(cgroups={cid: raw} if raw is not None else {}), MapsRead(), slot,
                                                 old_w)
             self.last_step = step
             self._base = (gen.path, step.config)
@@ -823,7 +823,7 @@ class BpfLayer:
         """(engaged, detail): engaged means bpffs mounted, exactly one pinned generation and
         both its programs attached. Programs of this instance attached without pins (gone,
         or in a bpffs another mount namespace had) are found by asking the kernel."""
-        mounted = _bpffs_mounted()
+        mounted = bpffs_mounted()
         gens = self._generations() if mounted else []
         try:
             attached = self._attached()
@@ -851,8 +851,8 @@ class BpfLayer:
         if cfg:
             detail += f", version {cfg.version}, netns cookie {cfg.netns_cookie}"
             try:
-                with _open_maps(gen) as maps:
-                    tunnels = sorted(_tunnels_of(_tunnel_masks(maps), cfg.tunnel_bank))
+                with open_maps(gen) as maps:
+                    tunnels = sorted(tunnels_of(tunnel_masks(maps), cfg.tunnel_bank))
                     ncg = sum(1 for k in maps["ks_cgroups"].keys()
                               if struct.unpack(CGROUP_KEY_FMT, k)[1] == cfg.cgroups_tag)
                 detail += f", tunnel ifindexes {tunnels or 'none (blocking all)'}, {ncg} exempt/endpoint cgroups"
@@ -928,7 +928,7 @@ class BpfLayer:
                 pass
         self._base, self._index = None, None
         self._pending = []  # the maps go with their generations
-        if not self.dir.exists() and not _bpf_usable():
+        if not self.dir.exists() and not bpf_usable():
             return  # bpf(2) is refused here: nothing of ksbpf was attached from here, nothing can be looked for
         with self._locked_if_present():
             for a in self._attached(extra=extra):

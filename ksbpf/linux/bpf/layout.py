@@ -60,7 +60,7 @@ IPPROTO = {"tcp": 6, "udp": 17}
 
 REASON_NUMBERS: dict[Reason, int] = {r: i for i, r in enumerate(DROP_REASONS)}
 
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def instance_name(netns_name: str | None) -> str:

@@ -15,7 +15,7 @@ from ksbpf import marks
 from ksbpf.linux.bpf.layout import CONFIG_FMT, MAX_CGROUPS
 from ksbpf.marks import exempt_mark
 from ksbpf.policy import Exemption, IPNetwork, Policy, normalize_cgroup
-from ksbpf.render.bpf import BpfPlan, CgroupEntry, CgroupWant, ExemptionRules, _rules_for, net_key
+from ksbpf.render.bpf import BpfPlan, CgroupEntry, CgroupWant, ExemptionRules, net_key, rules_for
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ class ExemptionIndex:
             p, q = r.counts
             ports += p
             nets += q
-        odd = len(ids) != len(exemptions) or any(_normalized(p) != p for p in ids)
+        odd = len(ids) != len(exemptions) or any(normalized_cgroup(p) != p for p in ids)
         return cls(exemptions, ids, {i: p for p, i in ids.items()}, probed, ports, nets, odd)
 
     def apply(self, change: ExemptionChange, exemptions: tuple[Exemption, ...]) -> None:
@@ -434,7 +434,7 @@ def select_change(before: Policy, after: Policy, index: ExemptionIndex | None) -
         return "duplicate or non-canonical exemption paths"
     ((old, new),) = diff
     path = (old or new).cgroup  # type: ignore[union-attr]
-    if _normalized(path) != path or any(_normalized(c) != c for c in at.endpoint_cgroups):
+    if normalized_cgroup(path) != path or any(normalized_cgroup(c) != c for c in at.endpoint_cgroups):
         return "a non-canonical cgroup path"
     if old is not None:
         eid = index.ids.get(path)
@@ -451,8 +451,8 @@ def select_change(before: Policy, after: Policy, index: ExemptionIndex | None) -
             if q > path and _probe_passes(eid, n, index.ids[q]):
                 return "removing it moves another exemption's id (marks move)"
     mark = exempt_mark(eid)
-    old_rules = _rules_for(old, mark) if old is not None else None
-    new_rules = _rules_for(new, mark) if new is not None else None
+    old_rules = rules_for(old, mark) if old is not None else None
+    new_rules = rules_for(new, mark) if new is not None else None
     ports, nets = index.ports, index.nets + len(after.lan_networks(4)) + len(after.lan_networks(6))
     for rules, sign in ((old_rules, -1), (new_rules, 1)):
         if rules is not None:
@@ -476,7 +476,7 @@ def change_want(rules: ExemptionRules | None, endpoint: bool, endpoint_mark: int
 _NORMALIZED: dict[str, str] = {}  # policy cgroup path -> normalize_cgroup(path)
 
 
-def _normalized(path: str) -> str | None:
+def normalized_cgroup(path: str) -> str | None:
     """normalize_cgroup(path), memoized; None for an invalid path."""
     rel = _NORMALIZED.get(path)
     if rel is None:

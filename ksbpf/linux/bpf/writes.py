@@ -14,7 +14,7 @@ from ksbpf.errors import KsbpfError
 from ksbpf.linux.bpf.generations import Generation
 from ksbpf.linux.bpf.kernel import BpfMap
 from ksbpf.linux.bpf.layout import CGROUP_KEY_FMT, GEN_MAPS, TUNNEL_INDEX, TUNNEL_KEY_FMT
-from ksbpf.linux.bpf.plan import Config, Held, Step, Version, _normalized
+from ksbpf.linux.bpf.plan import Config, Held, Step, Version, normalized_cgroup
 from ksbpf.linux.cgroup import cgroup2_mount
 from ksbpf.render.bpf import (
     BpfPlan,
@@ -30,12 +30,12 @@ from ksbpf.render.bpf import (
 
 
 @contextmanager
-def _open_maps(gen: Generation) -> Iterator[dict[str, BpfMap]]:
+def open_maps(gen: Generation) -> Iterator[dict[str, BpfMap]]:
     with ExitStack() as stack:
         yield {name: stack.enter_context(gen.map(name)) for name in GEN_MAPS}
 
 
-def _tunnel_masks(maps: Mapping[str, BpfMap]) -> dict[int, int]:
+def tunnel_masks(maps: Mapping[str, BpfMap]) -> dict[int, int]:
     """ifindex -> bank bits, for every ifindex with a bit set."""
     out: dict[int, int] = {}
     for k, v in maps["ks_tunnels"].items():
@@ -47,11 +47,11 @@ def _tunnel_masks(maps: Mapping[str, BpfMap]) -> dict[int, int]:
     return out
 
 
-def _tunnels_of(masks: Mapping[int, int], bank: int) -> frozenset[int]:
+def tunnels_of(masks: Mapping[int, int], bank: int) -> frozenset[int]:
     return frozenset(i for i, m in masks.items() if m >> bank & 1)
 
 
-def _write_tunnels(maps: Mapping[str, BpfMap], masks: Mapping[int, int], bank: int, wanted: frozenset[int]) -> None:
+def write_tunnels(maps: Mapping[str, BpfMap], masks: Mapping[int, int], bank: int, wanted: frozenset[int]) -> None:
     """Make tunnel bank `bank` hold exactly `wanted`; the other bank stays."""
     bit = 1 << bank
     small: dict[bytes, bytes] = {}
@@ -79,7 +79,7 @@ RESERVE_KEY = struct.pack(CGROUP_KEY_FMT, 0, 0, 0)
 
 
 @dataclass
-class _Read:
+class MapsRead:
     """A generation's policy maps as read at the start of a write."""
 
     endpoint_keys: list[bytes] | None = None
@@ -105,18 +105,18 @@ class _Read:
         )
 
 
-def _read(maps: Mapping[str, BpfMap], want: Version, live: Config | None) -> _Read:
+def read_maps(maps: Mapping[str, BpfMap], want: Version, live: Config | None) -> MapsRead:
     """Batched reads (a few syscalls for tens of thousands of entries) of what `want` sets."""
     if live is None:
-        return _Read()
-    return _Read(
+        return MapsRead()
+    return MapsRead(
         endpoint_keys=maps["ks_endpoints"].keys() if want.endpoints is not None else None,
         dns_keys=maps["ks_dns"].keys() if want.dns is not None else None,
         cgroup_items=dict(maps["ks_cgroups"].items()) if want.cgroups is not None or want.lan is not None else None,
     )
 
 
-def _write_tagged(m: BpfMap, keys: Iterable[bytes], tag: int, live_tag: int | None,
+def write_tagged(m: BpfMap, keys: Iterable[bytes], tag: int, live_tag: int | None,
                   existing: list[bytes] | None = None) -> list[tuple[BpfMap, list[bytes]]]:
     """Write `keys` under `tag` beside the live version's (`live_tag`); returns what to
     delete once the new version is live. `existing`: the map's keys, if read already."""
@@ -127,7 +127,7 @@ def _write_tagged(m: BpfMap, keys: Iterable[bytes], tag: int, live_tag: int | No
     return [(m, [k for k in existing if key_tag(k) == live_tag])]
 
 
-def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version, old: Config | None,
+def write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version, old: Config | None,
                  entries: dict[bytes, bytes] | None = None) -> list[tuple[BpfMap, list[bytes]]]:
     """LAN and exemption rules of the next version under their new rule set ids and, when
     exemptions changed, its ks_cgroups entries under its tag. Returns what to delete once
@@ -183,7 +183,7 @@ def _write_rules(maps: Mapping[str, BpfMap], step: Step, want: Version, old: Con
 _DELTA_MAPS = {"endpoints": ("ks_endpoints", "endpoints_tag"), "dns": ("ks_dns", "dns_tag")}
 
 
-def _write_delta(maps: Mapping[str, BpfMap], step: Step, read: _Read, slot: int) -> None:
+def write_delta(maps: Mapping[str, BpfMap], step: Step, read: MapsRead, slot: int) -> None:
     """StepPath.DELTA: add and delete endpoint and DNS keys in place under the live tags, then
     rewrite the live config slot (bookkeeping only). Deleted keys go at once: a packet that
     finds one missing is judged by the new set. On failure what was done is undone (best
@@ -210,7 +210,7 @@ def _write_delta(maps: Mapping[str, BpfMap], step: Step, read: _Read, slot: int)
         raise
 
 
-def _write_one_cgroup(maps: Mapping[str, BpfMap], step: Step, want: Version, held: Held, read: _Read,
+def write_one_cgroup(maps: Mapping[str, BpfMap], step: Step, want: Version, held: Held, read: MapsRead,
                       slot: int, hint: CgroupWant | None) -> tuple[list[tuple[BpfMap, list[bytes]]], frozenset[int]]:
     """StepPath.ONE_CGROUP: the one exemption's rules under a fresh rule set id (referenced by
     nothing yet), then its ks_cgroups element replaced, inserted or deleted under the live
@@ -264,7 +264,7 @@ def _write_one_cgroup(maps: Mapping[str, BpfMap], step: Step, want: Version, hel
     return [], frozenset({old.rules})
 
 
-def _sweep_rule_sets(maps: Mapping[str, BpfMap], rule_sets: frozenset[int]) -> None:
+def sweep_rule_sets(maps: Mapping[str, BpfMap], rule_sets: frozenset[int]) -> None:
     """Delete every ks_ports and ks_nets key of these rule sets."""
     for name in ("ks_ports", "ks_nets"):
         m = maps[name]
@@ -290,7 +290,7 @@ def resolve_paths(paths: list[str]) -> dict[str, int | None]:
         if path in out:
             continue
         out[path] = None
-        rel = _normalized(path)
+        rel = normalized_cgroup(path)
         if rel is None:
             continue
         parent, _, name = rel.rpartition("/")
