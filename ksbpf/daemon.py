@@ -555,7 +555,7 @@ class Daemon:
             engaged, detail = layer.status()
         except (ImportError, KsbpfError) as e:
             engaged, detail = False, str(e)
-        self.layer_detail[LayerName.BPF] = str(detail)
+        self.layer_detail[LayerName.BPF] = detail
         if engaged:
             self.rec.layers[LayerName.BPF] = self.rec.bpf_engaged = True
             self._bpf_retry_at = None

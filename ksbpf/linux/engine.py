@@ -149,13 +149,6 @@ class LinuxEngine:
         """The BPF layer if this engine has made it (bpf_layer() imports it: BCC's side)."""
         return self._bpf
 
-    @staticmethod
-    def _as_status(value: LayerStatus | tuple[bool, str]) -> LayerStatus:
-        if isinstance(value, LayerStatus):
-            return value
-        engaged, detail = value
-        return LayerStatus(bool(engaged), str(detail))
-
     # ---------------------------------------------------------------- state
 
     @property
@@ -254,7 +247,7 @@ class LinuxEngine:
         try:
             layer = self.bpf_layer(policy)
             layer.apply(policy, plan)
-            return self._as_status(layer.status())
+            return layer.status()
         except ImportError as e:
             return LayerStatus(False, f"BPF layer unavailable: {e}")
         except BackendError as e:
@@ -309,7 +302,7 @@ class LinuxEngine:
             if layer.cgroup_hint is None and not layer.dir.is_dir():
                 # no pins to say where: the applied policy's cgroup is where to ask first
                 layer.cgroup_hint = self._applied_bpf_cgroup()
-            out[LayerName.BPF] = self._as_status(layer.status())
+            out[LayerName.BPF] = layer.status()
         except ImportError as e:
             out[LayerName.BPF] = LayerStatus(False, f"BPF layer unavailable: {e}")
         except BackendError as e:
