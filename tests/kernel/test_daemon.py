@@ -608,7 +608,9 @@ def test_new_interface_gets_its_egress_chain(world: World, daemon: DaemonFactory
 
     wait_for(lambda: f"chain egress_if{idx}" in chains(), "an egress chain on the new interface")
     assert 'device "lan9"' in chains()
-    assert "netdev egress chains follow the interfaces: added lan9" in d.log_text()
+    # The chain is in the kernel before ksbpfd writes its log line: wait for the line too.
+    wait_for(lambda: "netdev egress chains follow the interfaces: added lan9" in d.log_text(),
+             "the log line naming the new interface")
     sh("ip", "link", "del", "lan9", netns=world.client)
     wait_for(lambda: f"chain egress_if{idx}" not in chains(), "the chain of the removed interface to go")
     assert sum(v for k, v in d.scrape().items() if k[0] == "ksbpf_drift_repairs_total") == 0
