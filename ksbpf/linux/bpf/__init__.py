@@ -71,6 +71,8 @@ The package, one purpose a file (import from the file, not from the package):
     attach.py        our programs on cgroups: found by asking the kernel, attached
                      (atomic replace or make-before-break), re-attached, detached
     writes.py        a Step written into a generation's maps; cgroup paths to ids
+    instance.py      the maps all of an instance's generations share (drop counters,
+                     owners, event ring): layout-checked before reuse, and read
     layer.py         BpfLayer: apply, run-time updates, drift repair, status, reset
     environment.py   doctor checks, bpffs, the netns cookie, a trial compile
 

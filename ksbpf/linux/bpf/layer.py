@@ -35,13 +35,9 @@ from ksbpf.linux.bpf.environment import (
     netns_cookie,
 )
 from ksbpf.linux.bpf.generations import KEY0, Generation, active_config
+from ksbpf.linux.bpf.instance import check_instance_maps, read_counters, read_events_lost, zero_counters
 from ksbpf.linux.bpf.kernel import (
     ATTACH_TYPES,
-    MAP_LRU_HASH,
-    MAP_PERCPU_ARRAY,
-    MAP_PERCPU_HASH,
-    MAP_RINGBUF,
-    MAP_SK_STORAGE,
     BpfMap,
     os_reason,
     probe_netns_cookie_helper,
@@ -50,23 +46,10 @@ from ksbpf.linux.bpf.kernel import (
 )
 from ksbpf.linux.bpf.layout import (
     CGROUP_KEY_FMT,
-    DROP_KEY_FMT,
-    DROP_VAL_FMT,
-    DROPS_PIN,
     EVENTS_BYTES,
-    EVENTS_LOST_PIN,
-    EVENTS_PIN,
-    EVENTS_RATE_KEYS,
-    EVENTS_RATE_PIN,
     INSTANCE_RE,
     NFT_EVENTS_LINK,
-    OWNER_FMT,
-    OWNERS_PIN,
     PROGS,
-    RATE_FMT,
-    RATE_KEY_FMT,
-    REASON_NUMBERS,
-    SK_NETNS_PIN,
 )
 from ksbpf.linux.bpf.loader import (
     LoadStats,
@@ -109,7 +92,7 @@ from ksbpf.linux.bpf.writes import (
 )
 from ksbpf.linux.cgroup import cgroup2_mount, cgroup_dir, cgroup_id, ids_by_path
 from ksbpf.linux.layer import Layer, LayerName, LayerStatus
-from ksbpf.linux.libbpf import BPF_NOEXIST, prog_query
+from ksbpf.linux.libbpf import prog_query
 from ksbpf.linux.netns import netns
 from ksbpf.policy import Policy
 from ksbpf.render.bpf import (
@@ -123,7 +106,7 @@ from ksbpf.render.bpf import (
     endpoint_cgroup_mark,
     render,
 )
-from ksbpf.verdict import DROP_REASONS, interface_matches
+from ksbpf.verdict import interface_matches
 
 BPFFS = bpffs.BPFFS
 PIN_ROOT = BPFFS / "ksbpf"
@@ -269,7 +252,7 @@ class BpfLayer:
         bpffs.ensure_bpffs(BPFFS)
         with self._locked():
             self._finish_cleanup()
-            pins_kept = self._check_instance_maps(mode)
+            pins_kept = check_instance_maps(self.dir, self.events_bytes)
             target_id = cgroup_id(target)
             previous = self._attached(extra=[target])
             live = self._reusable(previous, target_id) if pins_kept else None
@@ -374,37 +357,6 @@ class BpfLayer:
         finally:
             os.close(fd)
 
-    def _check_instance_maps(self, mode: str) -> bool:
-        """A pinned map from an older, incompatible build would be reused blindly by BCC:
-        unpin it. True when every instance map is pinned and fits (the live generation's
-        programs use those very maps, so it may be reused)."""
-        wanted = {
-            DROPS_PIN: (MAP_PERCPU_HASH, struct.calcsize(DROP_KEY_FMT), struct.calcsize(DROP_VAL_FMT), None),
-            OWNERS_PIN: (MAP_SK_STORAGE, 4, struct.calcsize(OWNER_FMT), None),
-            EVENTS_PIN: (MAP_RINGBUF, 0, 0, self.events_bytes),
-            EVENTS_LOST_PIN: (MAP_PERCPU_ARRAY, 4, 8, 1),
-            EVENTS_RATE_PIN: (MAP_LRU_HASH, struct.calcsize(RATE_KEY_FMT), struct.calcsize(RATE_FMT), EVENTS_RATE_KEYS),
-        }
-        legacy = self.dir / SK_NETNS_PIN  # replaced by the owner records, which carry the netns
-        if legacy.exists():
-            legacy.unlink()
-        kept = True
-        for name, (mtype, ks, vs, entries) in wanted.items():
-            path = self.dir / name
-            if not path.exists():
-                kept = False
-                continue
-            try:
-                with BpfMap.pinned(path) as m:
-                    ok = (m.info.type, m.info.key_size, m.info.value_size) == (mtype, ks, vs)
-                    ok = ok and entries in (None, m.info.max_entries)
-            except OSError:
-                ok = False
-            if not ok:
-                path.unlink()
-                kept = False
-        return kept
-
     def _generations(self) -> list[Generation]:
         gens = []
         try:
@@ -481,13 +433,7 @@ class BpfLayer:
 
     def _fill(self, gen: Generation, plan: BpfPlan, header: Config) -> None:
         try:
-            with BpfMap.pinned(self.dir / DROPS_PIN) as m:
-                zero = struct.pack(DROP_VAL_FMT, 0, 0)
-                for r in DROP_REASONS:
-                    try:
-                        m.update(struct.pack(DROP_KEY_FMT, REASON_NUMBERS[r], 0, 0), zero, BPF_NOEXIST)
-                    except FileExistsError:
-                        pass
+            zero_counters(self.dir)
             self.last_step = self._write(gen, self._version(plan, header))
         except OSError as e:
             raise BpfError(f"filling generation {gen.number}: {e}") from None
@@ -867,40 +813,12 @@ class BpfLayer:
         return LayerStatus(True, detail)
 
     def counters(self) -> list[tuple[str, int, int, int]]:
-        """(reason, cgroup id, packets, bytes) from the pinned drop counters, summed over
-        CPUs; cgroup id 0 collects drops after the map filled up."""
-        path = self.dir / DROPS_PIN
-        if not path.exists():
-            return []
-        out: list[tuple[str, int, int, int]] = []
-        try:
-            with BpfMap.pinned(path) as m:
-                for k, raw in m.items():
-                    reason, _, cg = struct.unpack(DROP_KEY_FMT, k)
-                    pk = by = 0
-                    for v in m.percpu_values(raw):
-                        p, b = struct.unpack(DROP_VAL_FMT, v)
-                        pk += p
-                        by += b
-                    name = DROP_REASONS[reason].value if reason < len(DROP_REASONS) else f"reason_{reason}"
-                    if pk or cg:
-                        out.append((name, cg, pk, by))
-        except OSError as e:
-            raise BpfError(f"reading {path}: {e}") from None
-        return sorted(out)
+        """(reason, cgroup id, packets, bytes) of this instance's drop counters (read_counters)."""
+        return read_counters(self.dir)
 
     def events_lost(self) -> int:
-        """Drop events the ring buffer had no room for (their packets ride on the next
-        event of their key), summed over CPUs; 0 before the first load."""
-        path = self.dir / EVENTS_LOST_PIN
-        if not path.exists():
-            return 0
-        try:
-            with BpfMap.pinned(path) as m:
-                raw = m.lookup(struct.pack("<I", 0))
-                return sum(struct.unpack("<Q", v)[0] for v in m.percpu_values(raw)) if raw else 0
-        except OSError as e:
-            raise BpfError(f"reading {path}: {e}") from None
+        """Drop events this instance's ring buffer had no room for (read_events_lost)."""
+        return read_events_lost(self.dir)
 
     def events_detail(self) -> str:
         """Which layers' drops become events: "bpf+nftables", or why nftables' do not."""
