@@ -1,5 +1,6 @@
 """The pure BPF plan: what a policy means to the BPF maps (BpfPlan), the map keys and
-values it packs into, and the capacity check. No kernel: ksbpf.linux.bpf writes it."""
+values it packs into, and the capacity check; describe() and to_json() are how `ksctl
+render` shows it. No kernel: ksbpf.linux.bpf writes it."""
 
 from __future__ import annotations
 
