@@ -57,7 +57,7 @@ class Engager:
 
     def _bpf(self) -> Any:
         from ksbpf.linux.bpf.layer import BpfLayer
-        from ksbpf.linux.engine import instance_name
+        from ksbpf.linux.bpf.layout import instance_name
 
         return BpfLayer(instance_name(self.topo.client_ns), kernel_source=self.kernel_source,
                         netns=self.topo.client_ns)

@@ -81,7 +81,7 @@ def _layers(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def audit(args: argparse.Namespace) -> dict[str, Any]:
     """Plan, probe (in a worker process in the audit cgroup), clean up, judge."""
-    from ksbpf.linux.engine import instance_name
+    from ksbpf.linux.bpf.layout import instance_name
     from ksbpf.linux.netns import netns
 
     policy = load_policy(args.config)

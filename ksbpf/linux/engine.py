@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ksbpf.errors import BackendError, CapacityError, KsbpfError, PolicyError
+from ksbpf.linux.bpf.layout import instance_name
 from ksbpf.linux.layer import Layer, LayerName, LayerStatus
 from ksbpf.linux.nftables import NftLayer
 from ksbpf.linux.routing import RoutingLayer
@@ -32,11 +33,6 @@ LAYER_ORDER = tuple(LayerName)
 
 def state_dir_for(netns: str | None, base: Path = DEFAULT_STATE_DIR) -> Path:
     return base if netns is None else base / "netns" / netns
-
-
-def instance_name(netns: str | None) -> str:
-    """Names this engine's BPF pins and programs: one instance per network namespace."""
-    return "host" if netns is None else f"netns-{netns}"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ksbpf.doctor import socket_mark_check
 from ksbpf.linux import libbpf
 from ksbpf.linux.bpf.kernel import ATTACH_EGRESS, ATTACH_SOCK_CREATE
 from ksbpf.linux.bpf.layer import PIN_ROOT, BpfLayer
-from ksbpf.linux.engine import instance_name
+from ksbpf.linux.bpf.layout import instance_name
 from ksbpf.linux.routing import SRC_VALID_MARK
 from tests.kernel.conftest import CgroupFactory, NetnsFactory, sh
 from tests.kernel.sender import send_udp
